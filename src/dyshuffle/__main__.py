@@ -1,0 +1,3 @@
+from dyshuffle.cli import main
+
+raise SystemExit(main())

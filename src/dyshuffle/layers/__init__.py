@@ -1,0 +1,49 @@
+"""Channel mixers: fixed shuffle, dynamic shuffle, learned static permutation, static-dynamic shuffle.
+
+This package imports nothing else of ``dyshuffle``.
+"""
+
+from .dynamic import (
+    DynamicShuffle,
+    LearnedShuffle,
+    kronecker_apply,
+    orthogonal_loss,
+    orthogonality,
+    permutation_mode,
+)
+from .factory import create_mixer, get_mixer, list_mixers, register_mixer
+from .permutation import (
+    all_permutations,
+    choose_groups,
+    closest_permutation,
+    compose_index,
+    invert_permutation,
+    permutation_matrix,
+    permute_channels,
+)
+from .sds import StaticDynamicShuffle
+from .shuffle import ChannelShuffle, IdentityMixer, channel_shuffle
+
+__all__ = [
+    "ChannelShuffle",
+    "DynamicShuffle",
+    "IdentityMixer",
+    "LearnedShuffle",
+    "StaticDynamicShuffle",
+    "all_permutations",
+    "channel_shuffle",
+    "choose_groups",
+    "closest_permutation",
+    "compose_index",
+    "create_mixer",
+    "get_mixer",
+    "invert_permutation",
+    "kronecker_apply",
+    "list_mixers",
+    "orthogonal_loss",
+    "orthogonality",
+    "permutation_matrix",
+    "permutation_mode",
+    "permute_channels",
+    "register_mixer",
+]

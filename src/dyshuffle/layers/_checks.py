@@ -1,0 +1,31 @@
+"""Argument and input checks shared by the layers."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+MODES = ("soft", "ste")
+INITS = ("identity", "random")
+
+
+def check_input(x: Tensor, channels: int, name: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is ``(N, channels, H, W)``."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{name} was built for {channels} channels, got input with {x.shape[1]} "
+            f"(shape {tuple(x.shape)})"
+        )
+
+
+def check_choice(value: str, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(repr, valid))}")
+    return value
+
+
+def check_positive(value: float, what: str) -> float:
+    if not value > 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return value

@@ -1,0 +1,347 @@
+"""Dynamic shuffle: a data-dependent channel permutation per input.
+
+Gong, Yin, Li, Guo, Xu, "Dynamic Shuffle: An Efficient Channel Mixture Method",
+arXiv 2310.02776. The channels are split into ``G`` groups of ``n = a * b``; a small generator
+maps the pooled input to two small matrices ``A`` (a x a) and ``B`` (b x b) (shared by all groups,
+or one pair per group); softmax, an orthogonal regularizer and binarization make them
+permutations; ``A kron B`` permutes each group and a fixed cross-group shuffle moves channels
+between groups. Both are composed into one index and applied as one gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import INITS, MODES, check_choice, check_input, check_positive
+from .permutation import (
+    EXACT_ASSIGNMENT_MAX,
+    _gather_channels,
+    choose_groups,
+    closest_permutation,
+    compose_index,
+    invert_permutation,
+    permutation_table,
+    permute_channels,
+)
+from .shuffle import channel_shuffle
+
+__all__ = [
+    "DynamicShuffle",
+    "LearnedShuffle",
+    "kronecker_apply",
+    "orthogonal_loss",
+    "orthogonality",
+    "permutation_mode",
+]
+
+ASSIGNMENTS = ("auto", "exact", "greedy")
+
+
+def orthogonality(m: Tensor) -> Tensor:
+    """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``."""
+    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
+    return (m @ m.transpose(-1, -2) - eye).pow(2).sum(dim=(-2, -1))
+
+
+def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
+    """Apply ``blockdiag_g(A_g kron B_g)`` to the channels of ``x`` without building it.
+
+    Each group of ``n = a * b`` channels is viewed as an ``(a, b)`` grid ``X`` and mapped to
+    ``A X B^T`` (row-major ``vec``), which equals ``(A kron B) vec(X)``. Cost ``C * (a + b)`` MACs
+    per pixel instead of ``C * n``.
+
+    Args:
+        x: ``(N, C, H, W)``.
+        a_mat: ``(N or 1, G or 1, a_out, a)``.
+        b_mat: ``(N or 1, G or 1, b_out, b)``.
+        groups: ``G``.
+
+    Returns:
+        ``(N, G * a_out * b_out, H, W)``.
+    """
+    n, c, h, w = x.shape
+    a, b = a_mat.shape[-1], b_mat.shape[-1]
+    grid = x.reshape(n, groups, a, b, h * w)  # (N, G, a, b, P)
+    a_mat = a_mat.to(x.dtype).expand(n, groups, -1, -1)
+    b_mat = b_mat.to(x.dtype).expand(n, groups, -1, -1)
+    y = torch.einsum("ngik,ngkjp->ngijp", a_mat, grid)  # rows:    A X
+    y = torch.einsum("ngjl,ngilp->ngijp", b_mat, y)  # columns: (A X) B^T
+    return y.reshape(n, -1, h, w)
+
+
+class _KroneckerSTE(torch.autograd.Function):
+    """Forward with the hard permutation (one gather), backward through the soft factors.
+
+    With ``Y = A X B^T`` per group and pixel and ``A``, ``B`` at their hard values,
+    ``dL/dA[i, k] = sum gY[i, j] Y[alpha^-1[k], j]`` and
+    ``dL/dB[j, l] = sum gY[i, j] Y[i, beta^-1[l]]``: the factor gradients need only the output and
+    its gradient, and the input gradient is the inverse gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_soft, b_soft, idx, alpha, beta, groups, cross):  # type: ignore[override]
+        y = _gather_channels(x, idx)
+        ctx.save_for_backward(y, idx, alpha, beta)
+        ctx.groups, ctx.cross = groups, cross
+        ctx.shapes = (a_soft.shape, b_soft.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        y, idx, alpha, beta = ctx.saved_tensors
+        groups, a_shape, b_shape = ctx.groups, ctx.shapes[0], ctx.shapes[1]
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _gather_channels(gy, invert_permutation(idx))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            a, b = alpha.shape[-1], beta.shape[-1]
+
+            def grid(t: Tensor) -> Tensor:  # (N, C, H, W) -> (N, a, b, G, P)
+                if ctx.cross:  # channel m * G + g, m = i * b + j
+                    return t.unflatten(1, (a, b, groups)).flatten(-2)
+                return t.unflatten(1, (groups, a, b)).flatten(-2).permute(0, 2, 3, 1, 4)
+
+            gy5, y5 = grid(gy), grid(y)
+            shared = a_shape[1] == 1
+            g = "" if shared else "g"
+            s = torch.einsum(f"nijgp,nkjgp->n{g}ik", gy5, y5)
+            t = torch.einsum(f"nijgp,nilgp->n{g}jl", gy5, y5)
+            if shared:
+                s, t = s.unsqueeze(1), t.unsqueeze(1)
+            if a_shape[0] == 1 and s.shape[0] != 1:  # one permutation for the batch
+                s, t = s.sum(0, keepdim=True), t.sum(0, keepdim=True)
+            ainv, binv = invert_permutation(alpha), invert_permutation(beta)
+            ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
+            gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
+        return gx, ga, gb, None, None, None, None, None
+
+
+class DynamicShuffle(nn.Module):
+    """Dynamic shuffle (Gong et al., arXiv 2310.02776): a per-input channel permutation.
+
+    ``y = cross_shuffle(blockdiag_g(A(x) kron B(x)) x)`` with ``A(x)``, ``B(x)`` permutation
+    matrices generated from the pooled input. In ``eval()`` (and in ``"ste"`` training) the
+    permutation is exact and applied as a single gather; in ``"soft"`` training the softmax
+    matrices are applied as Kronecker products.
+
+    Args:
+        channels: number of channels ``C``.
+        groups: number of groups ``G`` (chosen from ``max_group_size`` when omitted).
+        factors: ``(a, b)`` with ``a * b = C / G`` (the most balanced split when omitted).
+        shared: one pair of factors for all groups (``True``) or one pair per group.
+        mode: ``"ste"`` (forward with the hard permutation, gradient through the softmax) or
+            ``"soft"`` (forward with the softmax matrices) in training.
+        tau: softmax temperature; may be changed during training (annealing).
+        reduction: generator hidden width is ``max(C // reduction, min_hidden)``.
+        min_hidden: smallest generator hidden width.
+        init: ``"identity"`` (factors start near identity, so the layer starts as the fixed
+            cross-group shuffle) or ``"random"`` (default PyTorch initialization).
+        assignment: binarization, ``"auto"``, ``"exact"`` or ``"greedy"``
+            (see :func:`~dyshuffle.layers.permutation.closest_permutation`).
+        cross_shuffle: compose the fixed cross-group shuffle after the group permutations.
+        max_group_size: largest group size when ``groups`` and ``factors`` are omitted.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        groups: int | None = None,
+        factors: tuple[int, int] | None = None,
+        *,
+        shared: bool = True,
+        mode: str = "ste",
+        tau: float = 1.0,
+        reduction: int = 4,
+        min_hidden: int = 8,
+        init: str = "identity",
+        assignment: str = "auto",
+        cross_shuffle: bool = True,
+        max_group_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.groups, self.a, self.b = choose_groups(channels, groups, factors, max_group_size)
+        self.shared = bool(shared)
+        self.mode = check_choice(mode, MODES, "mode")
+        self.tau = float(check_positive(tau, "tau"))
+        self.init = check_choice(init, INITS, "init")
+        self.assignment = check_choice(assignment, ASSIGNMENTS, "assignment")
+        self.cross_shuffle = bool(cross_shuffle)
+        if reduction < 1:
+            raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
+        self.reduction = reduction
+        self.hidden = max(channels // reduction, min_hidden)
+        self.factor_groups = 1 if self.shared else self.groups
+        self.num_logits = self.factor_groups * (self.a**2 + self.b**2)
+        #: orthogonal regularizer of the last training forward (see :func:`orthogonal_loss`)
+        self.last_orthogonal_loss: Tensor | None = None
+        #: which matrices ``eval()`` applies: ``"hard"`` (the deployed layer) or ``"soft"``
+        self.eval_permutation = "hard"
+        for name, size in (("a", self.a), ("b", self.b)):
+            use_table = size > 1 and (
+                assignment == "exact" or (assignment == "auto" and size <= EXACT_ASSIGNMENT_MAX)
+            )
+            perms, onehot = permutation_table(size) if use_table else (None, None)
+            self.register_buffer(f"_perms_{name}", perms, persistent=False)
+            self.register_buffer(f"_onehot_{name}", onehot, persistent=False)
+        self._build_logits()
+        self.reset_logits()
+
+    # -- the generator ---------------------------------------------------------------------
+    def _build_logits(self) -> None:
+        self.generator = nn.Sequential(
+            nn.Linear(self.channels, self.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(self.hidden, self.num_logits),
+        )
+
+    def _identity_bias(self) -> Tensor:
+        eye = [torch.eye(self.a).flatten(), torch.eye(self.b).flatten()]
+        return (2.0 * torch.cat(eye)).repeat(self.factor_groups)
+
+    def reset_logits(self) -> None:
+        """(Re)initialize the generator's last layer according to ``init``."""
+        last = self.generator[-1]
+        last.reset_parameters()
+        if self.init == "identity":
+            with torch.no_grad():
+                last.weight.mul_(0.1)
+                last.bias.copy_(self._identity_bias())
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``(N, num_logits)`` logits from the pooled descriptor ``mean_{H,W}(x)``."""
+        return self.generator(x.mean(dim=(2, 3)))
+
+    def factor_matrices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
+
+        ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
+        whose permutation does not depend on the input.
+        """
+        logits = self.logits(x)
+        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)
+        la = logits[..., : self.a**2].unflatten(-1, (self.a, self.a))
+        lb = logits[..., self.a**2 :].unflatten(-1, (self.b, self.b))
+        return F.softmax(la / self.tau, dim=-1), F.softmax(lb / self.tau, dim=-1)
+
+    def _hard_factors(self, a_mat: Tensor, b_mat: Tensor) -> tuple[Tensor, Tensor]:
+        alpha = closest_permutation(a_mat.detach(), self.assignment, self._table("a"))
+        beta = closest_permutation(b_mat.detach(), self.assignment, self._table("b"))
+        return alpha, beta
+
+    def _table(self, name: str) -> tuple[Tensor, Tensor] | None:
+        perms = getattr(self, f"_perms_{name}")
+        return None if perms is None else (perms, getattr(self, f"_onehot_{name}"))
+
+    @torch.no_grad()
+    def permutation(self, x: Tensor) -> Tensor:
+        """The hard permutation chosen for each sample: ``(N, C)`` with ``y[n, c] = x[n, idx[n, c]]``.
+
+        This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
+        """
+        check_input(x, self.channels, type(self).__name__)
+        a_mat, b_mat = self.factor_matrices(x)
+        idx = compose_index(*self._hard_factors(a_mat, b_mat), self.groups, self.cross_shuffle)
+        return idx.expand(x.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.channels, type(self).__name__)
+        a_mat, b_mat = self.factor_matrices(x)
+        if self.training and torch.is_grad_enabled():
+            self.last_orthogonal_loss = orthogonality(a_mat).mean() + orthogonality(b_mat).mean()
+        soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
+        if soft:
+            y = kronecker_apply(x, a_mat, b_mat, self.groups)
+            return channel_shuffle(y, self.groups) if self.cross_shuffle else y
+        alpha, beta = self._hard_factors(a_mat, b_mat)
+        idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
+        if self.training and torch.is_grad_enabled() and a_mat.requires_grad:
+            return _KroneckerSTE.apply(
+                x, a_mat, b_mat, idx, alpha, beta, self.groups, self.cross_shuffle
+            )
+        return permute_channels(x, idx)
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """MACs of this layer's work outside ``nn.Linear``/``nn.Conv2d`` modules, per batch.
+
+        The hard gather is a copy (0 MACs); soft application costs ``C * (a + b)`` per pixel.
+        """
+        n, _, h, w = input_shape
+        soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
+        return n * self.channels * (self.a + self.b) * h * w if soft else 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, groups={self.groups}, factors=({self.a}, {self.b}), "
+            f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, hidden={self.hidden}, "
+            f"init={self.init!r}, cross_shuffle={self.cross_shuffle}"
+        )
+
+
+class LearnedShuffle(DynamicShuffle):
+    """A learned static permutation: :class:`DynamicShuffle` whose logits do not depend on the input.
+
+    The control that isolates data dependence: the same relaxation, regularizer and
+    binarization, one permutation for every input. Takes the arguments of
+    :class:`DynamicShuffle` (``reduction`` and ``min_hidden`` are unused).
+    """
+
+    def _build_logits(self) -> None:
+        self.logit_param = nn.Parameter(torch.zeros(1, self.num_logits))
+
+    def reset_logits(self) -> None:
+        with torch.no_grad():
+            if self.init == "identity":
+                self.logit_param.copy_(self._identity_bias().unsqueeze(0))
+            else:
+                self.logit_param.normal_(0.0, 1.0)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.logit_param.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, groups={self.groups}, factors=({self.a}, {self.b}), "
+            f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, init={self.init!r}"
+        )
+
+
+def orthogonal_loss(model: nn.Module) -> Tensor:
+    """Mean orthogonal regularizer of every dynamic layer of ``model`` at its last training forward.
+
+    ``R = ||A A^T - I||^2 + ||B B^T - I||^2`` averaged over the batch, the groups and the layers;
+    add ``lambda * orthogonal_loss(model)`` to the task loss. Zero when the model has none.
+    """
+    losses = [
+        m.last_orthogonal_loss
+        for m in model.modules()
+        if isinstance(m, DynamicShuffle) and m.last_orthogonal_loss is not None
+    ]
+    if losses:
+        return torch.stack(losses).mean()
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=None if param is None else param.device)
+
+
+@contextlib.contextmanager
+def permutation_mode(model: nn.Module, which: str) -> Iterator[nn.Module]:
+    """Temporarily make every dynamic layer of ``model`` apply ``"soft"`` or ``"hard"`` in eval.
+
+    >>> with permutation_mode(model, "soft"):
+    ...     soft_logits = model.eval()(x)
+    """
+    check_choice(which, ("soft", "hard"), "permutation")
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    before = [m.eval_permutation for m in layers]
+    for m in layers:
+        m.eval_permutation = which
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.eval_permutation = b

@@ -1,0 +1,75 @@
+"""Resolve a channel mixer from a name, a class or a callable (like timm's ``get_attn``).
+
+A mixer builder is called as ``builder(channels, shuffle_groups=g, **kwargs)`` and returns an
+``nn.Module`` mapping ``(N, C, H, W)`` to ``(N, C, H, W)``. ``shuffle_groups`` is the group count of
+the network's fixed shuffle (2 in ShuffleNetV2, ``g`` in ShuffleNetV1); only ``"shuffle"`` uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .dynamic import DynamicShuffle, LearnedShuffle
+from .sds import StaticDynamicShuffle
+from .shuffle import ChannelShuffle, IdentityMixer
+
+__all__ = ["MixerBuilder", "create_mixer", "get_mixer", "list_mixers", "register_mixer"]
+
+MixerBuilder = Callable[..., nn.Module]
+
+_MIXERS: dict[str, MixerBuilder] = {}
+
+
+def register_mixer(name: str, builder: MixerBuilder) -> MixerBuilder:
+    """Register ``builder`` under ``name``; a name can be registered once."""
+    if name in _MIXERS:
+        raise ValueError(f"mixer {name!r} is already registered")
+    _MIXERS[name] = builder
+    return builder
+
+
+def list_mixers() -> list[str]:
+    """Names of the registered mixers."""
+    return sorted(_MIXERS)
+
+
+def get_mixer(mixer: str | MixerBuilder) -> MixerBuilder:
+    """A mixer builder from a registered name, or ``mixer`` itself when it is callable."""
+    if callable(mixer):
+        return mixer
+    if mixer not in _MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; valid: {', '.join(list_mixers())}")
+    return _MIXERS[mixer]
+
+
+def create_mixer(
+    mixer: str | MixerBuilder, channels: int, shuffle_groups: int = 2, **kwargs
+) -> nn.Module:
+    """Build a mixer for ``channels`` channels; ``kwargs`` reach the mixer."""
+    builder = get_mixer(mixer)
+    if isinstance(mixer, str):
+        return builder(channels, shuffle_groups=shuffle_groups, **kwargs)
+    return builder(channels, **kwargs)
+
+
+def _fixed(channels: int, shuffle_groups: int = 2, **kwargs) -> nn.Module:
+    if kwargs:
+        raise ValueError(f"the 'shuffle' mixer takes no options, got {sorted(kwargs)}")
+    return ChannelShuffle(shuffle_groups, channels)
+
+
+def _drop_groups(cls: type[nn.Module]) -> MixerBuilder:
+    def build(channels: int, shuffle_groups: int = 2, **kwargs) -> nn.Module:
+        return cls(channels, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"build_{cls.__name__}"
+    return build
+
+
+register_mixer("shuffle", _fixed)
+register_mixer("none", _drop_groups(IdentityMixer))
+register_mixer("learned", _drop_groups(LearnedShuffle))
+register_mixer("dynamic", _drop_groups(DynamicShuffle))
+register_mixer("static_dynamic", _drop_groups(StaticDynamicShuffle))

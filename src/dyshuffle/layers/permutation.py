@@ -1,0 +1,254 @@
+"""Permutation helpers shared by the channel mixers.
+
+A permutation of ``C`` channels is stored as an index vector ``idx`` with
+``y[:, c] = x[:, idx[c]]`` (the convention of ``torch.gather``). Batched permutations are
+``(N, C)`` LongTensors, one row per sample.
+
+Reference: Gong et al., "Dynamic Shuffle: An Efficient Channel Mixture Method",
+arXiv 2310.02776.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EXACT_ASSIGNMENT_MAX",
+    "all_permutations",
+    "choose_groups",
+    "closest_permutation",
+    "compose_index",
+    "factor_pair",
+    "invert_permutation",
+    "permutation_matrix",
+    "permutation_table",
+    "permute_channels",
+]
+
+#: Largest factor size for which binarization enumerates every permutation (6! = 720).
+EXACT_ASSIGNMENT_MAX = 6
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def factor_pair(n: int) -> tuple[int, int]:
+    """Split ``n`` into ``(a, b)`` with ``a * b == n``, ``a <= b`` and ``a`` as large as possible."""
+    if n < 1:
+        raise ValueError(f"group size must be a positive integer, got {n}")
+    a = max(d for d in _divisors(n) if d * d <= n)
+    return a, n // a
+
+
+def choose_groups(
+    channels: int,
+    groups: int | None = None,
+    factors: tuple[int, int] | None = None,
+    max_group_size: int = 16,
+) -> tuple[int, int, int]:
+    """Choose ``(G, a, b)`` for ``channels`` channels: ``G`` groups of ``n = a * b`` channels.
+
+    With nothing given, ``n`` is the largest divisor of ``channels`` not above ``max_group_size``
+    and ``(a, b)`` its most balanced factorization (116 -> 29 groups of 2 x 2, 464 -> 29 of 4 x 4).
+
+    Args:
+        channels: number of channels ``C``.
+        groups: number of groups ``G``; must divide ``channels``.
+        factors: ``(a, b)`` with ``a * b == channels // groups``.
+        max_group_size: largest group size considered when ``groups`` and ``factors`` are not given.
+
+    Returns:
+        ``(G, a, b)``.
+
+    Raises:
+        ValueError: naming the bad value and the valid choices.
+    """
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    if groups is not None:
+        if not isinstance(groups, int) or groups < 1 or channels % groups:
+            raise ValueError(
+                f"groups={groups!r} does not divide channels={channels}; "
+                f"valid groups: {_divisors(channels)}"
+            )
+    if factors is not None:
+        if len(factors) != 2 or any(not isinstance(f, int) or f < 1 for f in factors):
+            raise ValueError(f"factors must be two positive integers (a, b), got {factors!r}")
+        n = factors[0] * factors[1]
+        if channels % n:
+            raise ValueError(
+                f"factors={tuple(factors)} give a group size of {n}, which does not divide "
+                f"channels={channels}; valid group sizes: {_divisors(channels)}"
+            )
+        if groups is not None and groups * n != channels:
+            n_valid = channels // groups
+            pairs = [(d, n_valid // d) for d in _divisors(n_valid)]
+            raise ValueError(
+                f"factors={tuple(factors)} multiply to {n}, but channels={channels} with "
+                f"groups={groups} need a group size of {n_valid}; valid factors: {pairs}"
+            )
+        return channels // n, int(factors[0]), int(factors[1])
+    if groups is not None:
+        a, b = factor_pair(channels // groups)
+        return groups, a, b
+    if max_group_size < 1:
+        raise ValueError(f"max_group_size must be a positive integer, got {max_group_size}")
+    n = max(d for d in _divisors(channels) if d <= max_group_size)
+    a, b = factor_pair(n)
+    return channels // n, a, b
+
+
+@lru_cache(maxsize=None)
+def _permutation_table(n: int) -> tuple[Tensor, Tensor]:
+    perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long).reshape(-1, n)
+    onehot = torch.zeros(perms.shape[0], n, n)
+    onehot.scatter_(2, perms.unsqueeze(-1), 1.0)
+    return perms, onehot.reshape(perms.shape[0], n * n)
+
+
+def permutation_table(n: int) -> tuple[Tensor, Tensor]:
+    """``(perms, onehot)``: the ``(n!, n)`` permutations and their ``(n!, n * n)`` flat matrices."""
+    perms, onehot = _permutation_table(n)
+    return perms.clone(), onehot.clone()
+
+
+def all_permutations(n: int) -> Tensor:
+    """All ``n!`` permutations of ``range(n)`` as a ``(n!, n)`` LongTensor, lexicographic order."""
+    return _permutation_table(n)[0].clone()
+
+
+def closest_permutation(
+    m: Tensor, method: str = "auto", table: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """Binarize square matrices to the nearest permutation (a valid assignment).
+
+    Returns ``alpha`` of shape ``m.shape[:-1]`` such that the permutation matrix ``P`` with
+    ``P[i, alpha[i]] = 1`` maximizes ``<m, P>`` (equivalently minimizes ``||m - P||_F``).
+    Every column is used exactly once, also when two rows peak at the same column.
+
+    Args:
+        m: ``(..., a, a)`` real matrices.
+        method: ``"exact"`` scores all ``a!`` permutations with one matrix product (optimal);
+            ``"greedy"`` takes the largest remaining entry ``a`` times (vectorized over the batch);
+            ``"auto"`` is exact up to ``a = 6`` and greedy above.
+        table: optional ``(perms, onehot)`` from :func:`permutation_table` already on the device
+            of ``m`` (layers keep it as a buffer so no copy happens per call).
+    """
+    if m.dim() < 2 or m.shape[-1] != m.shape[-2]:
+        raise ValueError(f"closest_permutation needs square matrices (..., a, a), got {tuple(m.shape)}")
+    if method not in ("auto", "exact", "greedy"):
+        raise ValueError(f"unknown assignment method {method!r}; valid: 'auto', 'exact', 'greedy'")
+    a = m.shape[-1]
+    if method == "auto":
+        method = "exact" if a <= EXACT_ASSIGNMENT_MAX else "greedy"
+    if a == 1:
+        return torch.zeros(m.shape[:-1], dtype=torch.long, device=m.device)
+    if method == "exact":
+        perms, onehot = table if table is not None else _permutation_table(a)
+        perms = perms.to(m.device)
+        onehot = onehot.to(device=m.device, dtype=m.dtype)
+        scores = m.reshape(*m.shape[:-2], a * a) @ onehot.T  # (..., a!)
+        return perms[scores.argmax(dim=-1)]  # (..., a)
+    # greedy: a steps, each picks the largest entry among unused rows and columns
+    work = m.detach().reshape(-1, a, a).clone().float()
+    alpha = torch.empty(work.shape[0], a, dtype=torch.long, device=m.device)
+    rows = torch.arange(work.shape[0], device=m.device)
+    for _ in range(a):
+        flat = work.reshape(-1, a * a).argmax(dim=-1)
+        r, c = flat // a, flat % a
+        alpha[rows, r] = c
+        work[rows, r, :] = -math.inf
+        work[rows, :, c] = -math.inf
+    return alpha.reshape(m.shape[:-1])
+
+
+def invert_permutation(idx: Tensor) -> Tensor:
+    """Inverse of batched permutations ``(..., n)``: ``inv[..., idx[..., c]] = c``."""
+    ar = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+    return torch.empty_like(idx).scatter_(-1, idx, ar)
+
+
+def compose_index(alpha: Tensor, beta: Tensor, groups: int, cross_shuffle: bool = True) -> Tensor:
+    """One channel index for the Kronecker permutations of every group and the cross-group shuffle.
+
+    Within a group of ``n = a * b`` channels, viewed as an ``(a, b)`` grid, ``A kron B`` sends
+    ``pi[i * b + j] = alpha[i] * b + beta[j]``. The cross-group shuffle then moves channel ``m`` of
+    group ``g`` to ``m * G + g`` (the ShuffleNet transpose ``(G, n) -> (n, G)``).
+
+    Args:
+        alpha: ``(N, Gf, a)`` index vectors of the first factor; ``Gf`` is 1 (shared) or ``G``.
+        beta: ``(N, Gf, b)`` index vectors of the second factor.
+        groups: ``G``.
+        cross_shuffle: compose the cross-group shuffle (``False`` keeps channels in their group).
+
+    Returns:
+        ``(N, G * a * b)`` LongTensor ``idx`` with ``y[:, c] = x[:, idx[:, c]]``.
+    """
+    a, b = alpha.shape[-1], beta.shape[-1]
+    n = a * b
+    within = (alpha.unsqueeze(-1) * b + beta.unsqueeze(-2)).flatten(-2)  # (N, Gf, n)
+    offsets = torch.arange(groups, device=alpha.device).unsqueeze(-1) * n  # (G, 1)
+    idx = within + offsets  # (N, G, n); a shared factor pair broadcasts over the groups
+    if cross_shuffle:
+        idx = idx.transpose(1, 2)  # (N, n, G): output channel m * G + g reads group g, slot m
+    return idx.reshape(idx.shape[0], groups * n)
+
+
+def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Dense ``(..., C, C)`` matrices ``P`` with ``P @ x == x[idx]`` (for tests and pictures)."""
+    c = idx.shape[-1]
+    out = torch.zeros(*idx.shape, c, dtype=dtype, device=idx.device)
+    return out.scatter_(-1, idx.unsqueeze(-1), 1.0)
+
+
+def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    if idx.shape[0] == 1 and n != 1:  # one permutation for the whole batch
+        return x.index_select(1, idx[0])
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # channels_last: channels are the contiguous dimension, gather along it
+        xv = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+        y = torch.gather(xv, 2, idx.unsqueeze(1).expand(n, h * w, c))
+        return y.reshape(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W), channels_last strides
+    # NCHW: copy whole (H, W) planes, one row per (sample, channel)
+    flat = (idx + torch.arange(n, device=idx.device).unsqueeze(1) * c).reshape(-1)
+    return x.contiguous().reshape(n * c, h, w).index_select(0, flat).reshape(n, c, h, w)
+
+
+class _PermuteChannels(torch.autograd.Function):
+    """``y[n, c] = x[n, idx[n, c]]``; the backward pass is the inverse gather."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx)
+        return _gather_channels(x, idx)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        return _gather_channels(gy, invert_permutation(idx)), None
+
+
+def permute_channels(x: Tensor, idx: Tensor) -> Tensor:
+    """Apply per-sample channel permutations with one gather.
+
+    Args:
+        x: ``(N, C, H, W)``, contiguous or channels_last (the layout is kept).
+        idx: ``(N, C)`` or ``(1, C)`` LongTensor, ``y[n, c] = x[n, idx[n, c]]``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"permute_channels expects (N, C, H, W), got shape {tuple(x.shape)}")
+    if idx.dim() != 2 or idx.shape[1] != x.shape[1] or idx.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"index of shape {tuple(idx.shape)} does not fit input {tuple(x.shape)}; "
+            f"expected ({x.shape[0]}, {x.shape[1]}) or (1, {x.shape[1]})"
+        )
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteChannels.apply(x, idx)
+    return _gather_channels(x, idx)

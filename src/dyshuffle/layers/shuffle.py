@@ -1,0 +1,60 @@
+"""The fixed ShuffleNet channel shuffle (Zhang et al. 2018; Ma et al. 2018).
+
+Used by Dynamic Shuffle (Gong et al., arXiv 2310.02776) as its cross-group shuffle and as the
+baseline mixer it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """Fixed channel shuffle: view channels as ``(groups, C // groups)``, transpose, flatten.
+
+    Output channel ``m * groups + g`` is input channel ``g * (C // groups) + m``.
+
+    Args:
+        x: ``(N, C, H, W)`` tensor.
+        groups: number of groups; must divide ``C``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"channel_shuffle expects (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if not isinstance(groups, int) or groups < 1 or c % groups:
+        raise ValueError(f"groups={groups!r} does not divide the {c} input channels")
+    # (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W)
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    """Module form of :func:`channel_shuffle`.
+
+    Args:
+        groups: number of groups the channels are split into.
+        channels: optional channel count, checked against ``groups`` when given.
+    """
+
+    def __init__(self, groups: int, channels: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if channels is not None and channels % groups:
+            raise ValueError(f"groups={groups} does not divide channels={channels}")
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_shuffle(x, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"
+
+
+class IdentityMixer(nn.Identity):
+    """No channel mixing (the ``"none"`` mixer); accepts and ignores the mixer arguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
