@@ -16,9 +16,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dyshuffle.bench", "measure speed, memory, parameters and MACs of every mixer"),
     "table": ("dyshuffle.tools.model_table", "parameter and MAC table of every model and mixer"),
     "sweep": ("dyshuffle.sweep", "run configurations x seeds and regenerate RESULTS.md"),
-    "export": ("dyshuffle.deploy.export", "export a checkpoint to ONNX / TorchScript / ExportedProgram"),
+    "export": (
+        "dyshuffle.deploy.export",
+        "export a checkpoint to ONNX / TorchScript / ExportedProgram",
+    ),
     "predict": ("dyshuffle.deploy.predict", "top-5 classes of images with a checkpoint"),
-    "inspect": ("dyshuffle.deploy.inspect", "figures and a report of the permutations a model chooses"),
+    "inspect": (
+        "dyshuffle.deploy.inspect",
+        "figures and a report of the permutations a model chooses",
+    ),
 }
 
 

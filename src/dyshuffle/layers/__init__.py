@@ -1,4 +1,4 @@
-"""Channel mixers: fixed shuffle, dynamic shuffle, learned static permutation, static-dynamic shuffle.
+"""Channel mixers: fixed, dynamic, learned static and static-dynamic shuffles.
 
 This package imports nothing else of ``dyshuffle``.
 """

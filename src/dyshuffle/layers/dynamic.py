@@ -240,7 +240,7 @@ class DynamicShuffle(nn.Module):
 
     @torch.no_grad()
     def permutation(self, x: Tensor) -> Tensor:
-        """The hard permutation chosen for each sample: ``(N, C)`` with ``y[n, c] = x[n, idx[n, c]]``.
+        """The hard permutation of each sample: ``(N, C)``, ``y[n, c] = x[n, idx[n, c]]``.
 
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         """
@@ -284,7 +284,7 @@ class DynamicShuffle(nn.Module):
 
 
 class LearnedShuffle(DynamicShuffle):
-    """A learned static permutation: :class:`DynamicShuffle` whose logits do not depend on the input.
+    """A learned static permutation: a :class:`DynamicShuffle` whose logits ignore the input.
 
     The control that isolates data dependence: the same relaxation, regularizer and
     binarization, one permutation for every input. Takes the arguments of

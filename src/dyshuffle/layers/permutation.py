@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def factor_pair(n: int) -> tuple[int, int]:
-    """Split ``n`` into ``(a, b)`` with ``a * b == n``, ``a <= b`` and ``a`` as large as possible."""
+    """Split ``n`` into ``(a, b)``, ``a * b == n``, ``a <= b`` with ``a`` as large as possible."""
     if n < 1:
         raise ValueError(f"group size must be a positive integer, got {n}")
     a = max(d for d in _divisors(n) if d * d <= n)
@@ -104,7 +104,7 @@ def choose_groups(
     return channels // n, a, b
 
 
-@lru_cache(maxsize=None)
+@cache
 def _permutation_table(n: int) -> tuple[Tensor, Tensor]:
     perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long).reshape(-1, n)
     onehot = torch.zeros(perms.shape[0], n, n)
@@ -141,7 +141,9 @@ def closest_permutation(
             of ``m`` (layers keep it as a buffer so no copy happens per call).
     """
     if m.dim() < 2 or m.shape[-1] != m.shape[-2]:
-        raise ValueError(f"closest_permutation needs square matrices (..., a, a), got {tuple(m.shape)}")
+        raise ValueError(
+            f"closest_permutation needs square matrices (..., a, a), got {tuple(m.shape)}"
+        )
     if method not in ("auto", "exact", "greedy"):
         raise ValueError(f"unknown assignment method {method!r}; valid: 'auto', 'exact', 'greedy'")
     a = m.shape[-1]

@@ -73,9 +73,10 @@ class StaticDynamicShuffle(nn.Module):
             groups = sds_groups(in_channels, out_channels, max_group_size)
         g, a_in, b_in = choose_groups(in_channels, groups, factors, max_group_size)
         if out_channels % g:
+            valid = _divisors(math.gcd(in_channels, out_channels))
             raise ValueError(
                 f"groups={g} (from in_channels={in_channels}) does not divide "
-                f"out_channels={out_channels}; valid groups: {_divisors(math.gcd(in_channels, out_channels))}"
+                f"out_channels={out_channels}; valid groups: {valid}"
             )
         n_out = out_channels // g
         if out_factors is None:
@@ -105,7 +106,11 @@ class StaticDynamicShuffle(nn.Module):
 
     def static_weight(self) -> Tensor:
         """Grouped-convolution weight ``(C_out, n_in, 1, 1)`` holding ``As_g kron Bs_g``."""
-        g, (a_out, a_in), (b_out, b_in) = self.groups, self.static_a.shape[1:], self.static_b.shape[1:]
+        g, (a_out, a_in), (b_out, b_in) = (
+            self.groups,
+            self.static_a.shape[1:],
+            self.static_b.shape[1:],
+        )
         # kron: W[g, i*b_out + j, k*b_in + l] = As[g, i, k] * Bs[g, j, l]
         w = torch.einsum("gik,gjl->gijkl", self.static_a, self.static_b)
         return w.reshape(g * a_out * b_out, a_in * b_in, 1, 1)
@@ -126,7 +131,9 @@ class StaticDynamicShuffle(nn.Module):
             if self.permute is not None:
                 y = y + self.permute(x)
         else:
-            y = F.conv2d(self.permute(x) if self.permute is not None else x, weight, groups=self.groups)
+            y = F.conv2d(
+                self.permute(x) if self.permute is not None else x, weight, groups=self.groups
+            )
         return channel_shuffle(y, self.groups)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:

@@ -6,7 +6,6 @@ baseline mixer it replaces.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]

@@ -1,0 +1,503 @@
+"""The mathematics of the channel mixers (METHOD.md, issue 2)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dyshuffle import (
+    ChannelShuffle,
+    DynamicShuffle,
+    LearnedShuffle,
+    StaticDynamicShuffle,
+    channel_shuffle,
+    orthogonal_loss,
+    permutation_mode,
+)
+from dyshuffle.layers import (
+    choose_groups,
+    closest_permutation,
+    compose_index,
+    create_mixer,
+    invert_permutation,
+    kronecker_apply,
+    list_mixers,
+    orthogonality,
+    permutation_matrix,
+    permute_channels,
+)
+
+V2_WIDTHS = [48, 96, 116, 176, 192, 232, 244, 464, 488, 976]
+
+
+def randomize_generator(layer: DynamicShuffle, scale: float = 3.0) -> None:
+    """Large random generator weights, so different inputs choose different permutations."""
+    torch.manual_seed(0)
+    for p in layer.generator.parameters():
+        nn.init.normal_(p, 0.0, scale / p.shape[-1] ** 0.5)
+
+
+def is_permutation(idx: torch.Tensor) -> bool:
+    return bool((idx.sort(dim=-1).values == torch.arange(idx.shape[-1])).all())
+
+
+def dense_reference(layer: DynamicShuffle, a_mat: torch.Tensor, b_mat: torch.Tensor, x):
+    """``cross_shuffle @ blockdiag_g(A_g kron B_g)`` as explicit C x C matrices, applied densely."""
+    n, c = x.shape[:2]
+    g = layer.groups
+    a_mat = a_mat.expand(n, g, -1, -1)
+    b_mat = b_mat.expand(n, g, -1, -1)
+    blocks = [
+        torch.block_diag(*[torch.kron(a_mat[s, j], b_mat[s, j]) for j in range(g)])
+        for s in range(n)
+    ]
+    mats = torch.stack(blocks)  # (N, C, C)
+    cross = permutation_matrix(channel_shuffle(torch.arange(c).view(1, c, 1, 1), g).view(c))
+    return torch.einsum("nij,njhw->nihw", cross @ mats, x)
+
+
+# --- fixed shuffle ------------------------------------------------------------------------
+
+
+def test_channel_shuffle_is_the_transpose():
+    x = torch.arange(12.0).view(1, 12, 1, 1)
+    y = channel_shuffle(x, 3).flatten()
+    assert y.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+    assert torch.equal(ChannelShuffle(3)(x), channel_shuffle(x, 3))
+
+
+def test_channel_shuffle_rejects_bad_groups():
+    with pytest.raises(ValueError, match="groups=5"):
+        channel_shuffle(torch.zeros(1, 12, 2, 2), 5)
+    with pytest.raises(ValueError, match="groups=5"):
+        ChannelShuffle(5, channels=12)
+
+
+# --- group and factor choice ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "channels,expected",
+    [(116, (29, 2, 2)), (232, (29, 2, 4)), (464, (29, 4, 4)), (244, (61, 2, 2)), (48, (3, 4, 4))],
+)
+def test_choose_groups_awkward_widths(channels, expected):
+    assert choose_groups(channels) == expected
+
+
+def test_choose_groups_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"groups=7 .*valid groups: \[1, 2, 4, 29, 58, 116\]"):
+        choose_groups(116, groups=7)
+    with pytest.raises(ValueError, match=r"factors=\(3, 3\)"):
+        choose_groups(116, factors=(3, 3))
+    with pytest.raises(ValueError, match=r"factors=\(2, 4\) multiply to 8.*group size of 16"):
+        choose_groups(464, groups=29, factors=(2, 4))
+    with pytest.raises(ValueError, match="mode 'hard'"):
+        DynamicShuffle(116, mode="hard")
+    with pytest.raises(ValueError, match="init 'zeros'"):
+        DynamicShuffle(116, init="zeros")
+    with pytest.raises(ValueError, match="tau must be positive"):
+        DynamicShuffle(116, tau=0.0)
+
+
+def test_wrong_input_rank_and_channels():
+    layer = DynamicShuffle(16)
+    with pytest.raises(ValueError, match=r"4-D input .* shape \(2, 16\)"):
+        layer(torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="built for 16 channels, got input with 12"):
+        layer(torch.zeros(2, 12, 3, 3))
+    with pytest.raises(ValueError, match="built for 16 channels"):
+        StaticDynamicShuffle(16)(torch.zeros(2, 8, 3, 3))
+
+
+# --- binarization ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_binarization_is_valid_when_rows_collide(method):
+    # both rows peak at column 0: a row-wise argmax would pick it twice
+    m = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    alpha = closest_permutation(m, method)
+    assert sorted(alpha.tolist()) == [0, 1]
+    assert alpha.tolist() == [0, 1]  # 0.9 + 0.2 > 0.1 + 0.8
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=st.integers(1, 6), batch=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_exact_assignment_is_optimal(a, batch, seed):
+    torch.manual_seed(seed)
+    m = torch.rand(batch, a, a)
+    alpha = closest_permutation(m, "exact")
+    assert is_permutation(alpha)
+    best = torch.stack(
+        [
+            torch.stack([m[:, i, p[i]] for i in range(a)]).sum(0)
+            for p in itertools.permutations(range(a))
+        ]
+    ).amax(0)
+    got = m.gather(-1, alpha.unsqueeze(-1)).sum((-2, -1))
+    assert torch.allclose(got, best)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=st.integers(1, 9), batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_greedy_assignment_is_a_permutation(a, batch, seed):
+    torch.manual_seed(seed)
+    m = torch.softmax(torch.randn(batch, 3, a, a), -1)
+    alpha = closest_permutation(m, "greedy")
+    assert alpha.shape == (batch, 3, a)
+    assert is_permutation(alpha)
+
+
+def test_binarization_recovers_a_permutation_matrix():
+    perm = torch.tensor([2, 0, 3, 1])
+    m = permutation_matrix(perm)
+    assert torch.equal(closest_permutation(m), perm)
+    assert torch.equal(closest_permutation(m, "greedy"), perm)
+
+
+# --- orthogonal regularizer -------------------------------------------------------------------
+
+
+def test_regularizer_zero_exactly_on_permutations():
+    for p in itertools.permutations(range(4)):
+        assert orthogonality(permutation_matrix(torch.tensor(p))).item() == 0.0
+    torch.manual_seed(0)
+    soft = torch.softmax(torch.randn(100, 4, 4) * 3, -1)
+    assert (orthogonality(soft) > 0).all()
+    near = permutation_matrix(torch.tensor([1, 0, 2, 3])) * 0.99 + 0.0025
+    assert orthogonality(near).item() > 0
+
+
+def test_orthogonal_loss_collects_layers():
+    model = nn.Sequential(DynamicShuffle(16), ChannelShuffle(2), DynamicShuffle(16, shared=False))
+    assert orthogonal_loss(model).item() == 0.0  # no forward yet
+    model.train()(torch.randn(4, 16, 3, 3))
+    losses = [model[0].last_orthogonal_loss, model[2].last_orthogonal_loss]
+    assert torch.allclose(orthogonal_loss(model), torch.stack(losses).mean())
+    assert orthogonal_loss(model).requires_grad
+
+
+# --- the composed index ---------------------------------------------------------------------
+
+
+def test_compose_index_is_kron_then_cross_shuffle():
+    alpha = torch.tensor([[[1, 0]]])  # shared, a = 2
+    beta = torch.tensor([[[2, 0, 1]]])  # b = 3
+    idx = compose_index(alpha, beta, groups=2, cross_shuffle=False)
+    within = [alpha[0, 0, i].item() * 3 + beta[0, 0, j].item() for i in range(2) for j in range(3)]
+    assert idx[0].tolist() == within + [6 + w for w in within]
+    crossed = compose_index(alpha, beta, groups=2)
+    x = torch.arange(12.0).view(1, 12, 1, 1)
+    expected = channel_shuffle(x[:, idx[0]], 2)
+    assert torch.equal(x[:, crossed[0]], expected)
+
+
+def test_invert_permutation():
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(10) for _ in range(4)])
+    inv = invert_permutation(idx)
+    assert torch.equal(idx.gather(1, inv), torch.arange(10).expand(4, 10))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch_idx", [1, 3])
+def test_permute_channels_fast_paths(layout, batch_idx):
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 4, 5)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    idx = torch.stack([torch.randperm(10) for _ in range(batch_idx)])
+    x.requires_grad_(True)
+    y = permute_channels(x, idx)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = ref_x.gather(1, idx.expand(3, 10)[:, :, None, None].expand(3, 10, 4, 5))
+    assert torch.equal(y, ref)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, ref_x.grad)
+
+
+# --- dynamic shuffle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", V2_WIDTHS)
+def test_eval_is_exact_per_sample_permutation(channels):
+    torch.manual_seed(channels)
+    layer = DynamicShuffle(channels)
+    randomize_generator(layer)
+    layer.eval()
+    x = torch.randn(4, channels, 3, 3)
+    y = layer(x)
+    idx = layer.permutation(x)
+    assert idx.shape == (4, channels) and is_permutation(idx)
+    for n in range(4):
+        assert torch.equal(y[n], x[n, idx[n]])
+
+
+@pytest.mark.parametrize(
+    "channels,groups,factors,shared",
+    [(24, 2, (3, 4), True), (24, 6, (2, 2), False), (30, 1, (5, 6), True), (64, 4, (4, 4), False)],
+)
+def test_eval_exact_permutation_explicit_groups(channels, groups, factors, shared):
+    layer = DynamicShuffle(channels, groups=groups, factors=factors, shared=shared)
+    randomize_generator(layer)
+    layer.eval()
+    x = torch.randn(5, channels, 2, 3)
+    idx = layer.permutation(x)
+    assert is_permutation(idx)
+    assert torch.equal(layer(x), x.gather(1, idx[:, :, None, None].expand_as(x)))
+
+
+def test_permutations_depend_on_the_input():
+    layer = DynamicShuffle(64, groups=4, factors=(4, 4))
+    randomize_generator(layer, scale=10.0)
+    layer.eval()
+    torch.manual_seed(1)
+    idx = layer.permutation(torch.randn(32, 64, 2, 2) * 3)
+    assert len({tuple(r.tolist()) for r in idx}) > 1
+
+
+def test_learned_shuffle_ignores_the_input():
+    layer = LearnedShuffle(64, groups=4, factors=(4, 4), init="random").eval()
+    idx = layer.permutation(torch.randn(16, 64, 2, 2))
+    assert len({tuple(r.tolist()) for r in idx}) == 1 and is_permutation(idx)
+    x = torch.randn(16, 64, 2, 2)
+    assert torch.equal(layer(x), x.gather(1, idx[:, :, None, None].expand_as(x)))
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+def test_identity_logits_give_the_fixed_cross_group_shuffle(cls):
+    layer = cls(116, init="identity").eval()
+    if cls is DynamicShuffle:
+        nn.init.zeros_(layer.generator[-1].weight)  # logits = the identity bias exactly
+    x = torch.randn(3, 116, 4, 4)
+    assert torch.equal(layer(x), channel_shuffle(x, 29))
+    with permutation_mode(layer, "soft"):
+        soft = layer(x)
+    assert not torch.equal(soft, channel_shuffle(x, 29))  # softmax of finite logits is not binary
+    layer.tau = 1e-3  # a cold softmax is binary to float precision
+    with permutation_mode(layer, "soft"):
+        assert torch.allclose(layer(x), channel_shuffle(x, 29), atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("channels,groups,factors", [(24, 2, (3, 4)), (116, 29, (2, 2))])
+def test_soft_kronecker_equals_dense_matrix(shared, channels, groups, factors):
+    torch.manual_seed(0)
+    layer = DynamicShuffle(channels, groups, factors, shared=shared, mode="soft").train()
+    randomize_generator(layer)
+    x = torch.randn(2, channels, 3, 2, requires_grad=True)
+    y = layer(x)
+    a_mat, b_mat = layer.factor_matrices(x)
+    ref = dense_reference(layer, a_mat, b_mat, x)
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *layer.parameters()], g)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ste_fast_path_equals_reference(cls, shared, layout):
+    """Hard gather + custom backward == straight-through product with dense C x C matrices."""
+    torch.manual_seed(0)
+    layer = cls(24, groups=2, factors=(3, 4), shared=shared, mode="ste", init="random").train()
+    if cls is DynamicShuffle:
+        randomize_generator(layer, scale=1.0)
+    x = torch.randn(3, 24, 3, 2)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = layer(x)
+    a_mat, b_mat = layer.factor_matrices(x)
+    alpha, beta = layer._hard_factors(a_mat, b_mat)
+    a_hard = torch.nn.functional.one_hot(alpha, 3).to(a_mat)
+    b_hard = torch.nn.functional.one_hot(beta, 4).to(b_mat)
+    a_st = a_hard + a_mat - a_mat.detach()
+    b_st = b_hard + b_mat - b_mat.detach()
+    ref = dense_reference(layer, a_st, b_st, x)
+    assert torch.allclose(y, ref, atol=1e-6)  # a + (1 - a) is 1 only up to rounding
+    g = torch.randn_like(y)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(y, [x, *params], g)
+    ref_grads = torch.autograd.grad(ref, [x, *params], g)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["soft", "ste"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_gradients_reach_every_generator_parameter(mode, shared):
+    layer = DynamicShuffle(48, mode=mode, shared=shared).train()
+    x = torch.randn(4, 48, 3, 3)
+    loss = (layer(x) * torch.randn(4, 48, 3, 3)).sum() + orthogonal_loss(layer)
+    loss.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_eval_uses_no_matrix_product_on_the_features():
+    """In eval the feature map is only gathered: it equals a pure index copy, bit for bit."""
+    layer = DynamicShuffle(116).double().eval()
+    x = torch.randn(2, 116, 5, 5, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    assert set(y.flatten().tolist()) == set(x.flatten().tolist())
+
+
+def test_bfloat16_input():
+    layer = DynamicShuffle(48).eval()
+    x = torch.randn(2, 48, 4, 4, dtype=torch.bfloat16)
+    y = layer.to(torch.bfloat16)(x)
+    idx = layer.permutation(x)
+    assert torch.equal(y, x.gather(1, idx[:, :, None, None].expand_as(x)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.integers(1, 6),
+    a=st.integers(1, 4),
+    b=st.integers(1, 4),
+    batch=st.integers(1, 4),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_exact_permutation(groups, a, b, batch, shared, seed):
+    torch.manual_seed(seed)
+    channels = groups * a * b
+    layer = DynamicShuffle(channels, groups=groups, factors=(a, b), shared=shared, init="random")
+    layer.eval()
+    x = torch.randn(batch, channels, 2, 2)
+    idx = layer.permutation(x)
+    assert idx.shape == (batch, channels) and is_permutation(idx)
+    assert torch.equal(layer(x), x.gather(1, idx[:, :, None, None].expand_as(x)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    groups=st.integers(1, 4),
+    a=st.integers(1, 3),
+    b=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_soft_equals_dense(groups, a, b, batch, seed):
+    torch.manual_seed(seed)
+    channels = groups * a * b
+    layer = DynamicShuffle(channels, groups=groups, factors=(a, b), mode="soft", init="random")
+    x = torch.randn(batch, channels, 2, 1)
+    y = layer.train()(x)
+    a_mat, b_mat = layer.factor_matrices(x)
+    assert torch.allclose(y, dense_reference(layer, a_mat, b_mat, x), atol=1e-5)
+
+
+def test_kronecker_apply_rectangular():
+    torch.manual_seed(0)
+    a_mat, b_mat = torch.randn(1, 2, 3, 2), torch.randn(1, 2, 5, 4)  # 2 groups, 8 -> 15 channels
+    x = torch.randn(2, 16, 3, 3)
+    y = kronecker_apply(x, a_mat, b_mat, groups=2)
+    w = torch.block_diag(*[torch.kron(a_mat[0, g], b_mat[0, g]) for g in range(2)])
+    assert torch.allclose(y, torch.einsum("oi,nihw->nohw", w, x), atol=1e-5)
+
+
+# --- static-dynamic shuffle ----------------------------------------------------------------------
+
+
+def sds_reference_weight(sds: StaticDynamicShuffle) -> torch.Tensor:
+    """Block-diagonal Kronecker weight with the cross-group shuffle on its rows."""
+    g = sds.groups
+    w = torch.block_diag(*[torch.kron(sds.static_a[j], sds.static_b[j]) for j in range(g)])
+    order = channel_shuffle(torch.arange(sds.out_channels).view(1, -1, 1, 1), g).flatten()
+    return w[order]
+
+
+@pytest.mark.parametrize("cin,cout", [(116, None), (24, 48), (32, 16)])
+def test_sds_without_dynamic_part_is_a_conv(cin, cout):
+    torch.manual_seed(0)
+    sds = StaticDynamicShuffle(cin, cout, dynamic=False)
+    weight = sds_reference_weight(sds).detach()
+    assert torch.allclose(sds.equivalent_weight(), weight)
+    conv = nn.Conv2d(cin, sds.out_channels, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+    x = torch.randn(2, cin, 4, 3, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y_ref = sds(x), conv(x2)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_sds_square_is_permutation_plus_static():
+    torch.manual_seed(0)
+    sds = StaticDynamicShuffle(48).eval()
+    randomize_generator(sds.permute)
+    x = torch.randn(3, 48, 2, 2)
+    idx = sds.permute.permutation(x)  # within-group permutation, no cross shuffle
+    perm = x.gather(1, idx[:, :, None, None].expand_as(x))
+    static = torch.einsum("oi,nihw->nohw", sds_reference_weight(sds), x)
+    expected = channel_shuffle(perm, sds.groups) + static
+    assert torch.allclose(sds(x), expected, atol=1e-5)
+
+
+def test_sds_rectangular_permutes_then_mixes():
+    torch.manual_seed(0)
+    sds = StaticDynamicShuffle(16, 96).eval()
+    randomize_generator(sds.permute)
+    x = torch.randn(2, 16, 3, 3)
+    idx = sds.permute.permutation(x)
+    perm = x.gather(1, idx[:, :, None, None].expand_as(x))
+    expected = torch.einsum("oi,nihw->nohw", sds_reference_weight(sds), perm)
+    assert torch.allclose(sds(x), expected, atol=1e-5)
+
+
+def test_sds_gradients_reach_every_parameter():
+    for cout in (None, 96):
+        sds = StaticDynamicShuffle(48, cout).train()
+        x = torch.randn(2, 48, 3, 3)
+        (sds(x) * torch.randn_like(sds(x))).sum().add(orthogonal_loss(sds)).backward()
+        for name, p in sds.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sds_parameters_are_a_fraction_of_the_conv():
+    sds = StaticDynamicShuffle(464, dynamic=False)
+    assert sum(p.numel() for p in sds.parameters()) == 29 * (16 + 16)
+    assert 29 * 32 < 464 * 464 // 100
+
+
+def test_sds_bad_arguments():
+    with pytest.raises(ValueError, match="out_channels=50"):
+        StaticDynamicShuffle(48, 50, groups=3)
+    with pytest.raises(ValueError, match=r"out_factors=\(2, 2\)"):
+        StaticDynamicShuffle(48, 96, groups=3, out_factors=(2, 2))
+
+
+# --- factory -------------------------------------------------------------------------------------
+
+
+def test_factory_names_and_errors():
+    assert set(list_mixers()) >= {"shuffle", "none", "learned", "dynamic", "static_dynamic"}
+    x = torch.randn(2, 48, 2, 2)
+    assert torch.equal(create_mixer("shuffle", 48, shuffle_groups=3)(x), channel_shuffle(x, 3))
+    assert torch.equal(create_mixer("none", 48)(x), x)
+    assert isinstance(create_mixer("dynamic", 48, tau=0.5), DynamicShuffle)
+    assert create_mixer(lambda c: ChannelShuffle(4, c), 48).groups == 4
+    with pytest.raises(ValueError, match="unknown mixer 'dynamc'; valid: dynamic, learned"):
+        create_mixer("dynamc", 48)
+
+
+def test_extra_repr_mentions_configuration():
+    text = repr(DynamicShuffle(116))
+    assert "groups=29" in text and "factors=(2, 2)" in text and "mode='ste'" in text
