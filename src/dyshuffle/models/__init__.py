@@ -1,0 +1,34 @@
+"""Model zoo: ShuffleNetV1/V2 with pluggable channel mixers, and MobileNetV2 with SDS pointwise.
+
+>>> from dyshuffle.models import create_model, list_models
+>>> model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+
+Every model has ``forward_features``, ``forward_head(x, pre_logits=False)``,
+``reset_classifier(num_classes)``, ``num_features`` and ``model_args`` (the keywords that rebuild
+it with :func:`create_model`).
+"""
+
+from ._blocks import ClassifierModel
+from ._registry import (
+    POINTWISE,
+    STEMS,
+    create_model,
+    is_model,
+    list_models,
+    model_entrypoint,
+    register_model,
+)
+from .shufflenet_v2 import InvertedResidual, ShuffleNetV2
+
+__all__ = [
+    "POINTWISE",
+    "STEMS",
+    "ClassifierModel",
+    "InvertedResidual",
+    "ShuffleNetV2",
+    "create_model",
+    "is_model",
+    "list_models",
+    "model_entrypoint",
+    "register_model",
+]
