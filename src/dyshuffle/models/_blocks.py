@@ -58,7 +58,7 @@ class ConvBNAct(nn.Sequential):
 def pointwise_conv(
     kind: str, in_channels: int, out_channels: int, sds_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    """A 1x1 convolution without bias (``"conv"``) or its static-dynamic shuffle replacement (``"sds"``).
+    """A bias-free 1x1 convolution (``"conv"``) or a static-dynamic shuffle (``"sds"``).
 
     The static-dynamic shuffle is square when ``in_channels == out_channels`` and rectangular
     otherwise (:class:`~dyshuffle.layers.StaticDynamicShuffle`).

@@ -114,7 +114,8 @@ def create_model(
         stem: ``"imagenet"`` or ``"cifar"``.
         mixer: the channel mixer of each unit, a name of
             :func:`~dyshuffle.layers.list_mixers` (``"shuffle"``, ``"none"``, ``"learned"``,
-            ``"dynamic"``, ``"static_dynamic"``) or a callable ``(channels, **kwargs) -> nn.Module``.
+            ``"dynamic"``, ``"static_dynamic"``) or a callable
+            ``(channels, **kwargs) -> nn.Module``.
         pointwise: ``"conv"`` or ``"sds"`` (static-dynamic shuffle in place of the 1x1
             convolutions, where the model supports it).
         in_chans: input channels.

@@ -21,7 +21,7 @@ from ._registry import check_model_args, finalize, register_model
 
 __all__ = ["SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
 
-#: width multiplier -> output channels of (stem, stage2, stage3, stage4, conv5), Table 5 of the paper
+#: width multiplier -> output channels of (stem, stage2, stage3, stage4, conv5) (paper, Table 5)
 SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int, int]] = {
     0.5: (24, 48, 96, 192, 1024),
     1.0: (24, 116, 232, 464, 1024),
@@ -181,9 +181,8 @@ class ShuffleNetV2(ClassifierModel):
 def _create_shufflenet_v2(width: float, **kwargs: Any) -> ShuffleNetV2:
     """ShuffleNetV2 at width multiplier ``width`` (0.5, 1.0, 1.5 or 2.0)."""
     if width not in SHUFFLENET_V2_WIDTHS:
-        raise ValueError(
-            f"unknown ShuffleNetV2 width {width!r}; valid: {', '.join(map(str, SHUFFLENET_V2_WIDTHS))}"
-        )
+        valid = ", ".join(map(str, SHUFFLENET_V2_WIDTHS))
+        raise ValueError(f"unknown ShuffleNetV2 width {width!r}; valid: {valid}")
     name = f"shufflenet_v2_x{width:.1f}".replace(".", "_")
     args = dict(num_classes=1000, stem="imagenet", mixer="shuffle", pointwise="conv", in_chans=3)
     args.update(kwargs)
