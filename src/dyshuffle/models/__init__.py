@@ -18,6 +18,8 @@ from ._registry import (
     model_entrypoint,
     register_model,
 )
+from .mobilenet_v2 import MobileInvertedResidual, MobileNetV2
+from .shufflenet_v1 import ShuffleNetV1, ShuffleV1Unit
 from .shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
 __all__ = [
@@ -25,7 +27,11 @@ __all__ = [
     "STEMS",
     "ClassifierModel",
     "InvertedResidual",
+    "MobileInvertedResidual",
+    "MobileNetV2",
+    "ShuffleNetV1",
     "ShuffleNetV2",
+    "ShuffleV1Unit",
     "create_model",
     "is_model",
     "list_models",
