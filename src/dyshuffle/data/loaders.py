@@ -1,0 +1,322 @@
+"""Batch iterators whose order is a function of ``(seed, epoch)`` only.
+
+:class:`InMemoryLoader` keeps uint8 images on the training device and augments there (random crop
+with zero padding, horizontal flip, normalization), like KellerJordan's cifar10-airbench: a GPU
+never waits on Python workers. :class:`FileLoader` wraps a standard multi-worker
+``torch.utils.data.DataLoader`` with torchvision transforms for data sets that do not fit in
+memory (ImageNet). Both split every global batch into one slice per rank, so the samples of a
+global batch do not depend on the number of processes, and both can start an epoch at any step,
+which is what an exact mid-epoch resume needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import DatasetError
+
+__all__ = ["EpochPlan", "FileLoader", "InMemoryLoader", "mix_seed", "normalize", "random_crop"]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (stable across Python runs, unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class EpochPlan:
+    """Which samples each rank sees at each step of an epoch.
+
+    The order of epoch ``e`` is ``randperm(N)`` drawn from a generator seeded with
+    ``mix_seed(seed, e)``. Global batch ``s`` is ``order[s*B:(s+1)*B]`` and rank ``r`` takes its
+    ``r``-th slice of ``B / world_size`` samples. The last incomplete batch is dropped.
+
+    Args:
+        num_samples: ``N``.
+        batch_size: global batch ``B``; reduced to the largest multiple of ``world_size`` not
+            above ``N`` for tiny data sets.
+        world_size, rank: the process group.
+        seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(
+                f"batch_size must be a positive multiple of the world size {world_size}, "
+                f"got {batch_size}"
+            )
+        usable = (num_samples // world_size) * world_size
+        if usable < world_size:
+            raise DatasetError(
+                f"{num_samples} training samples are too few for {world_size} processes"
+            )
+        self.num_samples, self.seed = num_samples, seed
+        self.world_size, self.rank = world_size, rank
+        self.global_batch = min(batch_size, usable)
+        self.local_batch = self.global_batch // world_size
+        self.steps = num_samples // self.global_batch
+
+    def generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+
+    def order(self, epoch: int) -> Tensor:
+        """The sample order of ``epoch``."""
+        return torch.randperm(self.num_samples, generator=self.generator(epoch))
+
+    def positions(self, step: int) -> slice:
+        """Positions in the epoch order of this rank's part of batch ``step``."""
+        start = step * self.global_batch + self.rank * self.local_batch
+        return slice(start, start + self.local_batch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 ``(N, C, H, W)`` -> float32 ``(x / 255 - mean) / std``."""
+    return x.float().div_(255.0).sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
+def random_crop(x: Tensor, offsets: Tensor, padding: int) -> Tensor:
+    """Per-sample crop of ``x`` padded with zeros by ``padding`` pixels, back to its own size.
+
+    Args:
+        x: ``(N, C, H, W)``.
+        offsets: ``(N, 2)`` integers in ``[0, 2 * padding]``: the top-left corner of each crop in
+            the padded image (``padding, padding`` is the identity).
+        padding: pixels of zero padding on each side.
+    """
+    if padding == 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))  # (N, C, H + 2p, W + 2p)
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = (offsets[:, 0:1] + ar_h)[:, None, :, None].expand(n, c, h, w + 2 * padding)
+    xp = xp.gather(2, rows)  # (N, C, H, W + 2p)
+    cols = (offsets[:, 1:2] + ar_w)[:, None, None, :].expand(n, c, h, w)
+    return xp.gather(3, cols)  # (N, C, H, W)
+
+
+class InMemoryLoader:
+    """Batches from uint8 images held on the training device, augmented on the device.
+
+    Args:
+        images: uint8 ``(N, C, H, W)``, already on the device.
+        labels: int64 ``(N,)`` on the same device.
+        batch_size: global batch size (training) or per-rank batch size (evaluation).
+        train: shuffle, augment and drop the last incomplete batch; otherwise iterate this rank's
+            ``rank::world_size`` share in order.
+        mean, std: normalization (fractions of 255).
+        crop_padding: zero padding of the random crop (0 disables it).
+        hflip: random horizontal flips.
+        seed, world_size, rank: see :class:`EpochPlan`.
+        channels_last: return batches in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        batch_size: int,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 0,
+        hflip: bool = False,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        self.images, self.labels = images, labels
+        self.device = images.device
+        self.train = train
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.crop_padding = int(crop_padding) if train else 0
+        self.hflip = bool(hflip) and train
+        self.channels_last = channels_last
+        self.batch_size = batch_size
+        self.world_size, self.rank = world_size, rank
+        if train:
+            self.plan = EpochPlan(
+                len(labels), batch_size, world_size=world_size, rank=rank, seed=seed
+            )
+        else:
+            self.local = torch.arange(rank, len(labels), world_size, device=self.device)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples seen by this rank in one epoch."""
+        if self.train:
+            return self.plan.steps * self.plan.local_batch
+        return len(self.local)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.plan.steps
+        return math.ceil(len(self.local) / self.batch_size)
+
+    def _finish(self, x: Tensor) -> Tensor:
+        x = normalize(x, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(normalized float32 images, labels)`` of ``epoch`` from batch ``start_step``."""
+        if not self.train:
+            for i in range(start_step * self.batch_size, len(self.local), self.batch_size):
+                idx = self.local[i : i + self.batch_size]
+                yield self._finish(self.images[idx]), self.labels[idx]
+            return
+        plan = self.plan
+        g = plan.generator(epoch)
+        n = plan.num_samples
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        order, offsets, flips = (t.to(self.device) for t in (order, offsets, flips))
+        for step in range(start_step, plan.steps):
+            pos = plan.positions(step)
+            idx = order[pos]
+            x = self.images[idx]
+            x = random_crop(x, offsets[pos], self.crop_padding)
+            if self.hflip:
+                x = torch.where(flips[pos].view(-1, 1, 1, 1), x.flip(3), x)
+            yield self._finish(x), self.labels[idx]
+
+
+class _PlanBatches(torch.utils.data.Sampler):
+    """Batch sampler over this rank's slices of an :class:`EpochPlan` epoch, from ``start_step``."""
+
+    def __init__(self, plan: EpochPlan, epoch: int, start_step: int) -> None:
+        self.plan, self.epoch, self.start_step = plan, epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.plan.order(self.epoch)
+        for step in range(self.start_step, self.plan.steps):
+            yield order[self.plan.positions(step)].tolist()
+
+    def __len__(self) -> int:
+        return self.plan.steps - self.start_step
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from .decode import open_image
+
+        path, label = self.samples[i]
+        return self.transform(open_image(path, path)), label
+
+
+class FileLoader:
+    """A multi-worker ``DataLoader`` over image files with torchvision transforms.
+
+    Training: ``RandomResizedCrop(size)`` and ``RandomHorizontalFlip``; evaluation: resize to
+    ``size / 0.875`` and ``CenterCrop(size)``. Workers return uint8 tensors; normalization runs on
+    the device. The order follows :class:`EpochPlan`; the augmentation draws depend on
+    ``(seed, epoch, start_step)`` and the worker count.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        image_size: output side.
+        batch_size: global batch size (training) or per-rank batch size (evaluation).
+        train: shuffle and augment.
+        device: where batches go.
+        mean, std, hflip, seed, world_size, rank, channels_last: as :class:`InMemoryLoader`.
+        workers: loader processes.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        *,
+        image_size: int,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        hflip: bool = True,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        workers: int = 8,
+        channels_last: bool = False,
+    ) -> None:
+        from torchvision import transforms as T
+
+        if train:
+            ops = [T.RandomResizedCrop(image_size, antialias=True)]
+            if hflip:
+                ops.append(T.RandomHorizontalFlip())
+        else:
+            ops = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
+        self.dataset = _Files(samples, T.Compose([*ops, T.PILToTensor()]))
+        self.train, self.device, self.workers = train, torch.device(device), workers
+        self.batch_size, self.seed, self.channels_last = batch_size, seed, channels_last
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.world_size, self.rank = world_size, rank
+        if train:
+            self.plan = EpochPlan(
+                len(samples), batch_size, world_size=world_size, rank=rank, seed=seed
+            )
+        else:
+            self.local = list(range(rank, len(samples), world_size))
+
+    @property
+    def num_samples(self) -> int:
+        if self.train:
+            return self.plan.steps * self.plan.local_batch
+        return len(self.local)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.plan.steps
+        return math.ceil(len(self.local) / self.batch_size)
+
+    def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(images float32 normalized, labels)`` on the device."""
+        if self.train:
+            batches = _PlanBatches(self.plan, epoch, start_step)
+        else:
+            idx = self.local[start_step * self.batch_size :]
+            batches = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start_step)),
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
