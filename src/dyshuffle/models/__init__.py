@@ -22,6 +22,10 @@ from .mobilenet_v2 import MobileInvertedResidual, MobileNetV2
 from .shufflenet_v1 import ShuffleNetV1, ShuffleV1Unit
 from .shufflenet_v2 import InvertedResidual, ShuffleNetV2
 
+from ._timm import install_timm_hook, register_timm_models  # isort: skip (after the builders)
+
+install_timm_hook()
+
 __all__ = [
     "POINTWISE",
     "STEMS",
@@ -37,4 +41,5 @@ __all__ = [
     "list_models",
     "model_entrypoint",
     "register_model",
+    "register_timm_models",
 ]

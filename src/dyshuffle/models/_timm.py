@@ -1,0 +1,120 @@
+"""Make the zoo's models creatable through ``timm.create_model`` when timm is installed.
+
+Importing :mod:`dyshuffle.models` registers every name with timm's registry if timm is already
+imported, and otherwise as soon as timm is imported (a one-shot import hook), so importing the
+zoo never pays for importing timm. Names timm already has are left alone; nothing here raises
+when timm is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ._registry import create_model, list_models
+
+__all__ = ["install_timm_hook", "register_timm_models"]
+
+
+def _entrypoint(name: str) -> Callable[..., nn.Module]:
+    def entrypoint(
+        pretrained: bool = False,
+        pretrained_cfg: Any = None,
+        pretrained_cfg_overlay: Any = None,
+        cache_dir: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        if pretrained:
+            raise ValueError(
+                f"dyshuffle model {name!r} has no pretrained weights; pass pretrained=False"
+            )
+        model = create_model(name, **kwargs)
+        if device is not None or dtype is not None:  # asked for by the caller, not decided here
+            model = model.to(device=device, dtype=dtype)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"``dyshuffle.models.create_model({name!r}, **kwargs)`` for timm."
+    return entrypoint
+
+
+def register_timm_models() -> list[str]:
+    """Register every model of the zoo with timm; returns the names registered by this call.
+
+    Names timm already knows (its own, or ours from an earlier call) are skipped, so the call is
+    idempotent and never overrides a timm model. Returns ``[]`` when timm is not installed.
+    """
+    try:
+        from timm.models import is_model as timm_is_model
+        from timm.models import register_model as timm_register_model
+    except ImportError:
+        return []
+    done = []
+    module = sys.modules[__name__]
+    for name in list_models():
+        if timm_is_model(name):
+            continue
+        fn = _entrypoint(name)
+        setattr(module, name, fn)  # timm adds the name to this module's __all__
+        timm_register_model(fn)
+        done.append(name)
+    return done
+
+
+def _register_quietly() -> None:
+    try:
+        register_timm_models()
+    except Exception as err:  # a timm API change must not break importing timm
+        warnings.warn(f"dyshuffle: registering models with timm failed: {err!r}", stacklevel=2)
+
+
+class _TimmImportHook(importlib.abc.MetaPathFinder):
+    """One-shot finder: lets the other finders locate timm, registers once it has executed."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "timm":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            try:
+                exec_module(module)
+            finally:
+                try:
+                    del loader.exec_module  # back to the class's method
+                except AttributeError:
+                    pass
+            _register_quietly()
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+def install_timm_hook() -> None:
+    """Register with timm now if it is imported, else when it gets imported (if installed)."""
+    if "timm" in sys.modules:
+        _register_quietly()
+    elif importlib.util.find_spec("timm") is not None and not any(
+        isinstance(f, _TimmImportHook) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _TimmImportHook())
