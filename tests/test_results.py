@@ -1,0 +1,80 @@
+"""Run records and the RESULTS.md table made from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dyshuffle.results import REQUIRED_FIELDS, append_record, read_records, render_results
+
+
+def record(mixer: str, seed: int, top1: float, **extra) -> dict:
+    base = dict(
+        dataset="cifar10",
+        model="shufflenet_v2_x1_0",
+        mixer=mixer,
+        options={},
+        seed=seed,
+        epochs=24,
+        top1_hard=top1,
+        top1_soft=top1,
+        params=1000,
+        macs=2_000_000,
+        train_seconds=1.0,
+        device="cpu",
+        commit="abc",
+        command=f"dyshuffle train --mixer {mixer}",
+    )
+    base.update(extra)
+    return base
+
+
+def test_append_and_read_round_trip(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    append_record(path, record("shuffle", 0, 0.5))
+    append_record(path, record("dynamic", 0, 0.6))
+    rows = read_records([path])
+    assert [r["mixer"] for r in rows] == ["shuffle", "dynamic"]
+    assert all(len(line) > 0 for line in path.read_text().splitlines())
+
+
+def test_append_rejects_incomplete_records(tmp_path):
+    bad = record("shuffle", 0, 0.5)
+    del bad["commit"]
+    with pytest.raises(ValueError, match=r"lacks fields \['commit'\]"):
+        append_record(tmp_path / "r.jsonl", bad)
+    assert "commit" in REQUIRED_FIELDS
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(record("shuffle", 0, 0.5)) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"runs.jsonl:2"):
+        read_records([path])
+
+
+def test_table_mean_spread_and_delta():
+    rows = [record("shuffle", s, v) for s, v in enumerate([0.80, 0.82])]
+    rows += [record("dynamic", s, v, top1_soft=v + 0.01) for s, v in enumerate([0.85, 0.87])]
+    text = render_results(rows, ["runs.jsonl"])
+    fixed = next(line for line in text.splitlines() if "| shuffle |" in line)
+    dyn = next(line for line in text.splitlines() if "| dynamic |" in line)
+    assert "81.00 ± 1.41" in fixed  # mean and sample std of 80 and 82
+    assert "86.00 ± 1.41" in dyn and "87.00 ± 1.41" in dyn
+    assert "| +5.00 |" in dyn  # 86 - 81 points
+    assert "| 2 |" in dyn  # seeds
+
+
+def test_runs_with_other_options_are_separate_configurations():
+    rows = [
+        record("dynamic", 0, 0.8, options={"tau": 1.0}),
+        record("dynamic", 0, 0.7, options={"tau": 0.5}),
+    ]
+    text = render_results(rows)
+    assert text.count("| dynamic |") == 2
+    assert "tau=0.5" in text and "tau=1.0" in text
+
+
+def test_empty_report():
+    assert "No runs recorded yet." in render_results([])
