@@ -1,0 +1,986 @@
+"""``dyshuffle bench``: speed, memory, parameters and MACs of the channel mixers, side by side.
+
+Gong et al., "Dynamic Shuffle: An Efficient Channel Mixture Method" (arXiv 2310.02776) promise
+"negligible extra computation and memory occupancy". This command measures it (issue 5): the
+fixed channel shuffle, the dynamic shuffle (hard permutations in inference, a full training step),
+the static-dynamic shuffle and a 1x1 convolution, as single layers and inside whole
+ShuffleNetV2 models, in one run and interleaved, so that every ratio compares numbers taken
+under the same conditions.
+
+For each precision and layout it writes one CSV whose name says the device, precision, layout and
+torch version (``results/bench/cpu-2threads_fp32_channels_last_torch2.14.1-cu130.csv``), prints
+a markdown table and can update ``docs/BENCHMARKS.md`` in place.
+
+Measurement:
+
+- **latency**: median over ``--repeats`` timed blocks, after ``--warmup`` untimed calls; a block
+  runs the call enough times to last at least ``--min-block-ms`` and is timed with the device
+  synchronized before and after; the variants of one configuration are timed round-robin
+  (fixed, dynamic, ... , fixed, dynamic, ...), so load from other processes hits all of them.
+- **throughput**: batch / median latency.
+- **training memory**: CUDA: ``torch.cuda.max_memory_allocated`` over one training step. CPU:
+  the bytes of the distinct tensor storages saved for backward during the forward pass
+  (``torch.autograd.graph.saved_tensors_hooks``; parameters not counted twice) plus the
+  parameters, their gradients and the optimizer state. Transient buffers of the backward pass are
+  not included on CPU.
+- **parameters and MACs**: :func:`dyshuffle.macs.count_params` and
+  :func:`dyshuffle.macs.count_macs` at batch 1, in evaluation mode (hard permutations).
+- **ratios**: each value divided by the fixed shuffle's value of the same part, target, batch and
+  mode (empty where the fixed value is zero, e.g. the parameters of a parameter-free layer).
+
+A training step is forward, ``cross_entropy + 0.1 * orthogonal_loss`` (models) or
+``<y, g> + 0.1 * orthogonal_loss`` with a fixed random ``g`` (layers), backward and an SGD step
+(momentum 0.9, Nesterov, weight decay 5e-4). ``bf16`` runs under ``torch.autocast`` with
+``bfloat16``; the weights stay fp32.
+
+This module imports only torch and the ``dyshuffle`` library at import time, so the GPU check
+(``scripts/gpu_bench.sh``) runs on a bare machine with ``PYTHONPATH=src``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import io
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dyshuffle.layers import (
+    ChannelShuffle,
+    DynamicShuffle,
+    StaticDynamicShuffle,
+    orthogonal_loss,
+)
+
+__all__ = [
+    "COLUMNS",
+    "BenchConfig",
+    "add_ratios",
+    "csv_name",
+    "main",
+    "markdown_section",
+    "read_csv",
+    "run_benchmark",
+    "saved_tensor_bytes",
+    "time_round_robin",
+    "update_markdown",
+    "write_csv",
+]
+
+#: columns of the CSV files, in order
+COLUMNS = [
+    "device",
+    "device_name",
+    "torch",
+    "precision",
+    "layout",
+    "threads",
+    "compile",
+    "part",
+    "target",
+    "input",
+    "variant",
+    "mode",
+    "batch",
+    "repeats",
+    "latency_ms",
+    "latency_p25_ms",
+    "latency_p75_ms",
+    "throughput_per_s",
+    "train_mem_mb",
+    "mem_method",
+    "params",
+    "macs",
+    "latency_ratio",
+    "throughput_ratio",
+    "train_mem_ratio",
+    "params_ratio",
+    "macs_ratio",
+    "note",
+]
+#: value column -> ratio column (value / value of the fixed shuffle)
+RATIOS = {
+    "latency_ms": "latency_ratio",
+    "throughput_per_s": "throughput_ratio",
+    "train_mem_mb": "train_mem_ratio",
+    "params": "params_ratio",
+    "macs": "macs_ratio",
+}
+BASELINE = "fixed"
+LAYER_VARIANTS = ("fixed", "dynamic", "static_dynamic", "conv1x1")
+MODEL_VARIANTS = ("fixed", "dynamic", "static_dynamic")
+#: model variant -> create_model keywords
+MODEL_KWARGS: dict[str, dict[str, str]] = {
+    "fixed": {"mixer": "shuffle", "pointwise": "conv"},
+    "dynamic": {"mixer": "dynamic", "pointwise": "conv"},
+    "static_dynamic": {"mixer": "shuffle", "pointwise": "sds"},
+}
+MODES = ("infer", "train")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+STEM_RESOLUTION = {"cifar": 32, "imagenet": 224}
+STEM_CLASSES = {"cifar": 10, "imagenet": 1000}
+ORTHO_WEIGHT = 0.1
+DEFAULT_MODELS = ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0")
+DEFAULT_LAYER_SHAPES = ("116x28", "232x14", "464x7")
+
+
+# --- measurement primitives ------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    warmup: int = 2,
+    repeats: int = 10,
+    min_block_s: float = 0.0,
+    max_inner: int = 1000,
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, timed in interleaved blocks.
+
+    Each function runs ``warmup`` times untimed, then once timed to choose its block length
+    (the number of calls that lasts at least ``min_block_s``). Then ``repeats`` rounds time one
+    block of each function in turn, with the device synchronized around every block.
+
+    Args:
+        fns: name -> function of no arguments.
+        device: synchronized around the timed blocks.
+        warmup: untimed calls of each function.
+        repeats: timed blocks of each function.
+        min_block_s: least duration of a block (short calls are repeated inside one block).
+        max_inner: most calls in one block.
+
+    Returns:
+        name -> ``repeats`` seconds-per-call values, one per block.
+    """
+    inner: dict[str, int] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        _synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        _synchronize(device)
+        once = max(time.perf_counter() - t0, 1e-9)
+        inner[name] = max(1, min(max_inner, math.ceil(min_block_s / once)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            k = inner[name]
+            _synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            _synchronize(device)
+            times[name].append((time.perf_counter() - t0) / k)
+    return times
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the distinct storages that autograd saves for backward while ``fn`` runs.
+
+    Every tensor packed by ``torch.autograd.graph.saved_tensors_hooks`` is attributed to its
+    storage; each storage counts once, and storages of ``exclude`` (the parameters) not at all.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = max(storages.get(ptr, 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --- what is measured --------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """Everything one run of the benchmark needs (one CSV per precision and layout)."""
+
+    device: str = "cpu"
+    precisions: Sequence[str] = ("fp32",)
+    layouts: Sequence[str] = ("channels_last",)
+    parts: Sequence[str] = ("layer", "model")
+    batches: Sequence[int] = (1, 32, 256)
+    models: Sequence[str] = DEFAULT_MODELS
+    stems: Sequence[str] = ("cifar", "imagenet")
+    layer_shapes: Sequence[str] = DEFAULT_LAYER_SHAPES
+    layer_variants: Sequence[str] = LAYER_VARIANTS
+    model_variants: Sequence[str] = MODEL_VARIANTS
+    modes: Sequence[str] = MODES
+    warmup: int = 2
+    repeats: int = 10
+    min_block_ms: float = 20.0
+    threads: int | None = 2
+    compile: str = "none"
+    time_budget_s: float | None = None
+    seed: int = 0
+    verbose: bool = True
+    skip: list[str] = field(default_factory=list)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return name
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def csv_name(
+    device: str,
+    device_name: str,
+    precision: str,
+    layout: str,
+    threads: int | None,
+    torch_version: str = torch.__version__,
+    suffix: str = "",
+) -> str:
+    """File name that says the device, precision, layout and torch version.
+
+    ``cpu-2threads_fp32_channels_last_torch2.14.1-cu130.csv``,
+    ``cuda-NVIDIA-H100-80GB-HBM3_bf16_channels_last_torch2.14.1-cu130.csv`` (letters, digits,
+    ``.``, ``_`` and ``-`` only).
+    """
+    dev = f"cpu-{threads}threads" if device == "cpu" else f"{device}-{device_name}"
+    return f"{_slug(dev)}_{precision}_{layout}_torch{_slug(torch_version)}{suffix}.csv"
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise ValueError(f"layer shape {text!r} is not CHANNELSxSIZE, e.g. 116x28")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _build_layer(variant: str, channels: int) -> nn.Module:
+    if variant == "fixed":
+        return ChannelShuffle(2, channels)
+    if variant == "dynamic":
+        return DynamicShuffle(channels)
+    if variant == "static_dynamic":
+        return StaticDynamicShuffle(channels)
+    if variant == "conv1x1":
+        return nn.Conv2d(channels, channels, 1, bias=False)
+    raise ValueError(f"unknown layer variant {variant!r}; valid: {', '.join(LAYER_VARIANTS)}")
+
+
+def _build_model(variant: str, name: str, stem: str) -> nn.Module:
+    from dyshuffle.models import create_model
+
+    if variant not in MODEL_KWARGS:
+        raise ValueError(f"unknown model variant {variant!r}; valid: {', '.join(MODEL_VARIANTS)}")
+    return create_model(name, num_classes=STEM_CLASSES[stem], stem=stem, **MODEL_KWARGS[variant])
+
+
+def _counts(module: nn.Module, input_size: tuple[int, int, int, int]) -> tuple[int, int]:
+    from dyshuffle.macs import count_macs, count_params
+
+    was_training = module.training
+    module.eval()
+    try:
+        return count_params(module), count_macs(module, input_size)
+    finally:
+        module.train(was_training)
+
+
+class _Case:
+    """One module (layer or model) prepared for inference calls and training steps."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        kind: str,
+        device: torch.device,
+        precision: str,
+        compile_mode: str,
+    ) -> None:
+        self.module = module
+        self.x = x
+        self.device = device
+        self.dtype = PRECISIONS[precision]
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.params = params
+        self.opt = (
+            torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            if params
+            else None
+        )
+        self.kind = kind
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        if kind == "model":
+            self.target = torch.randint(0, 10, (x.shape[0],), generator=gen).to(device)
+            self.x_train = x
+        else:
+            self.x_train = x.detach().clone().requires_grad_(True)
+            self.gy: Tensor | None = None
+        self.fwd = module
+        if compile_mode != "none":
+            self.fwd = torch.compile(
+                module, mode=None if compile_mode == "default" else compile_mode
+            )
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def infer(self) -> None:
+        self.module.eval()
+        with torch.no_grad(), self._autocast():
+            self.fwd(self.x)
+
+    def _loss(self) -> Tensor:
+        with self._autocast():
+            y = self.fwd(self.x_train)
+            if self.kind == "model":
+                loss = F.cross_entropy(y.float(), self.target)
+            else:
+                if self.gy is None or self.gy.shape != y.shape:
+                    gen = torch.Generator(device="cpu").manual_seed(2)
+                    self.gy = torch.randn(y.shape, generator=gen).to(self.device, y.dtype)
+                loss = (y * self.gy).sum()
+        return loss + ORTHO_WEIGHT * orthogonal_loss(self.module)
+
+    def train_step(self) -> None:
+        self.module.train()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        if self.kind != "model":
+            self.x_train.grad = None
+        self._loss().backward()
+        if self.opt is not None:
+            self.opt.step()
+
+    def train_memory(self) -> tuple[float, str]:
+        """Training memory in MB and how it was measured (see the module docstring)."""
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.train_step()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
+        self.module.train()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        saved = saved_tensor_bytes(lambda: self._loss().backward(), exclude=self.params)
+        if self.opt is not None:
+            self.opt.step()
+        state = [
+            t
+            for s in (self.opt.state.values() if self.opt else [])
+            for t in s.values()
+            if isinstance(t, Tensor)
+        ]
+        total = saved + 2 * _tensor_bytes(self.params) + _tensor_bytes(state)
+        return total / 2**20, "saved_tensors+params+grads+optimizer_state"
+
+
+class _Budget:
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _log(cfg: BenchConfig, msg: str) -> None:
+    if cfg.verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _measure_group(
+    cases: dict[str, _Case],
+    modes: Sequence[str],
+    cfg: BenchConfig,
+    device: torch.device,
+    base: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Rows for every variant and mode of one (part, target, batch)."""
+    rows = []
+    batch = base["batch"]
+    for mode in modes:
+        fns = {v: (case.infer if mode == "infer" else case.train_step) for v, case in cases.items()}
+        note = ""
+        try:
+            times = time_round_robin(
+                fns,
+                device=device,
+                warmup=cfg.warmup,
+                repeats=cfg.repeats,
+                min_block_s=cfg.min_block_ms / 1e3,
+            )
+        except torch.cuda.OutOfMemoryError:
+            times, note = {v: [] for v in cases}, "out of memory"
+            torch.cuda.empty_cache()
+        for variant, case in cases.items():
+            ts = sorted(times[variant])
+            row = dict(base, variant=variant, mode=mode, repeats=len(ts), note=note)
+            if ts:
+                q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+                med = statistics.median(ts)
+                row.update(
+                    latency_ms=med * 1e3,
+                    latency_p25_ms=q[0] * 1e3,
+                    latency_p75_ms=q[2] * 1e3,
+                    throughput_per_s=batch / med,
+                )
+            if mode == "train" and ts:
+                try:
+                    row["train_mem_mb"], row["mem_method"] = case.train_memory()
+                except torch.cuda.OutOfMemoryError:
+                    row["note"] = "out of memory (memory step)"
+                    torch.cuda.empty_cache()
+            rows.append(row)
+        _log(cfg, "  " + _format_progress(rows[-len(cases) :]))
+    return rows
+
+
+def _format_progress(rows: list[dict[str, Any]]) -> str:
+    r0 = rows[0]
+    parts = [f"{r0['part']} {r0['target']} b={r0['batch']} {r0['mode']}:"]
+    for r in rows:
+        lat = r.get("latency_ms")
+        parts.append(f"{r['variant']}={lat:.3f}ms" if lat is not None else f"{r['variant']}=n/a")
+    return " ".join(parts)
+
+
+def run_benchmark(
+    cfg: BenchConfig, precision: str, layout: str, on_rows: Callable[[list], None] | None = None
+) -> list[dict[str, Any]]:
+    """Measure every configured part, target, batch, variant and mode for one precision/layout.
+
+    Args:
+        cfg: the configuration.
+        precision: ``"fp32"`` or ``"bf16"``.
+        layout: ``"channels_last"`` or ``"contiguous"``.
+        on_rows: called with all rows so far after each measured group (to save partial results).
+
+    Returns:
+        rows (dicts over :data:`COLUMNS`) with the ratios to the fixed shuffle filled in.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    device = torch.device(cfg.device)
+    fmt = LAYOUTS[layout]
+    common = dict(
+        device=device.type,
+        device_name=_device_name(device),
+        torch=torch.__version__,
+        precision=precision,
+        layout=layout,
+        threads=torch.get_num_threads() if device.type == "cpu" else "",
+        compile=cfg.compile,
+    )
+    budget = _Budget(cfg.time_budget_s)
+    rows: list[dict[str, Any]] = []
+
+    def done(new: list[dict[str, Any]]) -> None:
+        rows.extend(new)
+        if on_rows is not None:
+            on_rows(add_ratios(rows))
+
+    def prep(module: nn.Module) -> nn.Module:
+        return module.to(device=device, memory_format=fmt)
+
+    if "layer" in cfg.parts:
+        for shape in cfg.layer_shapes:
+            channels, size = _parse_shape(shape)
+            counts = {}
+            modules = {}
+            for variant in cfg.layer_variants:
+                torch.manual_seed(cfg.seed)
+                module = _build_layer(variant, channels)
+                counts[variant] = _counts(module, (1, channels, size, size))
+                modules[variant] = prep(module)
+            for batch in cfg.batches:
+                if budget.spent():
+                    _log(cfg, f"time budget spent: skipping layer {shape} batch {batch}")
+                    continue
+                gen = torch.Generator().manual_seed(cfg.seed)
+                x = torch.randn(batch, channels, size, size, generator=gen)
+                x = x.to(device=device).contiguous(memory_format=fmt)
+                cases = {
+                    v: _Case(m, x, "layer", device, precision, cfg.compile)
+                    for v, m in modules.items()
+                }
+                base = dict(
+                    common,
+                    part="layer",
+                    target=f"C{channels} {size}x{size}",
+                    input=f"{channels}x{size}x{size}",
+                    batch=batch,
+                )
+                new = _measure_group(cases, cfg.modes, cfg, device, base)
+                for r in new:
+                    r["params"], r["macs"] = counts[r["variant"]][0], counts[r["variant"]][1]
+                done(new)
+                del cases, x
+    if "model" in cfg.parts:
+        for name in cfg.models:
+            for stem in cfg.stems:
+                res = STEM_RESOLUTION[stem]
+                counts = {}
+                modules = {}
+                for variant in cfg.model_variants:
+                    torch.manual_seed(cfg.seed)
+                    model = _build_model(variant, name, stem)
+                    counts[variant] = _counts(model, (1, 3, res, res))
+                    modules[variant] = prep(model)
+                for batch in cfg.batches:
+                    key = f"{name}/{stem}/{batch}"
+                    if budget.spent() or any(re.fullmatch(p, key) for p in cfg.skip):
+                        _log(cfg, f"skipping model {key}")
+                        continue
+                    gen = torch.Generator().manual_seed(cfg.seed)
+                    x = torch.randn(batch, 3, res, res, generator=gen)
+                    x = x.to(device=device).contiguous(memory_format=fmt)
+                    cases = {
+                        v: _Case(m, x, "model", device, precision, cfg.compile)
+                        for v, m in modules.items()
+                    }
+                    base = dict(
+                        common,
+                        part="model",
+                        target=f"{name} {stem}",
+                        input=f"3x{res}x{res}",
+                        batch=batch,
+                    )
+                    new = _measure_group(cases, cfg.modes, cfg, device, base)
+                    for r in new:
+                        r["params"], r["macs"] = counts[r["variant"]]
+                    done(new)
+                    del cases, x
+                del modules
+                gc.collect()
+    return add_ratios(rows)
+
+
+# --- ratios, CSV and markdown ------------------------------------------------------------------
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return tuple(str(row.get(k, "")) for k in ("part", "target", "batch", "mode"))
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill the ratio columns: each value over the fixed shuffle's value in the same group.
+
+    The group is (part, target, batch, mode). A ratio is left empty when either value is missing
+    or the fixed value is zero.
+    """
+    base = {_key(r): r for r in rows if r.get("variant") == BASELINE}
+    out = []
+    for r in rows:
+        r = dict(r)
+        ref = base.get(_key(r))
+        for col, ratio in RATIOS.items():
+            v, b = _number(r.get(col)), _number(ref.get(col)) if ref else None
+            r[ratio] = v / b if v is not None and b else None
+        out.append(r)
+    return out
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write ``rows`` with :data:`COLUMNS` (atomically: a temp file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a benchmark CSV as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    x = _number(v)
+    if x is None:
+        return ""
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits}g}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def _fmt_ratio(v: Any) -> str:
+    x = _number(v)
+    return "" if x is None else f"{x:.2f}"
+
+
+def _fmt_count(v: Any, unit: float, suffix: str) -> str:
+    x = _number(v)
+    return "" if x is None else f"{x / unit:.3g}{suffix}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of benchmark rows (one line per part, target, batch, mode and variant)."""
+    head = (
+        "| part | target | batch | mode | variant | latency ms (p25-p75) | x fixed | samples/s "
+        "| train MB | x fixed | params | x fixed | MACs/sample | x fixed | note |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for r in rows:
+        lat = _number(r.get("latency_ms"))
+        spread = (
+            f"{_fmt(r.get('latency_ms'))} ({_fmt(r.get('latency_p25_ms'))}-"
+            f"{_fmt(r.get('latency_p75_ms'))})"
+            if lat is not None
+            else ""
+        )
+        macs = _number(r.get("macs"))
+        per_sample = None if macs is None else macs
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r.get("part", "")),
+                    str(r.get("target", "")),
+                    str(r.get("batch", "")),
+                    str(r.get("mode", "")),
+                    str(r.get("variant", "")),
+                    spread,
+                    _fmt_ratio(r.get("latency_ratio")),
+                    _fmt(r.get("throughput_per_s")),
+                    _fmt(r.get("train_mem_mb")),
+                    _fmt_ratio(r.get("train_mem_ratio")),
+                    _fmt_count(r.get("params"), 1e6, "M"),
+                    _fmt_ratio(r.get("params_ratio")),
+                    _fmt_count(per_sample, 1e6, "M"),
+                    _fmt_ratio(r.get("macs_ratio")),
+                    str(r.get("note", "") or ""),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_section(
+    name: str, rows: Sequence[dict[str, Any]], command: str, extra: str = ""
+) -> str:
+    """The markdown section of one CSV: conditions, the exact command and the table."""
+    r0 = rows[0] if rows else {}
+    cond = (
+        f"device **{r0.get('device', '?')}** ({r0.get('device_name', '?')}"
+        + (f", {r0.get('threads')} threads" if r0.get("threads") not in (None, "") else "")
+        + f"), precision **{r0.get('precision', '?')}**, layout **{r0.get('layout', '?')}**, "
+        f"torch {r0.get('torch', '?')}, compile {r0.get('compile', 'none')}"
+    )
+    memo = {r.get("mem_method") for r in rows if r.get("mem_method")}
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"### {name}",
+        "",
+        cond + ".",
+        "",
+        f"Command: `{command}`" + (f" ({extra})" if extra else ""),
+        "",
+        "Training memory: " + (", ".join(sorted(memo)) or "not measured") + ".",
+        "",
+        markdown_table(rows),
+        f"<!-- /bench:{name} -->",
+    ]
+    return "\n".join(lines)
+
+
+def update_markdown(path: str | os.PathLike, name: str, section: str) -> Path:
+    """Replace the section of ``name`` in the markdown file ``path`` (append when absent)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL
+    )
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dyshuffle bench",
+        description=(
+            "Measure the fixed shuffle, the dynamic shuffle (hard inference, training step), "
+            "the static-dynamic shuffle and a 1x1 convolution, as single layers and inside "
+            "ShuffleNetV2, side by side; write a CSV per precision/layout and a markdown table."
+        ),
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS))
+    p.add_argument("--layout", nargs="+", default=["channels_last"], choices=list(LAYOUTS))
+    p.add_argument("--part", nargs="+", default=["layer", "model"], choices=["layer", "model"])
+    p.add_argument(
+        "--batch",
+        nargs="+",
+        type=int,
+        default=None,
+        help="batch sizes (default: 1 32 256 on CPU, 1 32 256 1024 on CUDA)",
+    )
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument(
+        "--stems", nargs="+", default=["cifar", "imagenet"], choices=list(STEM_RESOLUTION)
+    )
+    p.add_argument(
+        "--layer-shapes",
+        nargs="+",
+        default=list(DEFAULT_LAYER_SHAPES),
+        metavar="CxS",
+        help="single-layer inputs, channels x spatial size",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help=f"subset of {', '.join(LAYER_VARIANTS)} (model part: no conv1x1)",
+    )
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="REGEX",
+        help="skip model configurations MODEL/STEM/BATCH matching a regex",
+    )
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--min-block-ms",
+        type=float,
+        default=20.0,
+        help="least duration of one timed block (short calls repeat inside it)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--compile",
+        default="none",
+        choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile every module (all variants alike)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="skip the remaining configurations once this much time has passed",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="batches 1 and 32, 5 repeats, 1 warm-up: a CPU run of a few minutes",
+    )
+    p.add_argument("--out-dir", default="results/bench", help="folder of the CSV files")
+    p.add_argument(
+        "--suffix", default=None, help="appended to the CSV name (default: '_quick' with --quick)"
+    )
+    p.add_argument(
+        "--markdown",
+        default=None,
+        metavar="PATH",
+        help="update this markdown file (e.g. docs/BENCHMARKS.md) with the tables",
+    )
+    p.add_argument(
+        "--from-csv",
+        nargs="+",
+        default=None,
+        metavar="CSV",
+        help="measure nothing: render existing CSV files as markdown",
+    )
+    p.add_argument(
+        "--command", default=None, help="command line to record in the markdown (default: this one)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} asked for, but CUDA is not available")
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dyshuffle bench``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    command = args.command or "dyshuffle bench " + " ".join(shlex.quote(a) for a in argv)
+
+    if args.from_csv:
+        out = io.StringIO()
+        for path in args.from_csv:
+            rows = read_csv(path)
+            name = Path(path).stem
+            section = markdown_section(name, rows, command)
+            print(section, file=out)
+            if args.markdown:
+                update_markdown(args.markdown, name, section)
+        print(out.getvalue())
+        return 0
+
+    device = _resolve_device(args.device)
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    batches = args.batch or ([1, 32, 256] if device == "cpu" else [1, 32, 256, 1024])
+    warmup, repeats = args.warmup, args.repeats
+    if args.quick:
+        batches = [b for b in batches if b <= 32] or batches[:1]
+        warmup, repeats = 1, 5
+    variants = args.variants or list(LAYER_VARIANTS)
+    bad = [v for v in variants if v not in LAYER_VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant(s) {bad}; valid: {', '.join(LAYER_VARIANTS)}")
+    if BASELINE not in variants:
+        variants = [BASELINE, *variants]  # every ratio needs the fixed shuffle
+    cfg = BenchConfig(
+        device=device,
+        precisions=args.precision,
+        layouts=args.layout,
+        parts=args.part,
+        batches=batches,
+        models=args.models,
+        stems=args.stems,
+        layer_shapes=args.layer_shapes,
+        layer_variants=variants,
+        model_variants=[v for v in variants if v in MODEL_VARIANTS],
+        modes=args.modes,
+        warmup=warmup,
+        repeats=repeats,
+        min_block_ms=args.min_block_ms,
+        threads=args.threads if device == "cpu" else None,
+        compile=args.compile,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        verbose=not args.quiet,
+        skip=args.skip,
+    )
+    suffix = args.suffix if args.suffix is not None else ("_quick" if args.quick else "")
+    commit = _git_commit()
+    today = datetime.date.today().isoformat()
+    sections = []
+    failed = False
+    for precision in cfg.precisions:
+        for layout in cfg.layouts:
+            dev = torch.device(device)
+            name = csv_name(
+                dev.type, _device_name(dev), precision, layout, cfg.threads, suffix=suffix
+            )
+            path = Path(args.out_dir) / name
+            _log(cfg, f"== {precision} {layout} -> {path}")
+            try:
+                rows = run_benchmark(
+                    cfg, precision, layout, on_rows=lambda rs, path=path: write_csv(rs, path)
+                )
+            except Exception:  # keep what was measured, say what failed
+                traceback.print_exc()
+                failed = True
+                rows = read_csv(path) if path.exists() else []
+            write_csv(rows, path)
+            extra = ", ".join(s for s in (f"commit {commit}" if commit else "", today) if s)
+            section = markdown_section(path.stem, rows, command, extra)
+            sections.append(section)
+            if args.markdown:
+                update_markdown(args.markdown, path.stem, section)
+    print("\n\n".join(sections))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
