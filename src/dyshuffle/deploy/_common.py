@@ -1,0 +1,61 @@
+"""Helpers shared by the deploy commands: loading a checkpoint with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["CheckpointError", "input_size_of", "load_model", "metadata"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or lacks what a deploy command needs; the message names it."""
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a training checkpoint, in ``eval()`` mode.
+
+    Args:
+        path: a checkpoint written by :func:`dyshuffle.train.checkpoint.save_checkpoint`.
+
+    Returns:
+        ``(model, state)``; ``state`` is the checkpoint dictionary.
+
+    Raises:
+        CheckpointError: the file does not exist or is not a dyshuffle checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} {what}; pass a file written by 'dyshuffle train' "
+            "(e.g. runs/NAME/last.pt)"
+        )
+    from dyshuffle.train.checkpoint import model_from_checkpoint
+
+    try:
+        model, state = model_from_checkpoint(path, map_location="cpu")
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{str(path)!r} is not a loadable dyshuffle checkpoint "
+            f"(needs 'model' and 'model_args'): {e}"
+        ) from e
+    return model.eval(), state
+
+
+def input_size_of(state: dict[str, Any]) -> tuple[int, int, int]:
+    """``(C, H, W)`` recorded in a checkpoint."""
+    size = state.get("input_size")
+    if size is None or len(size) != 3:
+        raise CheckpointError(f"checkpoint has no valid 'input_size' [C, H, W], got {size!r}")
+    return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+
+def metadata(state: dict[str, Any]) -> dict[str, str]:
+    """What a deployed file needs besides the graph: classes, normalization, input size."""
+    keys = ("class_names", "mean", "std", "input_size", "model_args", "epoch")
+    meta = {k: state[k] for k in keys if k in state}
+    return {"dyshuffle": json.dumps(meta, default=str)}

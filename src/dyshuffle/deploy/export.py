@@ -1,0 +1,257 @@
+"""``dyshuffle export``: a checkpoint to ONNX, TorchScript or a ``torch.export`` ExportedProgram.
+
+The model is exported in ``eval()`` with the hard permutation (the deployed Dynamic Shuffle of
+Gong et al., arXiv 2310.02776): the generator, the binarization (a product with the table of all
+permutations of a factor and an ``ArgMax``) and the channel gather are operations of the graph,
+so the permutation is recomputed for every input. The batch dimension is dynamic; the image size
+is the checkpoint's ``input_size``.
+
+    dyshuffle export runs/cifar/last.pt --format onnx
+    dyshuffle export runs/cifar/last.pt --format exported-program --output model.pt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dyshuffle.layers import permutation_mode
+
+from ._common import CheckpointError, input_size_of, load_model, metadata
+
+__all__ = [
+    "FORMATS",
+    "export_model",
+    "export_program",
+    "main",
+    "run_exported",
+    "save_exported_program",
+    "save_onnx",
+    "save_torchscript",
+]
+
+#: export format -> file suffix
+FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
+
+#: ONNX files above this size keep their weights in a side file (the protobuf limit is 2 GiB)
+_ONNX_INLINE_LIMIT = 1 << 30
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    return fmt
+
+
+@contextlib.contextmanager
+def _deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``eval()``, hard permutations and no autograd; the training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with permutation_mode(model, "hard"), torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _example(model: nn.Module, input_size: Sequence[int], batch_size: int) -> Tensor:
+    param = next(model.parameters(), None)
+    dtype = torch.float32 if param is None else param.dtype
+    device = None if param is None else param.device
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, *input_size, generator=gen, dtype=dtype).to(device)
+
+
+def export_program(
+    model: nn.Module, input_size: Sequence[int], batch_size: int = 2
+) -> torch.export.ExportedProgram:
+    """``torch.export`` the eval-mode model with a dynamic batch dimension.
+
+    Args:
+        model: an image classifier ``(N, C, H, W) -> (N, classes)``.
+        input_size: ``(C, H, W)``.
+        batch_size: batch of the example input used for tracing (not 1, which export would
+            specialize).
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (1 is specialized), got {batch_size}")
+    x = _example(model, input_size, batch_size)
+    batch = torch.export.Dim("batch")
+    with _deploy_mode(model):
+        return torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+
+
+def save_exported_program(
+    program: torch.export.ExportedProgram, path: str | Path, meta: dict[str, str] | None = None
+) -> Path:
+    """Write ``program`` with :func:`torch.export.save` (``.pt2``); ``meta`` goes to extra files."""
+    path = Path(path)
+    extra = {f"{k}.json": v for k, v in (meta or {}).items()}
+    torch.export.save(program, path, extra_files=extra)
+    return path
+
+
+def save_onnx(
+    program: torch.export.ExportedProgram,
+    path: str | Path,
+    opset: int | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """Convert an ExportedProgram to ONNX (input ``input``, output ``logits``, axis ``batch``).
+
+    Args:
+        program: from :func:`export_program`.
+        path: the ``.onnx`` file; weights are inline unless the model exceeds 1 GiB.
+        opset: ONNX opset (``None``: the exporter's default).
+        meta: string key/values stored as ONNX ``metadata_props``.
+    """
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=opset,
+            verbose=False,
+        )
+    dims = [
+        d
+        for v in (onnx_program.model.graph.inputs[0], onnx_program.model.graph.outputs[0])
+        for d in list(v.shape)[:1]
+        if not isinstance(d, int)
+    ]
+    if dims:
+        onnx_program.rename_axes({dims[0]: "batch"})
+    for k, v in (meta or {}).items():
+        onnx_program.model.metadata_props[k] = v
+    nbytes = sum(p.numel() * p.element_size() for p in program.state_dict.values())
+    onnx_program.save(path, external_data=nbytes > _ONNX_INLINE_LIMIT)
+    return path
+
+
+def save_torchscript(
+    model: nn.Module,
+    path: str | Path,
+    input_size: Sequence[int],
+    meta: dict[str, str] | None = None,
+    batch_size: int = 2,
+) -> Path:
+    """``torch.jit.trace`` the eval-mode model and save it (``meta`` goes to extra files).
+
+    Tracing records the tensor operations of one forward, the per-input permutation included
+    (its sizes are read from the input, so the batch dimension stays free).
+    """
+    path = Path(path)
+    x = _example(model, input_size, batch_size)
+    with _deploy_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x, check_trace=False)
+    extra = {f"{k}.json": v for k, v in (meta or {}).items()}
+    torch.jit.save(traced, str(path), _extra_files=extra)
+    return path
+
+
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    fmt: str,
+    input_size: Sequence[int],
+    opset: int | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """Export ``model`` (in eval, hard permutations) to ``path`` in format ``fmt``.
+
+    Args:
+        model: the classifier.
+        path: output file.
+        fmt: one of :data:`FORMATS` (``"onnx"``, ``"torchscript"``, ``"exported-program"``).
+        input_size: ``(C, H, W)`` of one image; the batch dimension is dynamic.
+        opset: ONNX opset (ONNX only).
+        meta: string key/values stored in the file (class names, normalization).
+    """
+    _check_format(fmt)
+    if fmt == "torchscript":
+        return save_torchscript(model, path, input_size, meta)
+    program = export_program(model, input_size)
+    if fmt == "onnx":
+        return save_onnx(program, path, opset, meta)
+    return save_exported_program(program, path, meta)
+
+
+def run_exported(path: str | Path, fmt: str, x: Tensor) -> Tensor:
+    """Load an exported file and run it on ``x`` (ONNX with ONNX Runtime on the CPU)."""
+    _check_format(fmt)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (out,) = session.run(["logits"], {"input": x.detach().cpu().numpy()})
+        return torch.from_numpy(out)
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    with torch.no_grad():
+        return torch.export.load(str(path)).module()(x)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dyshuffle export",
+        description="Export a checkpoint to ONNX, TorchScript or a torch.export program "
+        "(eval mode, hard permutations, dynamic batch dimension).",
+    )
+    p.add_argument("checkpoint", help="checkpoint written by 'dyshuffle train'")
+    p.add_argument("--format", required=True, choices=list(FORMATS), dest="fmt")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output file (default: the checkpoint with the format's "
+        f"suffix: {', '.join(f'{k} -> {v}' for k, v in FORMATS.items())})",
+    )
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip running the exported file against the eager model (batch sizes 1 and 3)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dyshuffle export``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        model, state = load_model(args.checkpoint)
+        input_size = input_size_of(state)
+    except CheckpointError as e:
+        print(f"dyshuffle export: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(FORMATS[args.fmt])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_model(model, out, args.fmt, input_size, args.opset, metadata(state))
+    args_ = json.dumps(state.get("model_args", {}), default=str)
+    print(f"wrote {out} ({args.fmt}, {out.stat().st_size / 1e6:.2f} MB) for {args_}")
+    if not args.no_check:
+        worst = 0.0
+        for n in (1, 3):
+            x = _example(model, input_size, n)
+            with _deploy_mode(model):
+                ref = model(x)
+            worst = max(worst, (run_exported(out, args.fmt, x) - ref).abs().max().item())
+        print(f"check: max |exported - eager| = {worst:.3g} on random inputs, batch sizes 1 and 3")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""``dyshuffle predict``: the top-5 classes of images with a checkpoint.
+
+Each image is converted to the checkpoint's channel count, its shorter side resized to the
+checkpoint's input size (bilinear), center-cropped to ``(H, W)`` (the evaluation transform of the
+data loaders) and normalized with the checkpoint's ``mean`` and ``std``. The model runs in
+``eval()``, where every dynamic shuffle applies its hard permutation.
+
+    dyshuffle predict runs/cifar/last.pt cat.jpg ship.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+
+from ._common import CheckpointError, input_size_of, load_model
+
+__all__ = ["main", "predict", "preprocess"]
+
+
+def preprocess(
+    image: Image.Image,
+    input_size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tensor:
+    """A PIL image to a normalized ``(C, H, W)`` float tensor.
+
+    Args:
+        image: any PIL image (converted to RGB for 3 channels, to grayscale for 1).
+        input_size: ``(C, H, W)``.
+        mean: per-channel mean in ``[0, 1]`` units.
+        std: per-channel standard deviation in ``[0, 1]`` units.
+    """
+    c, h, w = (int(s) for s in input_size)
+    if c not in (1, 3):
+        raise ValueError(f"images can feed models with 1 or 3 input channels, not {c}")
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean {list(mean)} and std {list(std)} need {c} values each")
+    image = image.convert("RGB" if c == 3 else "L")
+    scale = max(h / image.height, w / image.width)  # shorter side to the crop side
+    size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left, top = (image.width - w) // 2, (image.height - h) // 2
+    image = image.crop((left, top, left + w, top + h))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    x = x.reshape(h, w, c).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    m = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: Tensor, class_names: Sequence[str], topk: int = 5
+) -> list[list[tuple[str, float]]]:
+    """Top-``k`` ``(class name, probability)`` of each image of a normalized ``(N, C, H, W)`` batch.
+
+    The model is put in ``eval()``; probabilities are the softmax of its logits.
+    """
+    model.eval()
+    param = next(model.parameters(), None)
+    if param is not None:
+        images = images.to(device=param.device, dtype=param.dtype)
+    probs = model(images).float().softmax(dim=-1).cpu()
+    if probs.shape[-1] != len(class_names):
+        raise ValueError(
+            f"the model has {probs.shape[-1]} outputs but {len(class_names)} class names"
+        )
+    k = min(topk, probs.shape[-1])
+    values, indices = probs.topk(k, dim=-1)
+    return [
+        [(class_names[i], float(p)) for p, i in zip(vals.tolist(), idx.tolist())]
+        for vals, idx in zip(values, indices)
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dyshuffle predict", description="Print the top-5 classes of images with a checkpoint."
+    )
+    p.add_argument("checkpoint", help="checkpoint written by 'dyshuffle train'")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dyshuffle predict``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1:
+        print("dyshuffle predict: --topk and --batch-size must be positive", file=sys.stderr)
+        return 2
+    try:
+        model, state = load_model(args.checkpoint)
+        input_size = input_size_of(state)
+        class_names = [str(c) for c in state["class_names"]]
+        mean, std = state["mean"], state["std"]
+    except KeyError as e:
+        print(f"dyshuffle predict: checkpoint {args.checkpoint!r} lacks {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"dyshuffle predict: {e}", file=sys.stderr)
+        return 2
+    tensors = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                tensors.append(preprocess(im, input_size, mean, std))
+        except FileNotFoundError:
+            print(f"dyshuffle predict: image {path!r} does not exist", file=sys.stderr)
+            return 2
+        except UnidentifiedImageError:
+            print(f"dyshuffle predict: {path!r} is not an image PIL can read", file=sys.stderr)
+            return 2
+    for start in range(0, len(tensors), args.batch_size):
+        batch = torch.stack(tensors[start : start + args.batch_size])
+        results = predict(model, batch, class_names, args.topk)
+        for path, top in zip(args.images[start : start + args.batch_size], results):
+            print(path)
+            for name, p in top:
+                print(f"  {p:.4f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Inspection of the chosen permutations: exact counts on a model whose choices are known.
+
+The model's first dynamic layer picks one of two permutations from the sign of input channel 0;
+its second always picks the same one. The counts, the information measures and the
+orthogonality errors are then known in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dyshuffle.deploy.inspect import collect_statistics, write_report
+from dyshuffle.layers import DynamicShuffle
+
+SIGN_SCALE = 10.0  # logit scale of the sign-controlled factor
+B_LOGIT = 5.0  # identity logit of the fixed second factor of layer 0
+
+
+def sign_layer() -> DynamicShuffle:
+    """4 channels, one group of 2 x 2: A is the identity for mean(x_0) > 0, the swap below 0."""
+    layer = DynamicShuffle(4, groups=1, factors=(2, 2), reduction=1, min_hidden=2)
+    first, last = layer.generator[0], layer.generator[-1]
+    assert layer.hidden == 4 and last.out_features == 8
+    with torch.no_grad():
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, 0], first.weight[1, 0] = 1.0, -1.0  # h0 = relu(z0), h1 = relu(-z0)
+        last.weight.zero_()
+        # A logits (row-major 2 x 2): [[s h0, s h1], [s h1, s h0]]
+        last.weight[0, 0] = last.weight[3, 0] = SIGN_SCALE
+        last.weight[1, 1] = last.weight[2, 1] = SIGN_SCALE
+        last.bias.copy_(torch.tensor([0, 0, 0, 0, B_LOGIT, 0, 0, B_LOGIT]))
+    return layer
+
+
+def constant_layer() -> DynamicShuffle:
+    """4 channels, 2 groups of 1 x 2, input-independent identity logits (2 on the diagonal)."""
+    layer = DynamicShuffle(4, groups=2, factors=(1, 2))
+    with torch.no_grad():
+        layer.generator[-1].weight.zero_()  # bias keeps the identity init: logits 2 * I
+    return layer
+
+
+class SignModel(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.first = sign_layer()
+        self.second = constant_layer()
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.second(self.first(x)).mean(dim=(2, 3)))
+
+
+IDENTITY = (0, 1, 2, 3)
+SWAP = (2, 3, 0, 1)  # alpha = [1, 0], beta = [0, 1]: pi[i * 2 + j] = alpha[i] * 2 + beta[j]
+CROSS = (0, 2, 1, 3)  # 2 groups of 2, identity inside, then the cross-group shuffle
+
+# class -> (samples with x_0 > 0, samples with x_0 < 0)
+SIGNS = {0: (6, 0), 1: (1, 3), 2: (0, 5)}
+COUNTS = np.array([[6, 1, 0], [0, 3, 5]])  # rows IDENTITY, SWAP; columns classes
+
+
+def sign_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys, zs = [], [], []
+    for label, (pos, neg) in SIGNS.items():
+        for sign in [1.0] * pos + [-1.0] * neg:
+            z0 = sign * (0.2 + torch.rand((), generator=gen).item())  # |mean(x_0)| in [0.2, 1.2]
+            x = torch.randn(4, 3, 3, generator=gen)
+            x[0] = x[0] - x[0].mean() + z0
+            xs.append(x)
+            ys.append(label)
+            zs.append(z0)
+    order = torch.randperm(len(ys), generator=gen)
+    return torch.stack(xs)[order], torch.tensor(ys)[order], torch.tensor(zs)[order]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 4):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def mutual_information(counts: np.ndarray) -> float:
+    p = counts / counts.sum()
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log2(p[nz] / (px @ py)[nz])).sum())
+
+
+def orth_error_2x2(p: np.ndarray) -> np.ndarray:
+    """||A A^T - I||^2 of [[p, 1-p], [1-p, p]] (and of its row swap): 16 p^2 (1-p)^2."""
+    return 16 * p**2 * (1 - p) ** 2
+
+
+def sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-v))
+
+
+@pytest.fixture(scope="module")
+def collected():
+    torch.manual_seed(0)
+    model = SignModel(3)
+    x, y, z = sign_data()
+    stats = collect_statistics(model, batches(x, y), ["zero", "one", "two"], num_examples=2)
+    return model, stats, x, y, z
+
+
+def test_construction_is_what_the_test_assumes(collected):
+    model, _, x, _, z = collected
+    perms = model.first.permutation(x)
+    expected = torch.tensor([IDENTITY if v > 0 else SWAP for v in z.tolist()])
+    assert torch.equal(perms, expected)
+    assert torch.equal(model.second.permutation(x), torch.tensor([CROSS] * len(x)))
+
+
+def test_counts_per_layer_and_class(collected):
+    _, stats, *_ = collected
+    assert stats.num_samples == sum(p + n for p, n in SIGNS.values())
+    first, second = stats.layer("first"), stats.layer("second")
+    assert (first.channels, first.groups, first.a, first.b) == (4, 1, 2, 2)
+    assert first.distinct == 2 and second.distinct == 1
+    rows = [first.permutations.index(IDENTITY), first.permutations.index(SWAP)]
+    np.testing.assert_array_equal(first.counts[rows], COUNTS)
+    assert second.permutations == [CROSS]
+    np.testing.assert_array_equal(second.counts, COUNTS.sum(0, keepdims=True))
+    ids, freq = first.frequencies()
+    assert first.permutations[ids[0]] == SWAP  # 8 of 15
+    np.testing.assert_allclose(freq, [8 / 15, 7 / 15])
+
+
+def test_information_measures(collected):
+    _, stats, *_ = collected
+    first, second = stats.layer("first"), stats.layer("second")
+    assert first.entropy() == pytest.approx(
+        -(8 / 15) * math.log2(8 / 15) - (7 / 15) * math.log2(7 / 15)
+    )
+    assert first.mutual_information() == pytest.approx(mutual_information(COUNTS))
+    assert second.entropy() == 0.0 and second.mutual_information() == pytest.approx(0.0)
+    np.testing.assert_allclose(second.class_divergence(), 0.0, atol=1e-12)
+    # per class: KL(p(perm | class) || p(perm)), by hand
+    p_perm = COUNTS.sum(1) / COUNTS.sum()
+    for k in range(3):
+        q = COUNTS[:, k] / COUNTS[:, k].sum()
+        kl = sum(qi * math.log2(qi / pi) for qi, pi in zip(q, p_perm) if qi > 0)
+        assert first.class_divergence()[k] == pytest.approx(kl)
+    np.testing.assert_allclose(first.modal_fraction(), [1.0, 3 / 4, 1.0])
+
+
+def test_orthogonality_errors_in_closed_form(collected):
+    _, stats, _, _, z = collected
+    first, second = stats.layer("first"), stats.layer("second")
+    # second: A is 1 x 1 (error 0), B = softmax rows of 2 * I, the same for every sample
+    p = sigmoid(np.array(2.0))
+    assert second.ortho_count == 2 * stats.num_samples
+    assert second.ortho_min == pytest.approx(0.0, abs=1e-12)
+    assert second.ortho_max == pytest.approx(orth_error_2x2(p), rel=1e-5)
+    assert second.ortho_mean == pytest.approx(orth_error_2x2(p) / 2, rel=1e-5)
+    # first: A from the sign logit (s |z0| on the chosen entries), B from the fixed logits
+    a_err = orth_error_2x2(sigmoid(SIGN_SCALE * np.abs(z.numpy().astype(np.float64))))
+    b_err = orth_error_2x2(sigmoid(np.array(B_LOGIT)))
+    assert first.ortho_mean == pytest.approx((a_err.mean() + b_err) / 2, rel=1e-4)
+    assert first.ortho_max == pytest.approx(max(a_err.max(), b_err), rel=1e-4)
+    assert first.ortho_hist.sum() == first.ortho_count == 2 * stats.num_samples
+
+
+def test_examples_keep_their_permutations(collected):
+    _, stats, x, y, z = collected
+    assert [e.label for e in stats.examples] == list(dict.fromkeys(y.tolist()))[:2]
+    for ex in stats.examples:
+        i = next(i for i in range(len(y)) if torch.equal(x[i], ex.image))
+        assert tuple(ex.permutations["first"].tolist()) == (IDENTITY if z[i] > 0 else SWAP)
+        assert tuple(ex.permutations["second"].tolist()) == CROSS
+
+
+def test_max_samples_stops_early():
+    torch.manual_seed(0)
+    x, y, _ = sign_data()
+    stats = collect_statistics(SignModel(3), batches(x, y, 4), ["a", "b", "c"], max_samples=6)
+    assert stats.num_samples == 6
+    assert stats.layer("first").counts.sum() == 6
+    np.testing.assert_array_equal(stats.layer("first").counts.sum(1).sum(), 6)
+
+
+def test_rejects_models_without_dynamic_layers_and_bad_labels():
+    with pytest.raises(ValueError, match="no dynamic shuffle layer"):
+        collect_statistics(nn.Conv2d(3, 3, 1), [(torch.zeros(1, 3, 2, 2), torch.zeros(1))], ["a"])
+    x, y, _ = sign_data()
+    with pytest.raises(ValueError, match="out of range for 2 classes"):
+        collect_statistics(SignModel(2), batches(x, y), ["a", "b"])
+
+
+def _image_stats(path) -> tuple[float, int]:
+    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    return float(arr.var()), len(np.unique(arr.reshape(-1, 3), axis=0))
+
+
+def test_report_and_figures(collected, tmp_path):
+    _, stats, *_ = collected
+    report = write_report(
+        stats, tmp_path / "out", context=["unit test"], mean=(0.0,) * 4, std=(1.0,) * 4
+    )
+    text = report.read_text()
+    names = ["permutation_counts.png", "class_dependence.png", "orthogonality.png", "examples.png"]
+    for name in names:
+        path = tmp_path / "out" / name
+        assert path.is_file(), name
+        variance, colors = _image_stats(path)
+        assert variance > 0 and colors > 2, name
+        assert f"]({name})" in text
+    # the table row of each layer: name, C, G x (a x b), distinct, top frequencies
+    assert "| `first` | 4 | 1 x (2 x 2) | 2 | 53.3%, 46.7% |" in text
+    assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% |" in text
+    assert f"{mutual_information(COUNTS):.3f}" in text
+    assert "KL(p(perm | class) || p(perm))" in text
