@@ -55,8 +55,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 def test_table_mean_spread_and_delta():
-    rows = [record("shuffle", s, v) for s, v in enumerate([0.80, 0.82])]
-    rows += [record("dynamic", s, v, top1_soft=v + 0.01) for s, v in enumerate([0.85, 0.87])]
+    rows = [record("shuffle", s, v) for s, v in enumerate([80.0, 82.0])]
+    rows += [record("dynamic", s, v, top1_soft=v + 1.0) for s, v in enumerate([85.0, 87.0])]
     text = render_results(rows, ["runs.jsonl"])
     fixed = next(line for line in text.splitlines() if "| shuffle |" in line)
     dyn = next(line for line in text.splitlines() if "| dynamic |" in line)

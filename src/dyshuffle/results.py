@@ -42,6 +42,7 @@ REQUIRED_FIELDS = (
     "commit",
     "command",
 )
+# accuracies are in percent, as ``results.json`` of a training run gives them
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -172,12 +173,12 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
             hard = g.mean_std("top1_hard")
             if base is not None and base is not g and hard is not None:
                 base_hard = base.mean_std("top1_hard")
-                delta = f"{(hard[0] - base_hard[0]) * 100:+.2f}"
+                delta = f"{hard[0] - base_hard[0]:+.2f}"
             throughput = g.mean_std("train_images_per_second")
             lines.append(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
                 f"| {f['epochs']} | {f.get('recipe', '') or '-'} | {f['device']} "
-                f"| {len(g.records)} | {_fmt(hard, 100)} | {_fmt(g.mean_std('top1_soft'), 100)} "
+                f"| {len(g.records)} | {_fmt(hard)} | {_fmt(g.mean_std('top1_soft'))} "
                 f"| {delta} | {int(f['params']):,} | {float(f['macs']) / 1e6:.1f} "
                 f"| {_fmt(throughput, 1.0, 0)} |"
             )

@@ -1,0 +1,259 @@
+"""``dyshuffle sweep``: run a list of configurations x seeds, record every run, rebuild RESULTS.md.
+
+A sweep file (YAML) names a training recipe, the seeds and the runs; each run is a mapping of
+``dyshuffle train`` options that override the recipe::
+
+    name: cifar10-v2-x1_0
+    base: configs/cifar10_fast.yaml     # a dyshuffle train recipe
+    dataset: cifar10-jpeg               # label of the data in the records
+    records: results/cifar10_runs.jsonl # append-only run records
+    seeds: [0, 1, 2]
+    set: {}                             # options applied to every run (e.g. data_dir)
+    runs:
+      - {mixer: shuffle}
+      - {mixer: dynamic, mixer_kwargs: {shared: false}}
+
+Every finished run is appended to ``records`` at once (a crash loses no finished run), and a run
+already recorded for the same sweep, run and seed is skipped, so an interrupted sweep continues
+where it stopped. ``RESULTS.md`` is regenerated from all record files after each run.
+
+Examples::
+
+    dyshuffle sweep sweeps/cifar10_cpu.yaml --set data_dir=../shared/data/cifar10-jpeg.tgz
+    dyshuffle sweep --report                       # only rebuild RESULTS.md from results/*.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .results import append_record, read_records, render_results
+
+__all__ = ["SweepSpec", "load_spec", "main", "options_to_argv", "run_sweep"]
+
+SPEC_KEYS = ("name", "base", "dataset", "records", "seeds", "set", "runs", "report")
+#: keys of a run that identify the model rather than its options
+MODEL_KEYS = ("model", "mixer", "pointwise")
+#: run options that are not about the method (kept out of the configuration's label)
+PLUMBING_KEYS = ("data_dir", "output", "progress", "tensorboard", "cache_dir", "device", "workers")
+
+
+class SweepSpec:
+    """A parsed sweep file: ``name``, ``base``, ``dataset``, ``records``, ``seeds``, ``runs``."""
+
+    def __init__(self, raw: dict[str, Any], path: Path) -> None:
+        unknown = sorted(set(raw) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown sweep keys {unknown}; valid: {list(SPEC_KEYS)}")
+        for key in ("name", "base", "runs"):
+            if key not in raw:
+                raise ValueError(f"{path}: sweep file needs {key!r}")
+        self.path = path
+        self.name = str(raw["name"])
+        self.base = str(raw["base"])
+        self.dataset = str(raw.get("dataset", ""))
+        self.records = str(raw.get("records", "results/runs.jsonl"))
+        self.report = str(raw.get("report", "RESULTS.md"))
+        self.seeds = [int(s) for s in raw.get("seeds", [0])]
+        self.common = dict(raw.get("set") or {})
+        runs = raw["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+            raise ValueError(f"{path}: 'runs' must be a list of option mappings")
+        self.runs = [dict(r) for r in runs]
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    return SweepSpec(raw, path)
+
+
+def options_to_argv(options: dict[str, Any]) -> list[str]:
+    """``dyshuffle train`` arguments equivalent to ``options`` (field -> ``--field-name``)."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value, sort_keys=True)]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is None:
+            continue
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """A stable name of a run: its options as ``key=value`` pairs."""
+    return ",".join(f"{k}={json.dumps(run[k], sort_keys=True)}" for k in sorted(run)) or "base"
+
+
+def _method_options(cfg_run: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in cfg_run.items():
+        if key in MODEL_KEYS or key in PLUMBING_KEYS or key == "seed":
+            continue
+        if key == "mixer_kwargs":
+            options.update({f"mixer.{k}": v for k, v in value.items()})
+        else:
+            options[key] = value
+    return options
+
+
+def _done(records_path: Path, sweep: str) -> set[tuple[str, int]]:
+    if not records_path.exists():
+        return set()
+    return {
+        (r.get("run"), int(r["seed"]))
+        for r in read_records([records_path])
+        if r.get("sweep") == sweep
+    }
+
+
+def write_report(report: str | Path, record_files: list[Path]) -> Path:
+    """Regenerate the markdown report from every record file."""
+    files = [p for p in record_files if p.exists()]
+    text = render_results(read_records(files), [str(p) for p in files])
+    report = Path(report)
+    tmp = report.with_suffix(report.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(report)
+    return report
+
+
+def run_sweep(
+    spec: SweepSpec,
+    seeds: list[int] | None = None,
+    extra: dict[str, Any] | None = None,
+    output_root: str | Path = "runs/sweeps",
+    dry_run: bool = False,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Train every run x seed of ``spec`` not yet recorded; return the new records."""
+    from .train.config import resolve_config
+    from .train.engine import train
+
+    records_path = Path(spec.records)
+    done = set() if force else _done(records_path, spec.name)
+    new: list[dict[str, Any]] = []
+    for run in spec.runs:
+        label = run_label(run)
+        for seed in seeds if seeds is not None else spec.seeds:
+            if (label, seed) in done:
+                print(f"[sweep] {spec.name}: {label} seed {seed} already recorded, skipped")
+                continue
+            out = Path(output_root) / spec.name / label.replace("/", "_")[:120] / f"seed{seed}"
+            options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
+            argv = ["--config", spec.base, *options_to_argv(options)]
+            command = shlex.join(["dyshuffle", "train", *argv])
+            print(f"[sweep] {command}", flush=True)
+            if dry_run:
+                continue
+            cli = {k: v for k, v in options.items() if v is not None}
+            cfg = resolve_config(cli, spec.base)
+            result = train(cfg, command=command).results
+            record = {
+                "sweep": spec.name,
+                "run": label,
+                "dataset": spec.dataset or cfg.data,
+                "model": cfg.model,
+                "mixer": cfg.mixer,
+                "pointwise": cfg.pointwise,
+                "options": _method_options({**spec.common, **run}),
+                "recipe": Path(spec.base).name,
+                "seed": seed,
+                "epochs": cfg.epochs,
+                "top1_hard": result["top1"],
+                "top1_soft": result.get("top1_soft"),
+                "top5": result["top5"],
+                "params": result["params"],
+                "macs": result["macs"],
+                "train_seconds": result["train_seconds"],
+                "train_images_per_second": result.get("images_per_s"),
+                "device": result["device"],
+                "amp": cfg.amp,
+                "batch_size": cfg.batch_size,
+                "torch": result.get("torch"),
+                "commit": result.get("commit"),
+                "command": command,
+            }
+            append_record(records_path, record)
+            write_report(spec.report, sorted(records_path.parent.glob("*_runs.jsonl")))
+            new.append(record)
+    return new
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dyshuffle sweep",
+        description="Run configurations x seeds from a sweep file; record each run; rebuild "
+        "the results report.",
+    )
+    parser.add_argument("spec", nargs="?", help="sweep file (YAML), e.g. sweeps/cifar10_cpu.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a train option for every run (repeatable), e.g. --set data_dir=PATH",
+    )
+    parser.add_argument("--output-root", default="runs/sweeps", help="parent of the run folders")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--force", action="store_true", help="rerun runs already recorded")
+    parser.add_argument(
+        "--report", action="store_true", help="only regenerate the report from the records"
+    )
+    parser.add_argument(
+        "--records", nargs="+", help="record files for --report (default: results/*_runs.jsonl)"
+    )
+    parser.add_argument("--output", default="RESULTS.md", help="report path for --report")
+    args = parser.parse_args(argv)
+    try:
+        if args.report:
+            files = [Path(p) for p in args.records] if args.records else None
+            files = files or sorted(Path("results").glob("*_runs.jsonl"))
+            print(f"wrote {write_report(args.output, files)} from {len(files)} record file(s)")
+            return 0
+        if not args.spec:
+            parser.error("give a sweep file, or --report")
+        spec = load_spec(args.spec)
+        new = run_sweep(
+            spec,
+            seeds=args.seeds,
+            extra=_parse_set(args.overrides),
+            output_root=args.output_root,
+            dry_run=args.dry_run,
+            force=args.force,
+        )
+    except ValueError as e:
+        print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[sweep] {len(new)} new run(s) recorded in {spec.records}")
+    return 0

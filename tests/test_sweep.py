@@ -1,0 +1,88 @@
+"""``dyshuffle sweep``: runs x seeds become records, the report is rebuilt, reruns are skipped."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from dyshuffle.sweep import load_spec, main, options_to_argv, run_label
+from dyshuffle.train.config import add_config_arguments, build_parser, resolve_config
+
+
+def test_options_to_argv_round_trips_through_the_train_parser():
+    options = {
+        "mixer": "dynamic",
+        "mixer_kwargs": {"shared": False, "tau": 0.5},
+        "channels_last": True,
+        "tensorboard": False,
+        "epochs": 3,
+        "betas": [0.9, 0.99],
+    }
+    parser = build_parser("t", "t")
+    add_config_arguments(parser)
+    parsed = vars(parser.parse_args(options_to_argv(options)))
+    cfg = resolve_config(parsed)
+    for key, value in options.items():
+        assert getattr(cfg, key) == value, key
+
+
+def test_run_label_is_order_independent():
+    assert run_label({"a": 1, "b": {"y": 2, "x": 1}}) == run_label({"b": {"x": 1, "y": 2}, "a": 1})
+
+
+def test_sweep_records_runs_and_skips_recorded_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump(
+            dict(
+                data="digits",
+                epochs=1,
+                batch_size=64,
+                train_subset=256,
+                val_subset=128,
+                progress=False,
+                tensorboard=False,
+                threads=1,
+            )
+        )
+    )
+    spec = dict(
+        name="tiny",
+        base="base.yaml",
+        dataset="digits",
+        records="results/digits_runs.jsonl",
+        report="RESULTS.md",
+        seeds=[0],
+        runs=[{"mixer": "shuffle"}, {"mixer": "dynamic", "mixer_kwargs": {"mode": "soft"}}],
+    )
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    assert load_spec("sweep.yaml").seeds == [0]
+    assert main(["sweep.yaml"]) == 0
+    lines = (tmp_path / "results/digits_runs.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["mixer"] for r in records] == ["shuffle", "dynamic"]
+    dyn = records[1]
+    assert dyn["options"] == {"mixer.mode": "soft"}
+    assert dyn["top1_soft"] is not None and records[0]["top1_soft"] is None
+    assert dyn["macs"] > records[0]["macs"]  # the generators are counted
+    for r in records:
+        assert 0.0 <= r["top1_hard"] <= 100.0 and r["command"].startswith("dyshuffle train")
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| dynamic |" in report and "| shuffle |" in report and "mixer.mode=soft" in report
+    # a second call finds both runs recorded and trains nothing
+    capsys.readouterr()
+    assert main(["sweep.yaml"]) == 0
+    assert "already recorded" in capsys.readouterr().out
+    assert len((tmp_path / "results/digits_runs.jsonl").read_text().splitlines()) == 2
+    # the report alone is regenerated from the records
+    (tmp_path / "RESULTS.md").unlink()
+    assert main(["--report"]) == 0
+    assert (tmp_path / "RESULTS.md").read_text() == report
+
+
+def test_bad_sweep_file_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "base": "b.yaml", "runs": [], "sed": [1]}))
+    assert main([str(bad)]) == 2
+    assert "unknown sweep keys ['sed']" in capsys.readouterr().err
