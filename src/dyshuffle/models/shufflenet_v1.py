@@ -125,6 +125,7 @@ class ShuffleNetV1(ClassifierModel):
         mixer: channel mixer after the first 1x1 convolution of each unit (name or callable).
         pointwise: only ``"conv"`` (the grouped 1x1 convolutions stay).
         in_chans: input channels.
+        pointwise_kwargs: must be empty (no static-dynamic shuffles here).
         **mixer_kwargs: keywords of the mixer.
     """
 
@@ -138,14 +139,15 @@ class ShuffleNetV1(ClassifierModel):
         mixer: str | Callable[..., nn.Module] = "shuffle",
         pointwise: str = "conv",
         in_chans: int = 3,
+        pointwise_kwargs: dict[str, Any] | None = None,
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
-        if pointwise != "conv":
+        if pointwise != "conv" or pointwise_kwargs:
             raise ValueError(
                 f"ShuffleNetV1 supports pointwise='conv' only (its 1x1 convolutions are grouped), "
-                f"got {pointwise!r}"
+                f"got pointwise={pointwise!r}, pointwise_kwargs={pointwise_kwargs!r}"
             )
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")

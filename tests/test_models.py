@@ -1,0 +1,415 @@
+"""Model zoo: registry, torchvision equivalence, every model x mixer trains, compile, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dyshuffle.layers import (
+    ChannelShuffle,
+    DynamicShuffle,
+    IdentityMixer,
+    LearnedShuffle,
+    StaticDynamicShuffle,
+    list_mixers,
+    orthogonal_loss,
+)
+from dyshuffle.models import (
+    MobileNetV2,
+    ShuffleNetV1,
+    ShuffleNetV2,
+    ShuffleV1Unit,
+    create_model,
+    list_models,
+    register_model,
+    register_timm_models,
+)
+from dyshuffle.models.mobilenet_v2 import MOBILENET_V2_SETTINGS
+from dyshuffle.models.shufflenet_v1 import _create_shufflenet_v1, shufflenet_v1_channels
+from dyshuffle.models.shufflenet_v2 import (
+    SHUFFLENET_V2_WIDTHS,
+    InvertedResidual,
+    _create_shufflenet_v2,
+)
+
+MIXERS = list_mixers()
+MOBILENET_MIXERS = ("shuffle", "none")
+TORCHVISION_V2_PARAMS = {
+    "shufflenet_v2_x0_5": 1_366_792,
+    "shufflenet_v2_x1_0": 2_278_604,
+    "shufflenet_v2_x1_5": 3_503_624,
+    "shufflenet_v2_x2_0": 7_393_996,
+}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_mixer_cases() -> list[tuple[str, str, str]]:
+    cases = []
+    for name in list_models():
+        mixers = MOBILENET_MIXERS if name == "mobilenet_v2" else MIXERS
+        cases += [(name, mixer, "conv") for mixer in mixers]
+    cases += [("shufflenet_v2_x0_5", mixer, "sds") for mixer in MIXERS]
+    cases += [("mobilenet_v2", "shuffle", "sds")]
+    return cases
+
+
+# -- registry ---------------------------------------------------------------------------------
+def test_registry_names_and_patterns():
+    names = list_models()
+    assert len(names) == 1 + 4 + 5 * 4
+    assert names == sorted(names)
+    assert list_models("shufflenet_v2_*") == [
+        "shufflenet_v2_x0_5",
+        "shufflenet_v2_x1_0",
+        "shufflenet_v2_x1_5",
+        "shufflenet_v2_x2_0",
+    ]
+    assert list_models("shufflenet_v1_g3_*") == [f"shufflenet_v1_g3_x{w}" for w in WIDTH_TAGS]
+    assert len(list_models("shufflenet_v1_*_x1_0")) == 5
+    assert list_models("mobilenet*") == ["mobilenet_v2"]
+    assert list_models("resnet*") == []
+
+
+WIDTH_TAGS = ("0_5", "1_0", "1_5", "2_0")
+
+
+def test_duplicate_registration_raises():
+    def shufflenet_v2_x1_0(**kwargs):  # same name as a registered builder
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(shufflenet_v2_x1_0)
+    assert create_model("shufflenet_v2_x1_0", num_classes=3).num_classes == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "shufflenet_v3"}, r"unknown model 'shufflenet_v3'.*shufflenet_v2_x0_5"),
+        ({"name": "shufflenet_v2_x0_75"}, r"unknown model.*shufflenet_v2_x1_0"),
+        ({"name": "shufflenet_v2_x1_0", "mixer": "magic"}, r"unknown mixer 'magic'.*dynamic"),
+        ({"name": "shufflenet_v1_g3_x1_0", "mixer": 3}, r"mixer must be.*shuffle"),
+        ({"name": "shufflenet_v2_x1_0", "stem": "cifar10"}, r"unknown stem 'cifar10'.*'cifar'"),
+        ({"name": "mobilenet_v2", "pointwise": "dense"}, r"unknown pointwise 'dense'.*'sds'"),
+        ({"name": "shufflenet_v2_x1_0", "num_classes": -1}, r"num_classes"),
+        ({"name": "shufflenet_v2_x1_0", "in_chans": 0}, r"in_chans"),
+        ({"name": "shufflenet_v1_g3_x1_0", "pointwise": "sds"}, r"pointwise='conv' only"),
+        ({"name": "mobilenet_v2", "mixer": "dynamic"}, r"no channel shuffle.*'shuffle', 'none'"),
+        ({"name": "mobilenet_v2", "tau": 0.5}, r"no mixer to take the options \['tau'\]"),
+        ({"name": "shufflenet_v2_x0_5", "mixer": "shuffle", "tau": 0.5}, r"takes no options"),
+        ({"name": "shufflenet_v2_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"pointwise='sds'"),
+        ({"name": "shufflenet_v1_g3_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"'conv' only"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(**kwargs)
+
+
+def test_bad_width_and_groups_raise_value_error():
+    with pytest.raises(ValueError, match=r"width 0.75; valid: 0.5, 1.0, 1.5, 2.0"):
+        _create_shufflenet_v2(0.75)
+    with pytest.raises(ValueError, match=r"width 3.0; valid: 0.5, 1.0, 1.5, 2.0"):
+        _create_shufflenet_v1(3, 3.0)
+    with pytest.raises(ValueError, match=r"groups 5; valid: 1, 2, 3, 4, 8"):
+        _create_shufflenet_v1(5, 1.0)
+    with pytest.raises(ValueError, match=r"groups=3 does not divide the 7 bottleneck"):
+        ShuffleV1Unit(30, 30, 1, groups=3)
+    with pytest.raises(ValueError, match=r"groups=3 does not divide the 80 input"):
+        ShuffleV1Unit(80, 80, 1, groups=3)
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        InvertedResidual(48, 48, 3)
+
+
+# -- torchvision equivalence --------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(TORCHVISION_V2_PARAMS))
+def test_shufflenet_v2_parameter_count_equals_torchvision(name):
+    model = create_model(name)
+    tv = getattr(torchvision.models, name)(weights=None)
+    assert n_params(model) == TORCHVISION_V2_PARAMS[name] == n_params(tv)
+    # the same modules under the same names
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in tv.state_dict().items()
+    }
+
+
+def test_shufflenet_v2_x1_0_logits_equal_torchvision():
+    torch.manual_seed(0)
+    tv = torchvision.models.shufflenet_v2_x1_0(weights=None)
+    with torch.no_grad():  # non-trivial BN statistics so that eval uses them
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    model = create_model("shufflenet_v2_x1_0")
+    model.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), tv.eval()(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_mobilenet_v2_equals_torchvision():
+    model = create_model("mobilenet_v2")
+    tv = torchvision.models.mobilenet_v2(weights=None)
+    assert n_params(model) == n_params(tv) == 3_504_872
+    state = {k.replace("classifier.1.", "fc."): v for k, v in tv.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), tv.eval()(x), rtol=0, atol=0)
+
+
+# -- structure: where the mixer and the SDS layers go ----------------------------------------------
+def test_shufflenet_v2_mixer_after_every_unit_with_kwargs():
+    model = create_model("shufflenet_v2_x1_0", mixer="dynamic", mode="soft", tau=0.5)
+    units = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    assert len(units) == 4 + 8 + 4
+    widths = [116] * 4 + [232] * 8 + [464] * 4
+    assert [u.mixer.channels for u in units] == widths
+    assert all(type(u.mixer) is DynamicShuffle for u in units)
+    assert all(u.mixer.mode == "soft" and u.mixer.tau == 0.5 for u in units)
+    assert sum(isinstance(m, DynamicShuffle) for m in model.modules()) == 16
+    fixed = create_model("shufflenet_v2_x1_0")
+    assert all(isinstance(u.mixer, ChannelShuffle) and u.mixer.groups == 2 for u in fixed.modules()
+               if isinstance(u, InvertedResidual))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
+def test_shufflenet_v1_mixer_after_first_pointwise(groups):
+    model = create_model(f"shufflenet_v1_g{groups}_x1_0")
+    units = [m for m in model.modules() if isinstance(m, ShuffleV1Unit)]
+    assert len(units) == 16
+    base = {1: 144, 2: 200, 3: 240, 4: 272, 8: 384}[groups]
+    assert model.stage_channels == (24, base, 2 * base, 4 * base)
+    for i, u in enumerate(units):
+        assert isinstance(u.mixer, ChannelShuffle) and u.mixer.groups == groups
+        # the first 1x1 conv is grouped except in the very first unit; the last always is
+        assert u.conv1[0].groups == (1 if i == 0 else groups)
+        assert u.conv3[0].groups == groups
+        assert u.conv1[0].out_channels == u.conv3[0].in_channels  # the mixer keeps the width
+    learned = create_model(f"shufflenet_v1_g{groups}_x1_0", mixer="learned", stem="cifar")
+    mixers = [u.mixer for u in learned.modules() if isinstance(u, ShuffleV1Unit)]
+    assert all(type(m) is LearnedShuffle for m in mixers)
+    assert [m.channels for m in mixers] == [base // 4] * 4 + [base // 2] * 8 + [base] * 4
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("width", [0.5, 1.0, 1.5, 2.0])
+def test_shufflenet_v1_channels_divide_their_groups(groups, width):
+    stem, *stages = shufflenet_v1_channels(groups, width)
+    assert stem % groups == 0 and all(c % (4 * groups) == 0 for c in stages)
+    assert stages[1] == 2 * stages[0] and stages[2] == 4 * stages[0]
+    base = {1: 144, 2: 200, 3: 240, 4: 272, 8: 384}[groups] * width
+    assert abs(stages[0] - base) <= 2 * groups  # the nearest multiple of 4 g
+    assert abs(stem - 24 * width) <= groups / 2
+
+
+def test_shufflenet_v2_sds_replaces_every_branch_pointwise():
+    model = create_model("shufflenet_v2_x1_0", pointwise="sds", pointwise_kwargs={"mode": "soft"})
+    sds = [m for m in model.modules() if isinstance(m, StaticDynamicShuffle)]
+    assert len(sds) == 16 * 2 + 3  # two per unit, one more in each down-sampling branch
+    assert all(m.permute.mode == "soft" for m in sds)
+    rect = [(m.in_channels, m.out_channels) for m in sds if not m.square]
+    assert rect == [(24, 58)] * 2  # both branches of the first unit change the width
+    for unit in (m for m in model.modules() if isinstance(m, InvertedResidual)):
+        convs = [c for c in unit.modules() if isinstance(c, nn.Conv2d)]
+        assert all(c.groups == c.in_channels and c.kernel_size == (3, 3) for c in convs)
+    # conv5 (1x1, outside the branches) and the stem stay convolutions
+    assert isinstance(model.conv5[0], nn.Conv2d) and model.conv5[0].kernel_size == (1, 1)
+    assert n_params(model) < n_params(create_model("shufflenet_v2_x1_0"))
+
+
+def test_mobilenet_v2_sds_replaces_block_pointwise():
+    model = create_model("mobilenet_v2", pointwise="sds")
+    sds = [m for m in model.modules() if isinstance(m, StaticDynamicShuffle)]
+    assert len(sds) == 1 + 2 * 16  # first block has no expansion
+    assert all(not m.square for m in sds)  # every MobileNetV2 1x1 changes the width
+    pointwise = [
+        m for m in model.features[1:-1].modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    ]
+    assert pointwise == []
+    static = create_model("mobilenet_v2", pointwise="sds", pointwise_kwargs={"dynamic": False})
+    assert not any(isinstance(m, DynamicShuffle) for m in static.modules())
+    assert n_params(static) < n_params(model) < n_params(create_model("mobilenet_v2"))
+
+
+def test_mobilenet_v2_mixer_none_is_the_same_network():
+    a = create_model("mobilenet_v2", mixer="none", stem="cifar")
+    b = create_model("mobilenet_v2", mixer="shuffle", stem="cifar")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
+
+
+# -- stems and the model interface --------------------------------------------------------------
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5", "mobilenet_v2"])
+def test_stems_output_resolution(name):
+    cifar = create_model(name, num_classes=10, stem="cifar", in_chans=1).eval()
+    imagenet = create_model(name, num_classes=10, stem="imagenet").eval()
+    with torch.no_grad():
+        assert cifar.forward_features(torch.randn(1, 1, 32, 32)).shape[-2:] == (4, 4)
+        assert cifar.forward_features(torch.randn(1, 1, 64, 64)).shape[-2:] == (8, 8)
+        assert imagenet.forward_features(torch.randn(1, 3, 224, 224)).shape[-2:] == (7, 7)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in cifar.modules())
+
+
+@pytest.mark.parametrize(
+    ("name", "mixer"),
+    [("shufflenet_v2_x0_5", "dynamic"), ("shufflenet_v1_g8_x0_5", "learned"),
+     ("mobilenet_v2", "none")],
+)
+def test_model_interface(name, mixer):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, stem="cifar", mixer=mixer).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (3, model.num_features, 4, 4)
+        logits = model(x)
+        torch.testing.assert_close(logits, model.forward_head(feats), rtol=0, atol=0)
+        pre = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pre, feats.mean(dim=(2, 3)))
+        torch.testing.assert_close(logits, model.get_classifier()(pre))
+    assert logits.shape == (3, 7)
+    model.reset_classifier(4)
+    assert model.num_classes == 4 and model.model_args["num_classes"] == 4
+    assert model(x).shape == (3, 4)
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity)
+    assert model(x).shape == (3, model.num_features)
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-2)
+
+
+def test_model_args_rebuild_the_model():
+    kwargs = dict(num_classes=5, stem="cifar", mixer="dynamic", pointwise="sds", in_chans=1,
+                  mode="soft", tau=0.7, pointwise_kwargs={"reduction": 2})
+    model = create_model("shufflenet_v2_x0_5", **kwargs)
+    assert model.model_args == {"name": "shufflenet_v2_x0_5", **kwargs}
+    rebuilt = create_model(**model.model_args)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x), rtol=0, atol=0)
+    for name in list_models():
+        assert create_model(name, num_classes=2, stem="cifar").model_args == {
+            "name": name, "num_classes": 2, "stem": "cifar", "mixer": "shuffle",
+            "pointwise": "conv", "in_chans": 3,
+        }
+
+
+def test_callable_mixer_and_builders_decide_no_device_or_dtype():
+    seen = []
+
+    def mixer(channels, **kwargs):
+        seen.append(channels)
+        return IdentityMixer()
+
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer=mixer)
+    assert seen == [48] * 4 + [96] * 8 + [192] * 4
+    assert {p.dtype for p in model.parameters()} == {torch.get_default_dtype()}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert all(m.training for m in model.modules())
+
+
+# -- every model x every mixer ---------------------------------------------------------------
+@pytest.mark.parametrize(("name", "mixer", "pointwise"), model_mixer_cases())
+def test_every_model_and_mixer_trains(name, mixer, pointwise):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, stem="cifar", mixer=mixer, pointwise=pointwise)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    loss = F.cross_entropy(logits, torch.tensor([1, 7])) + 0.1 * orthogonal_loss(model)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} has no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(x)).all()
+
+
+def shallow_model(kind: str, mixer: str, pointwise: str) -> nn.Module:
+    """A registered architecture with one unit per stage (the same code, a quarter of the graph)."""
+    if kind == "mobilenet_v2":
+        settings = [(t, c, 1, s) for t, c, _, s in MOBILENET_V2_SETTINGS]
+        return MobileNetV2(settings, 10, "cifar", mixer, pointwise)
+    return ShuffleNetV2((1, 1, 1), SHUFFLENET_V2_WIDTHS[0.5], 10, "cifar", mixer, pointwise)
+
+
+def assert_compiled_equals_eager(model: nn.Module) -> None:
+    torch._dynamo.reset()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    # aot_eager: dynamo capture (one graph, no breaks) and AOT autograd tracing; inductor's C++
+    # code generation costs minutes per model on the 2-core CI machine
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
+def test_compile_equals_eager(name):
+    torch.manual_seed(0)
+    assert_compiled_equals_eager(create_model(name, num_classes=10, stem="cifar", mixer="dynamic"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "mixer", "pointwise"),
+    [("shufflenet_v2", m, "conv") for m in MIXERS if m != "dynamic"]
+    + [("shufflenet_v2", "none", "sds"), ("mobilenet_v2", "shuffle", "sds")],
+)
+def test_compile_equals_eager_every_mixer(kind, mixer, pointwise):
+    torch.manual_seed(0)
+    assert_compiled_equals_eager(shallow_model(kind, mixer, pointwise))
+
+
+# -- timm -------------------------------------------------------------------------------------
+def test_timm_creates_our_models():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("shufflenet_v2_x1_0", num_classes=10, stem="cifar", mixer="dynamic")
+    assert isinstance(model, ShuffleNetV2)
+    assert model.model_args["mixer"] == "dynamic" and model.num_classes == 10
+    assert isinstance(timm.create_model("shufflenet_v1_g3_x0_5"), ShuffleNetV1)
+    assert isinstance(timm.create_model("mobilenet_v2", pointwise="sds"), MobileNetV2)
+    assert set(list_models()) <= set(timm.list_models())
+    assert not isinstance(timm.create_model("mobilenetv2_035"), MobileNetV2)  # timm's own
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("shufflenet_v2_x0_5", pretrained=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overwriting" warning: known names are skipped
+        assert register_timm_models() == []
+
+
+def test_timm_registration_without_timm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # makes "import timm" raise ImportError
+    monkeypatch.setitem(sys.modules, "timm.models", None)
+    assert register_timm_models() == []
+
+
+def test_timm_imported_after_dyshuffle():
+    pytest.importorskip("timm")
+    code = (
+        "import sys, dyshuffle.models\n"
+        "assert 'timm' not in sys.modules\n"
+        "import timm\n"
+        "m = timm.create_model('shufflenet_v2_x0_5', num_classes=3)\n"
+        "print(type(m).__name__, m.num_classes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ShuffleNetV2", "3"]
