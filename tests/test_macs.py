@@ -135,3 +135,24 @@ def test_count_has_no_side_effects_and_scales_with_batch():
 def test_bad_input_size_raises(size):
     with pytest.raises(ValueError, match="input_size"):
         count_macs(nn.Conv2d(3, 3, 1), size)
+
+
+def test_model_table_command(tmp_path):
+    from dyshuffle.tools.model_table import main
+
+    out = tmp_path / "MODELS.md"
+    assert main(["--models", "shufflenet_v2_x0_5", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "dyshuffle table --models 'shufflenet_v2_x0_5'" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `shufflenet_v2_x0_5` | conv")]
+    assert len(rows) == 4  # params and MACs, two stems
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2] == "1.367"  # torchvision's 1,366,792 parameters, fixed shuffle
+    fixed = create_model("shufflenet_v2_x0_5", mixer="shuffle")
+    dynamic = create_model("shufflenet_v2_x0_5", mixer="dynamic")
+    overhead = 100 * (count_params(dynamic) / count_params(fixed) - 1)
+    assert cells[7] == f"{overhead:+.2f}%"
+    assert main(["--models", "shufflenet_v2_x0_5", "--output", str(out), "--check"]) == 0
+    out.write_text(text.replace("1.367", "1.368"))
+    assert main(["--models", "shufflenet_v2_x0_5", "--output", str(out), "--check"]) == 1
+    assert main(["--models", "resnet*", "--output", str(out)]) == 2

@@ -1,0 +1,1 @@
+"""Documentation tools: ``dyshuffle table`` (parameters and MACs of every model and mixer)."""
