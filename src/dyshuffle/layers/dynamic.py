@@ -24,6 +24,7 @@ from .permutation import (
     choose_groups,
     closest_permutation,
     compose_index,
+    factor_index_tables,
     invert_permutation,
     permutation_table,
     permute_channels,
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 ASSIGNMENTS = ("auto", "exact", "greedy")
+#: largest joint index table (entries) a layer with shared factors keeps (8 MiB of int64)
+JOINT_TABLE_MAX = 2**20
 
 
 def orthogonality(m: Tensor) -> Tensor:
@@ -74,51 +77,128 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
     return y.reshape(n, -1, h, w)
 
 
+class _SpatialMean(torch.autograd.Function):
+    """``x.mean((2, 3))`` whose backward is a broadcast view, not a materialized feature map.
+
+    Autograd's own backward divides the expanded gradient, writing a full ``(N, C, H, W)``
+    tensor; here the small ``(N, C)`` gradient is divided first and then expanded (stride 0), so
+    adding it to the gather's input gradient is the only full-size pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.shape = x.shape
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        n, c, h, w = ctx.shape
+        return (g / (h * w))[:, :, None, None].expand(n, c, h, w)
+
+
+def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared: bool) -> Tensor:
+    """``H[n, g, u, v] = sum_{pixels} gy[n, slot u of group g] * y[n, slot v of group g]``.
+
+    Slot ``u`` of group ``g`` is channel ``u * G + g`` with the cross-group shuffle and
+    ``g * m + u`` without. With shared factors the groups are summed too (``g`` has size 1).
+    The contraction is arranged so that both operands are views of the feature maps (no copies)
+    in the common cases: NCHW, and channels_last with shared factors.
+
+    Returns:
+        ``(N, G or 1, m, m)``.
+    """
+    n, c, h, w = gy.shape
+    p = h * w
+    channels_last = gy.is_contiguous(memory_format=torch.channels_last) and not gy.is_contiguous()
+    same = gy.stride() == y.stride()
+    if same and channels_last and shared:
+        gr = gy.permute(0, 2, 3, 1).reshape(n * p, c)  # views: (N*P, C) rows of pixels
+        yr = y.permute(0, 2, 3, 1).reshape(n * p, c)
+        if cross:  # channel u * G + g: per pixel an (m, G) matrix
+            gram = torch.bmm(gr.view(n * p, m, groups), yr.view(n * p, m, groups).transpose(1, 2))
+            return gram.view(n, p, m, m).sum(1).unsqueeze(1)
+        # channel g * m + u: (P * G, m) rows per sample
+        gram = torch.bmm(gr.view(n, p * groups, m).transpose(1, 2), yr.view(n, p * groups, m))
+        return gram.unsqueeze(1)
+    if same and gy.is_contiguous():
+        if cross:  # (N, m, G * P)
+            if shared:
+                k = groups * p
+                gram = torch.bmm(gy.view(n, m, k), y.view(n, m, k).transpose(1, 2))
+                return gram.unsqueeze(1)
+        else:  # (N * G, m, P)
+            gram = torch.bmm(gy.view(n * groups, m, p), y.view(n * groups, m, p).transpose(1, 2))
+            gram = gram.view(n, groups, m, m)
+            return gram.sum(1, keepdim=True) if shared else gram
+    # any other layout: one einsum on (N, m, G, P) views
+    def grid(t: Tensor) -> Tensor:
+        if cross:
+            return t.unflatten(1, (m, groups)).flatten(3)
+        return t.unflatten(1, (groups, m)).flatten(3).transpose(1, 2)
+
+    if shared:
+        return torch.einsum("nugp,nvgp->nuv", grid(gy), grid(y)).unsqueeze(1)
+    return torch.einsum("nugp,nvgp->nguv", grid(gy), grid(y))
+
+
 class _KroneckerSTE(torch.autograd.Function):
     """Forward with the hard permutation (one gather), backward through the soft factors.
 
     With ``Y = A X B^T`` per group and pixel and ``A``, ``B`` at their hard values,
     ``dL/dA[i, k] = sum gY[i, j] Y[alpha^-1[k], j]`` and
     ``dL/dB[j, l] = sum gY[i, j] Y[i, beta^-1[l]]``: the factor gradients need only the output and
-    its gradient, and the input gradient is the inverse gather.
+    its gradient (both contracted in one small Gram matrix per sample, see :func:`_factor_gram`),
+    and the input gradient is the inverse gather.
     """
 
     @staticmethod
-    def forward(ctx, x, a_soft, b_soft, idx, alpha, beta, groups, cross):  # type: ignore[override]
+    def forward(ctx, x, a_soft, b_soft, idx, ainv, binv, groups, cross):  # type: ignore[override]
         y = _gather_channels(x, idx)
-        ctx.save_for_backward(y, idx, alpha, beta)
+        ctx.save_for_backward(y, idx, ainv, binv)
         ctx.groups, ctx.cross = groups, cross
         ctx.shapes = (a_soft.shape, b_soft.shape)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        y, idx, alpha, beta = ctx.saved_tensors
+        y, idx, ainv, binv = ctx.saved_tensors
         groups, a_shape, b_shape = ctx.groups, ctx.shapes[0], ctx.shapes[1]
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = _gather_channels(gy, invert_permutation(idx))
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            a, b = alpha.shape[-1], beta.shape[-1]
-
-            def grid(t: Tensor) -> Tensor:  # (N, C, H, W) -> (N, a, b, G, P)
-                if ctx.cross:  # channel m * G + g, m = i * b + j
-                    return t.unflatten(1, (a, b, groups)).flatten(-2)
-                return t.unflatten(1, (groups, a, b)).flatten(-2).permute(0, 2, 3, 1, 4)
-
-            gy5, y5 = grid(gy), grid(y)
+            a, b = ainv.shape[-1], binv.shape[-1]
             shared = a_shape[1] == 1
-            g = "" if shared else "g"
-            s = torch.einsum(f"nijgp,nkjgp->n{g}ik", gy5, y5)
-            t = torch.einsum(f"nijgp,nilgp->n{g}jl", gy5, y5)
-            if shared:
-                s, t = s.unsqueeze(1), t.unsqueeze(1)
+            gram = _factor_gram(gy, y, groups, a * b, ctx.cross, shared)  # (N, Gf, ab, ab)
+            gram = gram.unflatten(-1, (a, b)).unflatten(-3, (a, b))  # (N, Gf, a, b, a, b)
+            s = gram.diagonal(dim1=-3, dim2=-1).sum(-1)  # sum_j H[i, j, k, j]: (N, Gf, a, a)
+            t = gram.diagonal(dim1=-4, dim2=-2).sum(-1)  # sum_i H[i, j, i, l]: (N, Gf, b, b)
             if a_shape[0] == 1 and s.shape[0] != 1:  # one permutation for the batch
                 s, t = s.sum(0, keepdim=True), t.sum(0, keepdim=True)
-            ainv, binv = invert_permutation(alpha), invert_permutation(beta)
             ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
             gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
         return gx, ga, gb, None, None, None, None, None
+
+
+def _pooled(x: Tensor, training: bool) -> Tensor:
+    """The descriptor ``mean_{H,W}(x)``, ``(N, C)`` (with the light backward in training)."""
+    if training and x.requires_grad and torch.is_grad_enabled():
+        return _SpatialMean.apply(x)
+    return x.mean(dim=(2, 3))
+
+
+def _table_argmax(m: Tensor, onehot: Tensor) -> Tensor:
+    """Row of the table nearest to each matrix: ``argmax_k <m, P_k>`` (the first on ties).
+
+    Args:
+        m: ``(N, Gf, a, a)`` matrices.
+        onehot: ``(K, a * a)`` flattened permutation matrices of the ``K`` candidates.
+
+    Returns:
+        ``(N, Gf)`` LongTensor of candidate rows.
+    """
+    scores = m.detach().flatten(-2) @ onehot.to(m.dtype).T  # (N, Gf, K)
+    return scores.argmax(dim=-1)
 
 
 class DynamicShuffle(nn.Module):
@@ -182,13 +262,29 @@ class DynamicShuffle(nn.Module):
         self.last_orthogonal_loss: Tensor | None = None
         #: which matrices ``eval()`` applies: ``"hard"`` (the deployed layer) or ``"soft"``
         self.eval_permutation = "hard"
+        # exact binarization: every candidate permutation of each factor, scored in one lookup
         for name, size in (("a", self.a), ("b", self.b)):
-            use_table = size > 1 and (
-                assignment == "exact" or (assignment == "auto" and size <= EXACT_ASSIGNMENT_MAX)
+            use_table = assignment == "exact" or (
+                assignment == "auto" and size <= EXACT_ASSIGNMENT_MAX
             )
             perms, onehot = permutation_table(size) if use_table else (None, None)
             self.register_buffer(f"_perms_{name}", perms, persistent=False)
             self.register_buffer(f"_onehot_{name}", onehot, persistent=False)
+            inv = None if perms is None else invert_permutation(perms)
+            self.register_buffer(f"_inv_{name}", inv, persistent=False)
+        # shared factors: the composed (N, C) index is TA[choice_a] + TB[choice_b]
+        tables = None
+        if self.shared and self._perms_a is not None and self._perms_b is not None:
+            tables = factor_index_tables(
+                self._perms_a, self._perms_b, self.groups, self.cross_shuffle
+            )
+        self.register_buffer("_index_a", None if tables is None else tables[0], persistent=False)
+        self.register_buffer("_index_b", None if tables is None else tables[1], persistent=False)
+        # ... or one row of the joint table TA[i] + TB[j] at row i * Nb + j, when it is small
+        joint = None
+        if tables is not None and tables[0].shape[0] * tables[1].numel() <= JOINT_TABLE_MAX:
+            joint = (tables[0][:, None, :] + tables[1][None, :, :]).flatten(0, 1)
+        self.register_buffer("_index_ab", joint, persistent=False)
         self._build_logits()
         self.reset_logits()
 
@@ -215,7 +311,7 @@ class DynamicShuffle(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """``(N, num_logits)`` logits from the pooled descriptor ``mean_{H,W}(x)``."""
-        return self.generator(x.mean(dim=(2, 3)))
+        return self.generator(_pooled(x, self.training))
 
     def factor_matrices(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
@@ -223,16 +319,64 @@ class DynamicShuffle(nn.Module):
         ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
         whose permutation does not depend on the input.
         """
-        logits = self.logits(x)
-        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)
-        la = logits[..., : self.a**2].unflatten(-1, (self.a, self.a))
-        lb = logits[..., self.a**2 :].unflatten(-1, (self.b, self.b))
-        return F.softmax(la / self.tau, dim=-1), F.softmax(lb / self.tau, dim=-1)
+        a_mat, b_mat, _ = self._softmax_factors(self.logits(x))
+        return a_mat, b_mat
+
+    def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A``, ``B`` and, when ``a == b``, the ``(N, Gf, 2, a, a)`` tensor they are views of."""
+        a, b = self.a, self.b
+        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)  # (N, Gf, a*a + b*b)
+        if self.tau != 1.0:
+            logits = logits / self.tau
+        if a == b:  # one softmax for both factors
+            both = F.softmax(logits.unflatten(-1, (2, a, a)), dim=-1)
+            return both[:, :, 0], both[:, :, 1], both
+        la = logits[..., : a * a].unflatten(-1, (a, a))
+        lb = logits[..., a * a :].unflatten(-1, (b, b))
+        return F.softmax(la, dim=-1), F.softmax(lb, dim=-1), None
+
+    def _choices(self, a_mat: Tensor, b_mat: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Rows of the permutation tables nearest to ``A`` and ``B``: two ``(N, Gf)`` indices.
+
+        ``None`` when a factor has no table (greedy binarization).
+        """
+        if self._onehot_a is None or self._onehot_b is None:
+            return None
+        return _table_argmax(a_mat, self._onehot_a), _table_argmax(b_mat, self._onehot_b)
 
     def _hard_factors(self, a_mat: Tensor, b_mat: Tensor) -> tuple[Tensor, Tensor]:
+        """Index vectors ``alpha`` ``(N, Gf, a)`` and ``beta`` ``(N, Gf, b)`` of hard factors."""
+        choice = self._choices(a_mat, b_mat)
+        if choice is not None:
+            return self._perms_a[choice[0]], self._perms_b[choice[1]]
         alpha = closest_permutation(a_mat.detach(), self.assignment, self._table("a"))
         beta = closest_permutation(b_mat.detach(), self.assignment, self._table("b"))
         return alpha, beta
+
+    def _hard_index(
+        self, a_mat: Tensor, b_mat: Tensor, inverses: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The composed ``(N, C)`` index, and the inverses of the factors when asked for."""
+        choice = self._choices(a_mat, b_mat)
+        if choice is not None and self._index_ab is not None:  # shared factors: one table row
+            row = choice[0][:, 0] * self._index_b.shape[0] + choice[1][:, 0]
+            idx = self._index_ab.index_select(0, row)
+        elif choice is not None and self._index_a is not None:  # two rows and one addition
+            idx = self._index_a.index_select(0, choice[0][:, 0])
+            idx = idx + self._index_b.index_select(0, choice[1][:, 0])
+        else:
+            if choice is not None:
+                alpha, beta = self._perms_a[choice[0]], self._perms_b[choice[1]]
+            else:
+                alpha, beta = self._hard_factors(a_mat, b_mat)
+            idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
+        if not inverses:
+            return idx, None, None
+        if choice is not None:  # (N, Gf, a) and (N, Gf, b)
+            ainv = self._inv_a.index_select(0, choice[0].flatten()).unflatten(0, choice[0].shape)
+            binv = self._inv_b.index_select(0, choice[1].flatten()).unflatten(0, choice[1].shape)
+            return idx, ainv, binv
+        return idx, invert_permutation(alpha), invert_permutation(beta)
 
     def _table(self, name: str) -> tuple[Tensor, Tensor] | None:
         perms = getattr(self, f"_perms_{name}")
@@ -245,26 +389,33 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         """
         check_input(x, self.channels, type(self).__name__)
-        a_mat, b_mat = self.factor_matrices(x)
-        idx = compose_index(*self._hard_factors(a_mat, b_mat), self.groups, self.cross_shuffle)
+        idx, _, _ = self._hard_index(*self.factor_matrices(x))
         return idx.expand(x.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.channels, type(self).__name__)
-        a_mat, b_mat = self.factor_matrices(x)
-        if self.training and torch.is_grad_enabled():
-            self.last_orthogonal_loss = orthogonality(a_mat).mean() + orthogonality(b_mat).mean()
+        grad = torch.is_grad_enabled()
+        a_mat, b_mat, both = self._softmax_factors(self.logits(x))
+        if self.training and grad:
+            if both is not None:  # mean over samples and groups, summed over the two factors
+                self.last_orthogonal_loss = orthogonality(both).mean(dim=(0, 1)).sum()
+            else:
+                self.last_orthogonal_loss = (
+                    orthogonality(a_mat).mean() + orthogonality(b_mat).mean()
+                )
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         if soft:
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
-        alpha, beta = self._hard_factors(a_mat, b_mat)
-        idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
-        if self.training and torch.is_grad_enabled() and a_mat.requires_grad:
+        ste = self.training and grad and a_mat.requires_grad
+        idx, ainv, binv = self._hard_index(a_mat, b_mat, inverses=ste)
+        if ste:
             return _KroneckerSTE.apply(
-                x, a_mat, b_mat, idx, alpha, beta, self.groups, self.cross_shuffle
+                x, a_mat, b_mat, idx, ainv, binv, self.groups, self.cross_shuffle
             )
-        return permute_channels(x, idx)
+        if grad and x.requires_grad:
+            return permute_channels(x, idx)
+        return _gather_channels(x, idx)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """MACs of this layer's work outside ``nn.Linear``/``nn.Conv2d`` modules, per batch.

@@ -23,6 +23,7 @@ __all__ = [
     "choose_groups",
     "closest_permutation",
     "compose_index",
+    "factor_index_tables",
     "factor_pair",
     "invert_permutation",
     "permutation_matrix",
@@ -200,6 +201,34 @@ def compose_index(alpha: Tensor, beta: Tensor, groups: int, cross_shuffle: bool 
     if cross_shuffle:
         idx = idx.transpose(1, 2)  # (N, n, G): output channel m * G + g reads group g, slot m
     return idx.reshape(idx.shape[0], groups * n)
+
+
+def factor_index_tables(
+    perms_a: Tensor, perms_b: Tensor, groups: int, cross_shuffle: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-choice parts of :func:`compose_index` for shared factors: ``idx = TA[i] + TB[j]``.
+
+    With shared factors, the composed channel index of the ``i``-th permutation of ``perms_a`` and
+    the ``j``-th of ``perms_b`` is ``TA[i] + TB[j]`` (``TA`` holds the group offsets and
+    ``alpha * b``, ``TB`` holds ``beta``), so a layer turns its two factor choices into the
+    ``(N, C)`` index with two lookups and one addition.
+
+    Args:
+        perms_a: ``(Na, a)`` candidate index vectors of the first factor.
+        perms_b: ``(Nb, b)`` candidate index vectors of the second factor.
+        groups: ``G``.
+        cross_shuffle: compose the cross-group shuffle.
+
+    Returns:
+        ``TA`` ``(Na, C)`` and ``TB`` ``(Nb, C)`` LongTensors, ``C = G * a * b``.
+    """
+    na, a = perms_a.shape
+    nb, b = perms_b.shape
+    zero_a = torch.zeros(nb, 1, a, dtype=torch.long, device=perms_a.device)
+    zero_b = torch.zeros(na, 1, b, dtype=torch.long, device=perms_a.device)
+    ta = compose_index(perms_a.unsqueeze(1), zero_b, groups, cross_shuffle)
+    tb = compose_index(zero_a, perms_b.unsqueeze(1), groups, cross_shuffle)
+    return ta, tb - compose_index(zero_a[:1], zero_b[:1], groups, cross_shuffle)
 
 
 def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
