@@ -126,14 +126,12 @@ RATIOS = {
     "macs": "macs_ratio",
 }
 BASELINE = "fixed"
-LAYER_VARIANTS = ("fixed", "dynamic", "static_dynamic", "conv1x1")
-MODEL_VARIANTS = ("fixed", "dynamic", "static_dynamic")
-#: model variant -> create_model keywords
-MODEL_KWARGS: dict[str, dict[str, str]] = {
-    "fixed": {"mixer": "shuffle", "pointwise": "conv"},
-    "dynamic": {"mixer": "dynamic", "pointwise": "conv"},
-    "static_dynamic": {"mixer": "shuffle", "pointwise": "sds"},
-}
+#: single-layer variants: the project's fixed shuffle, the same permutation by PyTorch's native
+#: kernel (``torch.nn.functional.channel_shuffle``, which keeps channels_last), the dynamic and
+#: static-dynamic shuffles and the 1x1 convolution that SDS replaces
+LAYER_VARIANTS = ("fixed", "fixed_native", "dynamic", "static_dynamic", "conv1x1")
+MODEL_VARIANTS = ("fixed", "fixed_native", "dynamic", "static_dynamic")
+DEFAULT_VARIANTS = LAYER_VARIANTS
 MODES = ("infer", "train")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -222,6 +220,12 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) ->
     return sum(storages.values())
 
 
+def _layout_of(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -253,6 +257,7 @@ class BenchConfig:
     seed: int = 0
     verbose: bool = True
     skip: list[str] = field(default_factory=list)
+    refs: dict[str, Any] = field(default_factory=dict)
 
 
 def _device_name(device: torch.device) -> str:
@@ -297,24 +302,107 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _build_layer(variant: str, channels: int) -> nn.Module:
-    if variant == "fixed":
+class NativeShuffle(nn.Module):
+    """The fixed channel shuffle by PyTorch's ``channel_shuffle`` kernel (keeps channels_last)."""
+
+    def __init__(self, groups: int = 2) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.channel_shuffle(x, self.groups)
+
+
+def _native_mixer(channels: int, **kwargs: Any) -> nn.Module:
+    return NativeShuffle(2)
+
+
+def load_ref_layers(commit: str) -> Any:
+    """Import ``src/dyshuffle/layers`` as it was at git ``commit``, as a separate package.
+
+    Lets ``--ref COMMIT`` time an earlier implementation of the layers side by side with the
+    current one (variants ``dynamic@COMMIT``, ``static_dynamic@COMMIT``).
+    """
+    import importlib
+    import tempfile
+
+    root = Path(__file__).resolve().parents[2]
+    listing = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", commit, "src/dyshuffle/layers"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    files = [f for f in listing.stdout.split() if f.endswith(".py")]
+    if listing.returncode or not files:
+        raise ValueError(
+            f"--ref {commit!r}: no src/dyshuffle/layers at that commit ({listing.stderr})"
+        )
+    name = "_dyshuffle_layers_" + re.sub(r"\W", "_", commit)
+    folder = Path(tempfile.mkdtemp(prefix="dyshuffle-ref-"))
+    (folder / name).mkdir()
+    for f in files:
+        text = subprocess.run(
+            ["git", "show", f"{commit}:{f}"], cwd=root, capture_output=True, check=True
+        ).stdout
+        (folder / name / Path(f).name).write_bytes(text)
+    sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+
+
+def _split_variant(variant: str, refs: dict[str, Any]) -> tuple[str, Any]:
+    """``"dynamic@abc123"`` -> ``("dynamic", layers package at abc123)``."""
+    base, _, ref = variant.partition("@")
+    if ref and ref not in refs:
+        raise ValueError(f"variant {variant!r} names ref {ref!r}, not loaded (use --ref {ref})")
+    return base, refs.get(ref)
+
+
+def _build_layer(variant: str, channels: int, refs: dict[str, Any] | None = None) -> nn.Module:
+    base, mod = _split_variant(variant, refs or {})
+    if mod is not None and base in ("dynamic", "static_dynamic"):
+        cls = mod.DynamicShuffle if base == "dynamic" else mod.StaticDynamicShuffle
+        return cls(channels)
+    if base == "fixed":
         return ChannelShuffle(2, channels)
-    if variant == "dynamic":
+    if base == "fixed_native":
+        return NativeShuffle(2)
+    if base == "dynamic":
         return DynamicShuffle(channels)
-    if variant == "static_dynamic":
+    if base == "static_dynamic":
         return StaticDynamicShuffle(channels)
-    if variant == "conv1x1":
+    if base == "conv1x1":
         return nn.Conv2d(channels, channels, 1, bias=False)
     raise ValueError(f"unknown layer variant {variant!r}; valid: {', '.join(LAYER_VARIANTS)}")
 
 
-def _build_model(variant: str, name: str, stem: str) -> nn.Module:
+def _build_model(
+    variant: str, name: str, stem: str, refs: dict[str, Any] | None = None
+) -> nn.Module:
     from dyshuffle.models import create_model
 
-    if variant not in MODEL_KWARGS:
+    base, mod = _split_variant(variant, refs or {})
+    kwargs: dict[str, Any] = {"mixer": "shuffle", "pointwise": "conv"}
+    if base == "fixed_native":
+        kwargs["mixer"] = _native_mixer
+    elif base == "dynamic":
+        kwargs["mixer"] = "dynamic" if mod is None else mod.DynamicShuffle
+    elif base == "static_dynamic":
+        if mod is not None:
+            raise ValueError(f"model variant {variant!r}: only dynamic@REF is supported")
+        kwargs["pointwise"] = "sds"
+    elif base != "fixed":
         raise ValueError(f"unknown model variant {variant!r}; valid: {', '.join(MODEL_VARIANTS)}")
-    return create_model(name, num_classes=STEM_CLASSES[stem], stem=stem, **MODEL_KWARGS[variant])
+    return create_model(name, num_classes=STEM_CLASSES[stem], stem=stem, **kwargs)
+
+
+def _ortho(variant: str, refs: dict[str, Any]) -> Callable[[nn.Module], Tensor]:
+    """The orthogonal regularizer that sees the dynamic layers of ``variant``."""
+    _, mod = _split_variant(variant, refs)
+    return orthogonal_loss if mod is None else mod.orthogonal_loss
 
 
 def _counts(module: nn.Module, input_size: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -339,8 +427,10 @@ class _Case:
         device: torch.device,
         precision: str,
         compile_mode: str,
+        ortho: Callable[[nn.Module], Tensor] = orthogonal_loss,
     ) -> None:
         self.module = module
+        self.ortho = ortho
         self.x = x
         self.device = device
         self.dtype = PRECISIONS[precision]
@@ -375,17 +465,24 @@ class _Case:
         with torch.no_grad(), self._autocast():
             self.fwd(self.x)
 
-    def _loss(self) -> Tensor:
+    def _backward(self) -> None:
+        """Forward and backward of the training objective (see the module docstring)."""
         with self._autocast():
             y = self.fwd(self.x_train)
             if self.kind == "model":
-                loss = F.cross_entropy(y.float(), self.target)
-            else:
+                out, grads = [F.cross_entropy(y.float(), self.target)], [None]
+            else:  # d<y, g>/dy = g: backpropagate g without a product and a sum
                 if self.gy is None or self.gy.shape != y.shape:
                     gen = torch.Generator(device="cpu").manual_seed(2)
                     self.gy = torch.randn(y.shape, generator=gen).to(self.device, y.dtype)
-                loss = (y * self.gy).sum()
-        return loss + ORTHO_WEIGHT * orthogonal_loss(self.module)
+                out, grads = [y], [self.gy.to(memory_format=_layout_of(y))]
+        reg = self.ortho(self.module)
+        if reg.requires_grad:
+            out, grads = [*out, ORTHO_WEIGHT * reg], [*grads, None]
+        if grads[0] is None:
+            out[0] = sum(out[1:], out[0])
+            out, grads = out[:1], None
+        torch.autograd.backward(out, grads)
 
     def train_step(self) -> None:
         self.module.train()
@@ -393,7 +490,7 @@ class _Case:
             self.opt.zero_grad(set_to_none=True)
         if self.kind != "model":
             self.x_train.grad = None
-        self._loss().backward()
+        self._backward()
         if self.opt is not None:
             self.opt.step()
 
@@ -409,7 +506,9 @@ class _Case:
         self.module.train()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
-        saved = saved_tensor_bytes(lambda: self._loss().backward(), exclude=self.params)
+        if self.kind != "model":
+            self.x_train.grad = None
+        saved = saved_tensor_bytes(self._backward, exclude=self.params)
         if self.opt is not None:
             self.opt.step()
         state = [
@@ -538,7 +637,7 @@ def run_benchmark(
             modules = {}
             for variant in cfg.layer_variants:
                 torch.manual_seed(cfg.seed)
-                module = _build_layer(variant, channels)
+                module = _build_layer(variant, channels, cfg.refs)
                 counts[variant] = _counts(module, (1, channels, size, size))
                 modules[variant] = prep(module)
             for batch in cfg.batches:
@@ -549,7 +648,7 @@ def run_benchmark(
                 x = torch.randn(batch, channels, size, size, generator=gen)
                 x = x.to(device=device).contiguous(memory_format=fmt)
                 cases = {
-                    v: _Case(m, x, "layer", device, precision, cfg.compile)
+                    v: _Case(m, x, "layer", device, precision, cfg.compile, _ortho(v, cfg.refs))
                     for v, m in modules.items()
                 }
                 base = dict(
@@ -572,7 +671,7 @@ def run_benchmark(
                 modules = {}
                 for variant in cfg.model_variants:
                     torch.manual_seed(cfg.seed)
-                    model = _build_model(variant, name, stem)
+                    model = _build_model(variant, name, stem, cfg.refs)
                     counts[variant] = _counts(model, (1, 3, res, res))
                     modules[variant] = prep(model)
                 for batch in cfg.batches:
@@ -584,7 +683,7 @@ def run_benchmark(
                     x = torch.randn(batch, 3, res, res, generator=gen)
                     x = x.to(device=device).contiguous(memory_format=fmt)
                     cases = {
-                        v: _Case(m, x, "model", device, precision, cfg.compile)
+                        v: _Case(m, x, "model", device, precision, cfg.compile, _ortho(v, cfg.refs))
                         for v, m in modules.items()
                     }
                     base = dict(
@@ -881,6 +980,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--command", default=None, help="command line to record in the markdown (default: this one)"
     )
+    p.add_argument(
+        "--ref",
+        nargs="+",
+        default=[],
+        metavar="COMMIT",
+        help="also time the layers of an earlier git commit (variants dynamic@COMMIT; needs git)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -923,10 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         batches = [b for b in batches if b <= 32] or batches[:1]
         warmup, repeats = 1, 5
-    variants = args.variants or list(LAYER_VARIANTS)
-    bad = [v for v in variants if v not in LAYER_VARIANTS]
+    refs = {ref: load_ref_layers(ref) for ref in args.ref}
+    variants = args.variants or [*DEFAULT_VARIANTS, *(f"dynamic@{ref}" for ref in refs)]
+    bad = [v for v in variants if v.partition("@")[0] not in LAYER_VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {bad}; valid: {', '.join(LAYER_VARIANTS)}")
+    for v in variants:
+        _split_variant(v, refs)  # a ref must be loaded
     if BASELINE not in variants:
         variants = [BASELINE, *variants]  # every ratio needs the fixed shuffle
     cfg = BenchConfig(
@@ -939,7 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
         stems=args.stems,
         layer_shapes=args.layer_shapes,
         layer_variants=variants,
-        model_variants=[v for v in variants if v in MODEL_VARIANTS],
+        model_variants=[
+            v
+            for v in variants
+            if v.partition("@")[0] in MODEL_VARIANTS
+            and (v.partition("@")[0] == "dynamic" or "@" not in v)
+        ],
         modes=args.modes,
         warmup=warmup,
         repeats=repeats,
@@ -950,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         verbose=not args.quiet,
         skip=args.skip,
+        refs=refs,
     )
     suffix = args.suffix if args.suffix is not None else ("_quick" if args.quick else "")
     commit = _git_commit()

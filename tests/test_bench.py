@@ -1,0 +1,167 @@
+"""``dyshuffle bench`` (issue 5): what it writes and how it computes, never how fast anything is."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from dyshuffle import bench
+from dyshuffle.macs import count_macs, count_params
+from dyshuffle.models import create_model
+
+
+def close(a: float, b: float, rel: float = 1e-4) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of the whole command: layers and a model, both modes, CSV and markdown."""
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "BENCH.md"
+    md.write_text("# Benchmarks\n\nhand-written text that must survive\n")
+    argv = [
+        "--device", "cpu", "--threads", "1", "--part", "layer", "model",
+        "--layer-shapes", "24x4", "--models", "shufflenet_v2_x0_5", "--stems", "cifar",
+        "--batch", "2", "--repeats", "2", "--warmup", "1", "--min-block-ms", "0",
+        "--out-dir", str(out), "--markdown", str(md), "-q",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = out.glob("*.csv")
+    return path, bench.read_csv(path), md
+
+
+def test_csv_name_says_device_precision_layout_and_torch(tiny_run):
+    path, rows, _ = tiny_run
+    version = re.sub(r"[^A-Za-z0-9._-]+", "-", torch.__version__)
+    assert path.name == f"cpu-1threads_fp32_channels_last_torch{version}.csv"
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", path.name)
+    assert {r["device"] for r in rows} == {"cpu"}
+    assert {r["precision"] for r in rows} == {"fp32"}
+    assert {r["layout"] for r in rows} == {"channels_last"}
+    assert {r["torch"] for r in rows} == {torch.__version__}
+
+
+def test_csv_columns_and_every_configuration(tiny_run):
+    path, rows, _ = tiny_run
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == bench.COLUMNS
+    layer = {(r["variant"], r["mode"]) for r in rows if r["part"] == "layer"}
+    model = {(r["variant"], r["mode"]) for r in rows if r["part"] == "model"}
+    assert layer == {(v, m) for v in bench.LAYER_VARIANTS for m in bench.MODES}
+    assert model == {(v, m) for v in bench.MODEL_VARIANTS for m in bench.MODES}
+    for r in rows:
+        assert r["note"] == ""
+        assert int(r["batch"]) == 2 and int(r["repeats"]) == 2
+        lat = float(r["latency_ms"])
+        assert float(r["latency_p25_ms"]) <= lat <= float(r["latency_p75_ms"])
+        assert close(float(r["throughput_per_s"]), 2 / (lat / 1e3))
+        if r["mode"] == "train":
+            # a fixed shuffle saves nothing for backward: zero for the lone layer
+            lone_shuffle = r["part"] == "layer" and r["variant"] in ("fixed", "fixed_native")
+            assert float(r["train_mem_mb"]) == 0 if lone_shuffle else float(r["train_mem_mb"]) > 0
+            assert r["mem_method"] == "saved_tensors+params+grads+optimizer_state"
+        else:
+            assert r["train_mem_mb"] == "" and r["train_mem_ratio"] == ""
+
+
+def test_ratios_are_ratios_of_the_measured_values(tiny_run):
+    _, rows, _ = tiny_run
+    fixed = {
+        (r["part"], r["target"], r["batch"], r["mode"]): r for r in rows if r["variant"] == "fixed"
+    }
+    checked = 0
+    for r in rows:
+        ref = fixed[(r["part"], r["target"], r["batch"], r["mode"])]
+        for col, ratio in bench.RATIOS.items():
+            value, base = r[col], ref[col]
+            if value == "" or base == "" or float(base) == 0:
+                assert r[ratio] == ""
+                continue
+            assert close(float(r[ratio]), float(value) / float(base)), (r["variant"], col)
+            checked += 1
+        if r["variant"] == "fixed":
+            assert float(r["latency_ratio"]) == 1.0
+    assert checked > 20
+
+
+def test_parameters_and_macs_come_from_the_counters(tiny_run):
+    _, rows, _ = tiny_run
+    for variant, kwargs in [
+        ("fixed", {}),
+        ("dynamic", {"mixer": "dynamic"}),
+        ("static_dynamic", {"pointwise": "sds"}),
+    ]:
+        model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", **kwargs).eval()
+        (row, *_) = [r for r in rows if r["part"] == "model" and r["variant"] == variant]
+        assert int(row["params"]) == count_params(model)
+        assert int(row["macs"]) == count_macs(model, (1, 3, 32, 32))
+    layer = {r["variant"]: r for r in rows if r["part"] == "layer" and r["mode"] == "infer"}
+    assert int(layer["conv1x1"]["params"]) == 24 * 24
+    assert int(layer["conv1x1"]["macs"]) == 24 * 24 * 4 * 4
+    assert int(layer["fixed"]["params"]) == 0 and layer["dynamic"]["params_ratio"] == ""
+
+
+def test_markdown_section_is_written_once_and_keeps_the_rest(tiny_run, tmp_path):
+    path, rows, md = tiny_run
+    text = md.read_text()
+    assert "hand-written text that must survive" in text
+    assert text.count(f"<!-- bench:{path.stem} -->") == 1
+    assert "dyshuffle bench --device cpu" in text and "| part | target |" in text
+    # regenerating from the CSV replaces the section instead of appending another
+    assert bench.main(["--from-csv", str(path), "--markdown", str(md)]) == 0
+    again = md.read_text()
+    assert again.count(f"<!-- bench:{path.stem} -->") == 1
+    assert again.count("| layer | C24 4x4 | 2 | infer | dynamic |") == 1
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_skips_parameters():
+    x = torch.randn(8, 16, requires_grad=True)
+    assert bench.saved_tensor_bytes(lambda: (x * x).sum().backward()) == x.numel() * 4
+    lin = nn.Linear(16, 4, bias=False)
+    with_w = bench.saved_tensor_bytes(lambda: lin(x).sum().backward())
+    without_w = bench.saved_tensor_bytes(
+        lambda: lin(x).sum().backward(), exclude=lin.parameters()
+    )
+    assert with_w == (8 * 16 + 4 * 16) * 4 and without_w == 8 * 16 * 4
+
+
+def test_time_round_robin_interleaves_and_repeats():
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench.time_round_robin(
+        fns, device=torch.device("cpu"), warmup=2, repeats=3, min_block_s=0.0
+    )
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t > 0 for v in times.values() for t in v)
+    # warm-up and calibration of each, then a, b, a, b, a, b
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 3
+
+
+def test_add_ratios_edge_cases():
+    rows = [
+        dict(part="model", target="t", batch=1, mode="infer", variant="fixed", latency_ms=2.0,
+             params=0, macs=10),
+        dict(part="model", target="t", batch=1, mode="infer", variant="dynamic", latency_ms=3.0,
+             params=5, macs=11),
+        dict(part="model", target="u", batch=1, mode="infer", variant="dynamic", latency_ms=3.0),
+    ]  # fmt: skip
+    out = bench.add_ratios(rows)
+    assert out[1]["latency_ratio"] == 1.5 and out[1]["macs_ratio"] == 1.1
+    assert out[1]["params_ratio"] is None  # the fixed value is zero
+    assert out[2]["latency_ratio"] is None  # no fixed shuffle in that group
+
+
+def test_bad_arguments_name_the_valid_choices():
+    with pytest.raises(ValueError, match="conv1x1"):
+        bench.main(["--device", "cpu", "--variants", "nope", "--part", "layer"])
+    with pytest.raises(ValueError, match="CHANNELSxSIZE"):
+        bench._parse_shape("116-28")
