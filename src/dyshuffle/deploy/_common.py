@@ -19,7 +19,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a training checkpoint, in ``eval()`` mode.
 
     Args:
-        path: a checkpoint written by :func:`dyshuffle.train.checkpoint.save_checkpoint`.
+        path: a checkpoint written by :func:`dyshuffle.train.checkpoint.save_checkpoint`, or a
+            run folder (its ``last.pt``).
 
     Returns:
         ``(model, state)``; ``state`` is the checkpoint dictionary.
@@ -28,21 +29,19 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         CheckpointError: the file does not exist or is not a dyshuffle checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    file = path / "last.pt" if path.is_dir() else path
+    if not file.is_file():
+        what = "has no last.pt" if path.is_dir() else "does not exist"
         raise CheckpointError(
             f"checkpoint {str(path)!r} {what}; pass a file written by 'dyshuffle train' "
-            "(e.g. runs/NAME/last.pt)"
+            "(e.g. runs/NAME/last.pt) or its run folder"
         )
     from dyshuffle.train.checkpoint import model_from_checkpoint
 
     try:
-        model, state = model_from_checkpoint(path, map_location="cpu")
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{str(path)!r} is not a loadable dyshuffle checkpoint "
-            f"(needs 'model' and 'model_args'): {e}"
-        ) from e
+        model, state = model_from_checkpoint(file, map_location="cpu")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a loadable dyshuffle checkpoint: {e}") from e
     return model.eval(), state
 
 

@@ -17,7 +17,7 @@ import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "FORMATS",
     "export_model",
     "export_program",
+    "load_exported",
     "main",
     "run_exported",
     "save_exported_program",
@@ -154,11 +155,14 @@ def save_torchscript(
     """
     path = Path(path)
     x = _example(model, input_size, batch_size)
-    with _deploy_mode(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, x, check_trace=False)
     extra = {f"{k}.json": v for k, v in (meta or {}).items()}
-    torch.jit.save(traced, str(path), _extra_files=extra)
+    with _deploy_mode(model), warnings.catch_warnings():
+        # the shape checks of the layers are Python branches (TracerWarning); torch.jit is
+        # deprecated in favour of torch.export (FutureWarning), which the other formats use
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
 
@@ -189,20 +193,39 @@ def export_model(
     return save_exported_program(program, path, meta)
 
 
-def run_exported(path: str | Path, fmt: str, x: Tensor) -> Tensor:
-    """Load an exported file and run it on ``x`` (ONNX with ONNX Runtime on the CPU)."""
+def load_exported(path: str | Path, fmt: str) -> Callable[[Tensor], Tensor]:
+    """Load an exported file as a function ``(N, C, H, W) -> (N, classes)`` on the CPU.
+
+    ONNX runs with ONNX Runtime, the others with torch (no ``dyshuffle`` code is needed).
+    """
     _check_format(fmt)
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (out,) = session.run(["logits"], {"input": x.detach().cpu().numpy()})
-        return torch.from_numpy(out)
+
+        def run_onnx(x: Tensor) -> Tensor:
+            (out,) = session.run(["logits"], {"input": x.detach().cpu().numpy()})
+            return torch.from_numpy(out)
+
+        return run_onnx
     if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        module = torch.export.load(str(path)).module()
+
+    def run_torch(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.jit.load(str(path), map_location="cpu")(x)
-    with torch.no_grad():
-        return torch.export.load(str(path)).module()(x)
+            return module(x)
+
+    return run_torch
+
+
+def run_exported(path: str | Path, fmt: str, x: Tensor) -> Tensor:
+    """Load an exported file and run it on ``x`` (see :func:`load_exported`)."""
+    return load_exported(path, fmt)(x)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -237,18 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dyshuffle export: {e}", file=sys.stderr)
         return 2
-    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(FORMATS[args.fmt])
+    ckpt = Path(args.checkpoint)
+    ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
+    out = Path(args.output) if args.output else ckpt.with_suffix(FORMATS[args.fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, out, args.fmt, input_size, args.opset, metadata(state))
     args_ = json.dumps(state.get("model_args", {}), default=str)
     print(f"wrote {out} ({args.fmt}, {out.stat().st_size / 1e6:.2f} MB) for {args_}")
     if not args.no_check:
-        worst = 0.0
+        worst, exported = 0.0, load_exported(out, args.fmt)
         for n in (1, 3):
             x = _example(model, input_size, n)
             with _deploy_mode(model):
                 ref = model(x)
-            worst = max(worst, (run_exported(out, args.fmt, x) - ref).abs().max().item())
+            worst = max(worst, (exported(x) - ref).abs().max().item())
         print(f"check: max |exported - eager| = {worst:.3g} on random inputs, batch sizes 1 and 3")
     return 0
 

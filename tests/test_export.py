@@ -1,0 +1,266 @@
+"""Export: ONNX Runtime, torch.export and TorchScript outputs equal the eager eval outputs.
+
+Every dynamic layer gets strongly randomized generator weights so that different inputs choose
+different permutations; a graph that had folded the permutation of the tracing input into a
+constant would then disagree with the eager model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dyshuffle.deploy.export import (
+    FORMATS,
+    export_model,
+    export_program,
+    main,
+    run_exported,
+    save_exported_program,
+    save_onnx,
+    save_torchscript,
+)
+from dyshuffle.layers import DynamicShuffle, LearnedShuffle, list_mixers
+from dyshuffle.layers.permutation import permutation_table
+from dyshuffle.models import create_model
+from dyshuffle.train.checkpoint import save_checkpoint
+
+INPUT = (3, 32, 32)
+TOL = 1e-4  # max abs difference, fp32
+CONFIGS = [
+    *[("shufflenet_v1_g3_x0_5", mixer, "conv") for mixer in list_mixers()],
+    *[("shufflenet_v2_x0_5", mixer, "conv") for mixer in list_mixers()],
+    ("mobilenet_v2", "shuffle", "sds"),
+]
+DYNAMIC_MIXERS = ("dynamic", "static_dynamic")
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random logits that make the permutations input-dependent, far from the identity init.
+
+    One training-mode forward on a random batch calibrates, layer by layer: BatchNorm running
+    statistics (so activations keep unit scale at every depth in eval) and each dynamic layer's
+    generator, whose hidden pre-activations are centered and scaled to unit spread over the
+    batch, so the direction of the hidden vector, and with it the argmax of the random last
+    layer, changes from input to input.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def calibrate(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
+        first, last = layer.generator[0], layer.generator[-1]
+        z = args[0].mean(dim=(2, 3))  # (N, C) descriptors
+        pre = (z - z.mean(0)) @ first.weight.T  # centered pre-activations
+        first.weight.div_(pre.std(0, keepdim=True).T + 1e-6)
+        first.bias.copy_(-(z.mean(0) @ first.weight.T))
+        last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * 2 / layer.hidden**0.5)
+        last.bias.zero_()
+
+    hooks, norms = [], []
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LearnedShuffle):
+                m.logit_param.copy_(torch.randn(m.logit_param.shape, generator=gen) * 3)
+            elif isinstance(m, DynamicShuffle):
+                hooks.append(m.register_forward_pre_hook(calibrate))
+            elif isinstance(m, torch.nn.BatchNorm2d):  # running stats := this batch's
+                m.reset_running_stats()
+                m.momentum = None
+                norms.append(m)
+        # training-mode BatchNorm keeps activations at unit scale at every depth
+        model.train()(inputs(16, seed + 100))
+    for h in hooks:
+        h.remove()
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def build(name: str, mixer: str, pointwise: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, stem="cifar", mixer=mixer, pointwise=pointwise)
+    return randomize(model).eval()
+
+
+def inputs(batch: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(seed))
+
+
+def choices(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[int], float]:
+    """Per input-dependent layer, the number of distinct permutations the batch chooses; and the
+    smallest score gap between the best and second-best permutation of a factor (a near-tie
+    could flip between runtimes and would make the comparison meaningless)."""
+    counts: list[int] = []
+    gaps: list[float] = [math.inf]
+
+    def hook(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
+        counts.append(len(set(map(tuple, layer.permutation(args[0]).tolist()))))
+        for m in layer.factor_matrices(args[0]):
+            a = m.shape[-1]
+            if 1 < a <= 6:  # exact assignment: scores of all a! permutations
+                scores = m.flatten(-2) @ permutation_table(a)[1].T
+                top = scores.topk(2, dim=-1).values
+                gaps.append((top[..., 0] - top[..., 1]).min().item())
+
+    hooks = [
+        m.register_forward_pre_hook(hook)
+        for m in model.modules()
+        if isinstance(m, DynamicShuffle) and not isinstance(m, LearnedShuffle)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts, min(gaps)
+
+
+def eager(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+#: the configuration whose files are also loaded in a fresh process (SDS with a dynamic part)
+FRESH = ("shufflenet_v2_x0_5", "static_dynamic", "conv")
+
+
+@pytest.mark.parametrize(
+    ("name", "mixer", "pointwise"), CONFIGS, ids=["-".join(c) for c in CONFIGS]
+)
+def test_exported_outputs_equal_eager(name, mixer, pointwise, tmp_path):
+    model = build(name, mixer, pointwise)
+    xs = [inputs(1, 1), inputs(3, 2)]  # two batch sizes, neither the tracing batch (2)
+    dynamic = mixer in DYNAMIC_MIXERS or pointwise == "sds"
+    if dynamic:  # the test inputs choose different permutations in most dynamic layers
+        counts, gap = choices(model, xs[1])
+        assert counts and sum(c > 1 for c in counts) >= len(counts) / 2, counts
+        assert min(gap, choices(model, xs[0])[1]) > 1e-5
+    refs = [eager(model, x) for x in xs]
+
+    program = export_program(model, INPUT)
+    paths = {
+        "onnx": save_onnx(program, tmp_path / "m.onnx"),
+        "torchscript": save_torchscript(model, tmp_path / "m.ts", INPUT),
+    }
+    module = program.module()
+    for x, ref in zip(xs, refs):
+        assert (run_exported(paths["onnx"], "onnx", x) - ref).abs().max() <= TOL
+        with torch.no_grad():
+            assert (module(x) - ref).abs().max() <= TOL
+        assert (run_exported(paths["torchscript"], "torchscript", x) - ref).abs().max() <= TOL
+
+    graph = onnx.load(str(paths["onnx"])).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    ops = {n.op_type for n in graph.node}
+    if dynamic:  # generator, binarization and gather are graph operations
+        assert {"ReduceMean", "Softmax", "MatMul", "ArgMax"} <= ops, ops
+        assert ops & {"Gather", "GatherElements", "GatherND"}, ops
+        aten = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("argmax" in t for t in aten) and any("index" in t for t in aten), aten
+    elif mixer == "learned":  # an input-independent permutation may fold into a constant index
+        assert ops & {"Gather", "GatherElements", "GatherND"}, ops
+
+    if (name, mixer, pointwise) == FRESH:
+        paths["exported-program"] = save_exported_program(program, tmp_path / "m.pt2")
+        check_in_fresh_process(paths, xs[1], refs[1], tmp_path)
+
+
+def check_in_fresh_process(paths, x, ref, tmp_path) -> None:
+    """The files run with torch / ONNX Runtime alone, ``dyshuffle`` made unimportable."""
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["dyshuffle"] = None  # importing dyshuffle now fails
+        import numpy as np, onnxruntime as ort, torch
+        x = np.load({str(tmp_path / "x.npy")!r})
+        out = {{}}
+        s = ort.InferenceSession({str(paths["onnx"])!r}, providers=["CPUExecutionProvider"])
+        out["onnx"] = s.run(["logits"], {{"input": x}})[0].tolist()
+        with torch.no_grad():
+            ep = torch.export.load({str(paths["exported-program"])!r}).module()
+            out["exported-program"] = ep(torch.from_numpy(x)).tolist()
+            ts = torch.jit.load({str(paths["torchscript"])!r})
+            out["torchscript"] = ts(torch.from_numpy(x)).tolist()
+        print(json.dumps(out))
+        """
+    )
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out) == set(FORMATS)
+    for fmt, values in out.items():
+        assert (torch.tensor(values) - ref).abs().max() <= TOL, fmt
+
+
+def _checkpoint(tmp_path, name="shufflenet_v2_x0_5", mixer="dynamic", pointwise="conv"):
+    model = build(name, mixer, pointwise)
+    classes = [f"class{i}" for i in range(10)]
+    state = {
+        "model": model.state_dict(),
+        "model_args": model.model_args,
+        "class_names": classes,
+        "input_size": list(INPUT),
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "epoch": 3,
+        "config": {},
+    }
+    return save_checkpoint(tmp_path / "run" / "last.pt", state), model
+
+
+def test_cli_export_onnx_with_metadata(tmp_path, capsys):
+    ckpt, model = _checkpoint(tmp_path, "shufflenet_v1_g3_x0_5", "none")
+    assert main([str(ckpt), "--format", "onnx", "--opset", "18"]) == 0
+    out = ckpt.with_suffix(".onnx")  # default: next to the checkpoint
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "check: max |exported - eager|" in printed
+    worst = float(printed.split("max |exported - eager| = ")[1].split()[0])
+    assert worst <= TOL
+    proto = onnx.load(str(out))
+    assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in proto.opset_import)
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["dyshuffle"])
+    assert meta["class_names"] == [f"class{i}" for i in range(10)]
+    assert meta["input_size"] == list(INPUT) and meta["mean"] == [0.5, 0.5, 0.5]
+    x = inputs(2, 9)
+    assert (run_exported(out, "onnx", x) - eager(model, x)).abs().max() <= TOL
+
+
+def test_cli_export_torchscript_to_output(tmp_path, capsys):
+    ckpt, model = _checkpoint(tmp_path)
+    target = tmp_path / "deploy" / "model.ts"
+    assert main([str(ckpt.parent), "--format", "torchscript", "--output", str(target)]) == 0
+    files = {"dyshuffle.json": ""}
+    loaded = torch.jit.load(str(target), _extra_files=files)
+    assert json.loads(files["dyshuffle.json"])["model_args"]["mixer"] == "dynamic"
+    x = inputs(4, 11)
+    with torch.no_grad():
+        assert (loaded(x) - eager(model, x)).abs().max() <= TOL
+
+
+def test_bad_input_names_value_and_choices(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    assert main([str(missing), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+    with pytest.raises(SystemExit) as exc:
+        main([str(missing), "--format", "tflite"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'tflite'" in err and all(f in err for f in FORMATS)
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; valid: onnx, "):
+        export_model(torch.nn.Linear(2, 2), tmp_path / "x", "tflite", (2,))
+    not_a_checkpoint = tmp_path / "junk.pt"
+    torch.save({"weights": 1}, not_a_checkpoint)
+    assert main([str(not_a_checkpoint), "--format", "onnx"]) == 2
+    assert "not a loadable dyshuffle checkpoint" in capsys.readouterr().err
