@@ -116,6 +116,13 @@ def test_markdown_section_is_written_once_and_keeps_the_rest(tiny_run, tmp_path)
     assert "hand-written text that must survive" in text
     assert text.count(f"<!-- bench:{path.stem} -->") == 1
     assert "dyshuffle bench --device cpu" in text and "| part | target |" in text
+    # the summary line of the model is the ratio of the two measured latencies, as printed
+    lat = {
+        (r["variant"], r["mode"]): float(r["latency_ms"]) for r in rows if r["part"] == "model"
+    }
+    want = lat[("dynamic", "infer")] / lat[("fixed", "infer")]
+    line = next(x for x in text.splitlines() if x.startswith("| shufflenet_v2_x0_5 cifar | 2 |"))
+    assert line.split("|")[3].strip() == f"{want:.2f}"
     # regenerating from the CSV replaces the section instead of appending another
     assert bench.main(["--from-csv", str(path), "--markdown", str(md)]) == 0
     again = md.read_text()
@@ -158,6 +165,20 @@ def test_add_ratios_edge_cases():
     assert out[1]["latency_ratio"] == 1.5 and out[1]["macs_ratio"] == 1.1
     assert out[1]["params_ratio"] is None  # the fixed value is zero
     assert out[2]["latency_ratio"] is None  # no fixed shuffle in that group
+
+
+def test_variant_options():
+    assert bench.split_variant("dynamic:reduction=16,tau=0.5,init=random") == (
+        "dynamic",
+        None,
+        {"reduction": 16, "tau": 0.5, "init": "random"},
+    )
+    layer = bench._build_layer("dynamic:reduction=8", 64)
+    assert layer.hidden == 8
+    with pytest.raises(ValueError, match="not loaded"):
+        bench.split_variant("dynamic@abc")
+    with pytest.raises(ValueError, match="only dynamic"):
+        bench.split_variant("conv1x1:groups=2")
 
 
 def test_bad_arguments_name_the_valid_choices():

@@ -64,12 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dyshuffle.layers import (
-    ChannelShuffle,
-    DynamicShuffle,
-    StaticDynamicShuffle,
-    orthogonal_loss,
-)
+from dyshuffle import layers as _layers
+from dyshuffle.layers import ChannelShuffle, orthogonal_loss
 
 __all__ = [
     "COLUMNS",
@@ -116,6 +112,8 @@ COLUMNS = [
     "params_ratio",
     "macs_ratio",
     "note",
+    "commit",
+    "command",
 ]
 #: value column -> ratio column (value / value of the fixed shuffle)
 RATIOS = {
@@ -258,6 +256,8 @@ class BenchConfig:
     verbose: bool = True
     skip: list[str] = field(default_factory=list)
     refs: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    commit: str = ""
 
 
 def _device_name(device: torch.device) -> str:
@@ -353,30 +353,55 @@ def load_ref_layers(commit: str) -> Any:
         sys.path.remove(str(folder))
 
 
-def _split_variant(variant: str, refs: dict[str, Any]) -> tuple[str, Any]:
-    """``"dynamic@abc123"`` -> ``("dynamic", layers package at abc123)``."""
-    base, _, ref = variant.partition("@")
+def _option_value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_variant(variant: str, refs: dict[str, Any] | None = None) -> tuple[str, Any, dict]:
+    """Parse ``NAME[@COMMIT][:KEY=VALUE,...]``.
+
+    ``"dynamic@abc123"`` is the dynamic shuffle of the layers at commit ``abc123`` (loaded with
+    ``--ref abc123``); ``"dynamic:reduction=16,max_group_size=8"`` passes keywords to the dynamic
+    (or static-dynamic) layer; values are integers, floats or strings.
+
+    Returns:
+        ``(name, layers package or None, keywords)``.
+    """
+    refs = refs or {}
+    head, _, opts = variant.partition(":")
+    base, _, ref = head.partition("@")
+    if base not in LAYER_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid names: {', '.join(LAYER_VARIANTS)}")
     if ref and ref not in refs:
         raise ValueError(f"variant {variant!r} names ref {ref!r}, not loaded (use --ref {ref})")
-    return base, refs.get(ref)
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ValueError(f"variant {variant!r}: option {item!r} is not KEY=VALUE")
+        kwargs[key] = _option_value(value)
+    if kwargs and base not in ("dynamic", "static_dynamic"):
+        raise ValueError(f"variant {variant!r}: only dynamic and static_dynamic take options")
+    return base, refs.get(ref), kwargs
 
 
 def _build_layer(variant: str, channels: int, refs: dict[str, Any] | None = None) -> nn.Module:
-    base, mod = _split_variant(variant, refs or {})
-    if mod is not None and base in ("dynamic", "static_dynamic"):
-        cls = mod.DynamicShuffle if base == "dynamic" else mod.StaticDynamicShuffle
-        return cls(channels)
+    base, mod, kwargs = split_variant(variant, refs)
+    layers = mod if mod is not None else _layers
     if base == "fixed":
         return ChannelShuffle(2, channels)
     if base == "fixed_native":
         return NativeShuffle(2)
     if base == "dynamic":
-        return DynamicShuffle(channels)
+        return layers.DynamicShuffle(channels, **kwargs)
     if base == "static_dynamic":
-        return StaticDynamicShuffle(channels)
-    if base == "conv1x1":
-        return nn.Conv2d(channels, channels, 1, bias=False)
-    raise ValueError(f"unknown layer variant {variant!r}; valid: {', '.join(LAYER_VARIANTS)}")
+        return layers.StaticDynamicShuffle(channels, **kwargs)
+    return nn.Conv2d(channels, channels, 1, bias=False)  # conv1x1
 
 
 def _build_model(
@@ -384,24 +409,27 @@ def _build_model(
 ) -> nn.Module:
     from dyshuffle.models import create_model
 
-    base, mod = _split_variant(variant, refs or {})
+    base, mod, options = split_variant(variant, refs)
+    if base not in MODEL_VARIANTS:
+        raise ValueError(f"{variant!r} is no model variant; valid: {', '.join(MODEL_VARIANTS)}")
     kwargs: dict[str, Any] = {"mixer": "shuffle", "pointwise": "conv"}
     if base == "fixed_native":
         kwargs["mixer"] = _native_mixer
     elif base == "dynamic":
         kwargs["mixer"] = "dynamic" if mod is None else mod.DynamicShuffle
+        kwargs.update(options)
     elif base == "static_dynamic":
         if mod is not None:
             raise ValueError(f"model variant {variant!r}: only dynamic@REF is supported")
         kwargs["pointwise"] = "sds"
-    elif base != "fixed":
-        raise ValueError(f"unknown model variant {variant!r}; valid: {', '.join(MODEL_VARIANTS)}")
+        if options:
+            kwargs["pointwise_kwargs"] = options
     return create_model(name, num_classes=STEM_CLASSES[stem], stem=stem, **kwargs)
 
 
 def _ortho(variant: str, refs: dict[str, Any]) -> Callable[[nn.Module], Tensor]:
     """The orthogonal regularizer that sees the dynamic layers of ``variant``."""
-    _, mod = _split_variant(variant, refs)
+    _, mod, _ = split_variant(variant, refs)
     return orthogonal_loss if mod is None else mod.orthogonal_loss
 
 
@@ -618,6 +646,8 @@ def run_benchmark(
         layout=layout,
         threads=torch.get_num_threads() if device.type == "cpu" else "",
         compile=cfg.compile,
+        commit=cfg.commit,
+        command=cfg.command,
     )
     budget = _Budget(cfg.time_budget_s)
     rows: list[dict[str, Any]] = []
@@ -827,11 +857,59 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(num: Any, den: Any) -> float | None:
+    a, b = _number(num), _number(den)
+    return a / b if a is not None and b else None
+
+
+def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> str:
+    """The issue's target ratios for whole models: ``variant`` over the fixed shuffle.
+
+    One line per model, stem and batch: inference and training-step latency, training memory,
+    parameters and MACs over the fixed shuffle, and the latencies over the native-kernel fixed
+    shuffle (``fixed_native``) when it was measured. Empty where a value is missing.
+    """
+    by = {
+        (r.get("target"), str(r.get("batch")), r.get("mode"), r.get("variant")): r
+        for r in rows
+        if r.get("part") == "model"
+    }
+    keys = sorted(
+        {(t, b) for (t, b, _, v) in by if v == variant},
+        key=lambda k: (k[0], int(k[1])),
+    )
+    head = (
+        f"| model | batch | infer {variant}/fixed | train {variant}/fixed "
+        f"| train memory | params | MACs | infer {variant}/fixed_native "
+        f"| train {variant}/fixed_native |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for target, batch in keys:
+
+        def get(mode: str, var: str, col: str, target=target, batch=batch) -> Any:
+            return by.get((target, batch, mode, var), {}).get(col)
+
+        cells = [
+            _ratio(get("infer", variant, "latency_ms"), get("infer", "fixed", "latency_ms")),
+            _ratio(get("train", variant, "latency_ms"), get("train", "fixed", "latency_ms")),
+            _ratio(get("train", variant, "train_mem_mb"), get("train", "fixed", "train_mem_mb")),
+            _ratio(get("infer", variant, "params"), get("infer", "fixed", "params")),
+            _ratio(get("infer", variant, "macs"), get("infer", "fixed", "macs")),
+            _ratio(get("infer", variant, "latency_ms"), get("infer", "fixed_native", "latency_ms")),
+            _ratio(get("train", variant, "latency_ms"), get("train", "fixed_native", "latency_ms")),
+        ]
+        lines.append(f"| {target} | {batch} | " + " | ".join(_fmt_ratio(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_section(
-    name: str, rows: Sequence[dict[str, Any]], command: str, extra: str = ""
+    name: str, rows: Sequence[dict[str, Any]], command: str | None = None, extra: str = ""
 ) -> str:
-    """The markdown section of one CSV: conditions, the exact command and the table."""
+    """The markdown section of one CSV: conditions, the exact command, a summary, the table."""
     r0 = rows[0] if rows else {}
+    command = command or r0.get("command") or "?"
+    commit = r0.get("commit")
+    extra = ", ".join(x for x in (f"commit {commit}" if commit else "", extra) if x)
     cond = (
         f"device **{r0.get('device', '?')}** ({r0.get('device_name', '?')}"
         + (f", {r0.get('threads')} threads" if r0.get("threads") not in (None, "") else "")
@@ -849,9 +927,16 @@ def markdown_section(
         "",
         "Training memory: " + (", ".join(sorted(memo)) or "not measured") + ".",
         "",
-        markdown_table(rows),
-        f"<!-- /bench:{name} -->",
     ]
+    if any(r.get("part") == "model" and r.get("variant") == "dynamic" for r in rows):
+        lines += [
+            "Whole models, dynamic shuffle over the fixed shuffle (latency: median; memory, "
+            "parameters, MACs as in the table below):",
+            "",
+            summary_table(rows),
+            "",
+        ]
+    lines += [markdown_table(rows), f"<!-- /bench:{name} -->"]
     return "\n".join(lines)
 
 
@@ -872,15 +957,18 @@ def update_markdown(path: str | os.PathLike, name: str, section: str) -> Path:
 
 
 def _git_commit() -> str:
+    """Short hash of HEAD, with ``+modified`` when ``src/dyshuffle`` differs from it."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return ""
+        dirty = git("diff", "--quiet", "HEAD", "--", str(here)).returncode != 0
+        return head.stdout.strip() + ("+modified" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -923,7 +1011,10 @@ def _parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         default=None,
-        help=f"subset of {', '.join(LAYER_VARIANTS)} (model part: no conv1x1)",
+        help=(
+            f"NAME[@COMMIT][:KEY=VALUE,...] with NAME in {', '.join(LAYER_VARIANTS)} "
+            "(model part: no conv1x1), e.g. dynamic:reduction=16"
+        ),
     )
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument(
@@ -992,6 +1083,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_model_variant(variant: str, refs: dict[str, Any]) -> bool:
+    base, mod, _ = split_variant(variant, refs)
+    return base in MODEL_VARIANTS and (mod is None or base == "dynamic")
+
+
 def _resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1011,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.from_csv:
             rows = read_csv(path)
             name = Path(path).stem
-            section = markdown_section(name, rows, command)
+            section = markdown_section(name, rows, args.command)
             print(section, file=out)
             if args.markdown:
                 update_markdown(args.markdown, name, section)
@@ -1031,11 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup, repeats = 1, 5
     refs = {ref: load_ref_layers(ref) for ref in args.ref}
     variants = args.variants or [*DEFAULT_VARIANTS, *(f"dynamic@{ref}" for ref in refs)]
-    bad = [v for v in variants if v.partition("@")[0] not in LAYER_VARIANTS]
-    if bad:
-        raise ValueError(f"unknown variant(s) {bad}; valid: {', '.join(LAYER_VARIANTS)}")
     for v in variants:
-        _split_variant(v, refs)  # a ref must be loaded
+        split_variant(v, refs)  # a valid name, a loaded ref, KEY=VALUE options
     if BASELINE not in variants:
         variants = [BASELINE, *variants]  # every ratio needs the fixed shuffle
     cfg = BenchConfig(
@@ -1048,12 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
         stems=args.stems,
         layer_shapes=args.layer_shapes,
         layer_variants=variants,
-        model_variants=[
-            v
-            for v in variants
-            if v.partition("@")[0] in MODEL_VARIANTS
-            and (v.partition("@")[0] == "dynamic" or "@" not in v)
-        ],
+        model_variants=[v for v in variants if _is_model_variant(v, refs)],
         modes=args.modes,
         warmup=warmup,
         repeats=repeats,
@@ -1065,9 +1153,10 @@ def main(argv: list[str] | None = None) -> int:
         verbose=not args.quiet,
         skip=args.skip,
         refs=refs,
+        command=command,
+        commit=_git_commit(),
     )
     suffix = args.suffix if args.suffix is not None else ("_quick" if args.quick else "")
-    commit = _git_commit()
     today = datetime.date.today().isoformat()
     sections = []
     failed = False
@@ -1088,8 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 rows = read_csv(path) if path.exists() else []
             write_csv(rows, path)
-            extra = ", ".join(s for s in (f"commit {commit}" if commit else "", today) if s)
-            section = markdown_section(path.stem, rows, command, extra)
+            section = markdown_section(path.stem, rows, command, today)
             sections.append(section)
             if args.markdown:
                 update_markdown(args.markdown, path.stem, section)
