@@ -1,0 +1,205 @@
+"""``dyshuffle evaluate``: top-1/top-5 of a checkpoint on a data set.
+
+Examples::
+
+    dyshuffle evaluate runs/NAME/best.pt                 # the run's own validation split
+    dyshuffle evaluate runs/NAME --data imagefolder --data-dir ../shared/data/cifar10-jpeg.tgz
+    dyshuffle evaluate runs/NAME/last.pt --json eval.json --permutation both
+
+For models with dynamic-shuffle layers it reports the accuracy with hard permutations (the
+deployed layer) and with the soft matrices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["evaluate_checkpoint", "main"]
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    split: str = "val",
+    batch_size: int = 500,
+    device: str = "auto",
+    amp: str = "none",
+    weights: str = "auto",
+    permutation: str = "both",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint; the data set defaults to the one it was trained on.
+
+    Args:
+        checkpoint: a checkpoint file or a run folder.
+        data, data_dir: another data set (its classes must match the checkpoint's in number).
+        split: ``"val"`` or ``"train"`` (the training images, without augmentation).
+        batch_size: images per forward.
+        device, amp: as in ``dyshuffle train``.
+        weights: ``"auto"`` (EMA when present), ``"model"`` or ``"ema"``.
+        permutation: ``"hard"``, ``"soft"`` or ``"both"`` (dynamic models).
+        overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
+            (``cache_dir``, ``loader``, ``val_subset``, ...).
+
+    Returns:
+        ``top1``, ``top5``, ``count`` (and ``top1_soft``/``top1_hard``... for dynamic models),
+        ``checkpoint``, ``data``, ``weights``.
+    """
+    from dyshuffle.layers import permutation_mode
+
+    from .checkpoint import model_from_checkpoint
+    from .config import TrainConfig
+    from .distributed import cleanup, setup
+    from .engine import build_loaders, evaluate, has_dynamic_layers
+
+    if split not in ("val", "train"):
+        raise ValueError(f"unknown split {split!r}; valid: val, train")
+    if permutation not in ("hard", "soft", "both"):
+        raise ValueError(f"unknown permutation {permutation!r}; valid: hard, soft, both")
+    model, state = model_from_checkpoint(checkpoint, weights=weights)
+    has_ema = state.get("ema") is not None
+    base = dict(state.get("config") or {})
+    values = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
+    if data is not None:
+        values.update(data=data, data_dir=data_dir)
+    elif data_dir is not None:
+        values["data_dir"] = data_dir
+    values.update(overrides or {})
+    values.update(device=device, eval_batch_size=batch_size, train_subset=0, channels_last=False)
+    cfg = TrainConfig(**values).validate()
+    info = setup(cfg.device)
+    try:
+        loaded, train_loader, val_loader = build_loaders(cfg, info, verbose=False)
+        n_classes = state["model_args"]["num_classes"]
+        if loaded.num_classes != n_classes:
+            raise ValueError(
+                f"{cfg.data} at {cfg.data_dir} has {loaded.num_classes} classes, the checkpoint "
+                f"{checkpoint} was trained for {n_classes}"
+            )
+        loader = val_loader
+        if split == "train":
+            from dyshuffle.data import ArrayData, FileLoader, InMemoryLoader
+
+            common = dict(
+                batch_size=batch_size, train=False, mean=state["mean"], std=state["std"],
+                world_size=info.world_size, rank=info.rank,
+            )  # fmt: skip
+            if isinstance(loaded, ArrayData):
+                loader = InMemoryLoader(
+                    loaded.train_images.to(info.device),
+                    loaded.train_labels.to(info.device),
+                    **common,
+                )
+            else:
+                loader = FileLoader(
+                    loaded.train_samples,
+                    image_size=loaded.image_size,
+                    device=info.device,
+                    workers=cfg.workers,
+                    **common,
+                )
+        # normalize with the statistics the model was trained with
+        import torch
+
+        loader.mean = torch.tensor(state["mean"], dtype=torch.float32, device=info.device)
+        loader.std = torch.tensor(state["std"], dtype=torch.float32, device=info.device)
+        model = model.to(info.device)
+        out: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "data": cfg.data,
+            "data_dir": cfg.data_dir,
+            "split": split,
+            "weights": "ema" if weights == "ema" or (weights == "auto" and has_ema) else "model",
+            "epoch": state.get("epoch"),
+        }
+        dynamic = has_dynamic_layers(model)
+        modes = ["hard", "soft"] if permutation == "both" else [permutation]
+        if not dynamic:
+            modes = ["hard"]
+        for mode in modes:
+            with permutation_mode(model, mode):
+                m = evaluate(model, loader, info.device, amp=amp, dist_info=info)
+            if mode == modes[0]:
+                out.update(
+                    top1=m["top1"],
+                    top5=m["top5"],
+                    loss=m["loss"],
+                    count=m["count"],
+                    permutation=mode if dynamic else None,
+                )
+            if dynamic:
+                out.update({f"top1_{mode}": m["top1"], f"top5_{mode}": m["top5"]})
+        out["rank0"] = info.rank == 0
+        return out
+    finally:
+        cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dyshuffle evaluate``; returns the exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="dyshuffle evaluate",
+        description="Top-1/top-5 of a checkpoint (soft and hard permutations for dynamic models).",
+        allow_abbrev=False,
+    )
+    p.add_argument("checkpoint", help="a checkpoint file (last.pt, best.pt) or a run folder")
+    p.add_argument(
+        "--data",
+        choices=("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet", "imagefolder"),
+        help="data set (default: the training one)",
+    )
+    p.add_argument("--data-dir", help="its folder or archive (default: the training one)")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--weights", choices=("auto", "model", "ema"), default="auto")
+    p.add_argument("--permutation", choices=("both", "hard", "soft"), default="both")
+    p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
+    p.add_argument("--loader", choices=("auto", "memory", "workers"))
+    p.add_argument("--workers", type=int)
+    p.add_argument("--val-subset", type=int, help="evaluate the first N of a fixed random order")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    overrides = {
+        k: getattr(args, k)
+        for k in ("cache_dir", "loader", "workers", "val_subset")
+        if getattr(args, k) is not None
+    }
+    from dyshuffle.data import DatasetError
+
+    try:
+        out = evaluate_checkpoint(
+            args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
+            batch_size=args.batch_size, device=args.device, amp=args.amp, weights=args.weights,
+            permutation=args.permutation, overrides=overrides,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        print(f"dyshuffle evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if not out.pop("rank0"):
+        return 0
+    line = f"top-1 {out['top1']:.2f}%  top-5 {out['top5']:.2f}%  "
+    line += f"({out['count']} images, {out['data']} {out['split']}, {out['weights']} weights)"
+    print(line)
+    if "top1_soft" in out or "top1_hard" in out:
+        parts = [
+            f"{m}: top-1 {out[f'top1_{m}']:.2f}% top-5 {out[f'top5_{m}']:.2f}%"
+            for m in ("hard", "soft")
+            if f"top1_{m}" in out
+        ]
+        print("dynamic shuffle permutations | " + " | ".join(parts))
+    if args.json:
+        from .report import write_json
+
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
