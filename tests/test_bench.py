@@ -186,3 +186,25 @@ def test_bad_arguments_name_the_valid_choices():
         bench.main(["--device", "cpu", "--variants", "nope", "--part", "layer"])
     with pytest.raises(ValueError, match="CHANNELSxSIZE"):
         bench._parse_shape("116-28")
+
+
+def test_gpu_path_needs_only_torch(tmp_path):
+    """scripts/gpu_bench.sh runs on a bare machine: nothing beyond torch on the benchmark's path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = (
+        "import sys\n"
+        "for m in ('yaml', 'matplotlib', 'sklearn', 'timm', 'tensorboard', 'tqdm', 'onnx',\n"
+        "          'onnxruntime', 'onnxscript', 'hypothesis', 'torchmetrics', 'PIL'):\n"
+        "    sys.modules[m] = None  # as if not installed\n"
+        f"sys.path.insert(0, {str(src)!r})\n"
+        "from dyshuffle import bench\n"
+        "model = bench._build_model('dynamic', 'shufflenet_v2_x0_5', 'cifar')\n"
+        "print(bench._counts(model, (1, 3, 32, 32))[0] > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

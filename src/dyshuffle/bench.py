@@ -522,15 +522,26 @@ class _Case:
         if self.opt is not None:
             self.opt.step()
 
+    def _optimizer_state(self) -> list[Tensor]:
+        if self.opt is None:
+            return []
+        return [t for s in self.opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+
     def train_memory(self) -> tuple[float, str]:
         """Training memory in MB and how it was measured (see the module docstring)."""
+        resident = _tensor_bytes(self.params) + _tensor_bytes(self._optimizer_state())
         if self.device.type == "cuda":
+            # other variants' models stay on the device: count this step's increase over what
+            # was allocated before it, plus this model's parameters, optimizer state and input
             gc.collect()
             torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.train_step()
             torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+            total = peak + resident + _tensor_bytes([self.x_train])
+            return total / 2**20, "cuda_peak_increase+params+optimizer_state+input"
         self.module.train()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
@@ -539,13 +550,7 @@ class _Case:
         saved = saved_tensor_bytes(self._backward, exclude=self.params)
         if self.opt is not None:
             self.opt.step()
-        state = [
-            t
-            for s in (self.opt.state.values() if self.opt else [])
-            for t in s.values()
-            if isinstance(t, Tensor)
-        ]
-        total = saved + 2 * _tensor_bytes(self.params) + _tensor_bytes(state)
+        total = saved + _tensor_bytes(self.params) + resident  # + gradients
         return total / 2**20, "saved_tensors+params+grads+optimizer_state"
 
 
@@ -568,11 +573,15 @@ def _measure_group(
     cfg: BenchConfig,
     device: torch.device,
     base: dict[str, Any],
+    budget: _Budget | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for every variant and mode of one (part, target, batch)."""
     rows = []
     batch = base["batch"]
     for mode in modes:
+        if budget is not None and budget.spent():
+            _log(cfg, f"time budget spent: skipping {base['target']} b={batch} {mode}")
+            continue
         fns = {v: (case.infer if mode == "infer" else case.train_step) for v, case in cases.items()}
         note = ""
         try:
@@ -660,7 +669,7 @@ def run_benchmark(
     def prep(module: nn.Module) -> nn.Module:
         return module.to(device=device, memory_format=fmt)
 
-    if "layer" in cfg.parts:
+    def run_layers() -> None:
         for shape in cfg.layer_shapes:
             channels, size = _parse_shape(shape)
             counts = {}
@@ -688,12 +697,13 @@ def run_benchmark(
                     input=f"{channels}x{size}x{size}",
                     batch=batch,
                 )
-                new = _measure_group(cases, cfg.modes, cfg, device, base)
+                new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
                 for r in new:
                     r["params"], r["macs"] = counts[r["variant"]][0], counts[r["variant"]][1]
                 done(new)
                 del cases, x
-    if "model" in cfg.parts:
+
+    def run_models() -> None:
         for name in cfg.models:
             for stem in cfg.stems:
                 res = STEM_RESOLUTION[stem]
@@ -723,13 +733,16 @@ def run_benchmark(
                         input=f"3x{res}x{res}",
                         batch=batch,
                     )
-                    new = _measure_group(cases, cfg.modes, cfg, device, base)
+                    new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
                     for r in new:
                         r["params"], r["macs"] = counts[r["variant"]]
                     done(new)
                     del cases, x
                 del modules
                 gc.collect()
+
+    for part in cfg.parts:
+        {"layer": run_layers, "model": run_models}[part]()
     return add_ratios(rows)
 
 
@@ -1106,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
         out = io.StringIO()
         for path in args.from_csv:
             rows = read_csv(path)
+            if not rows:
+                print(f"{path}: no rows, skipped", file=sys.stderr)
+                continue
             name = Path(path).stem
             section = markdown_section(name, rows, args.command)
             print(section, file=out)
