@@ -187,18 +187,20 @@ def _pooled(x: Tensor, training: bool) -> Tensor:
     return x.mean(dim=(2, 3))
 
 
-def _table_argmax(m: Tensor, onehot: Tensor) -> Tensor:
+def _table_argmax(m: Tensor, onehot_t: Tensor) -> Tensor:
     """Row of the table nearest to each matrix: ``argmax_k <m, P_k>`` (the first on ties).
 
     Args:
-        m: ``(N, Gf, a, a)`` matrices.
-        onehot: ``(K, a * a)`` flattened permutation matrices of the ``K`` candidates.
+        m: ``(..., a, a)`` matrices.
+        onehot_t: ``(a * a, K)`` flattened permutation matrices of the ``K`` candidates, as
+            columns.
 
     Returns:
-        ``(N, Gf)`` LongTensor of candidate rows.
+        ``(...)`` LongTensor of candidate rows.
     """
-    scores = m.detach().flatten(-2) @ onehot.to(m.dtype).T  # (N, Gf, K)
-    return scores.argmax(dim=-1)
+    if onehot_t.dtype != m.dtype:
+        onehot_t = onehot_t.to(m.dtype)
+    return (m.detach().flatten(-2) @ onehot_t).argmax(dim=-1)  # scores (..., K)
 
 
 class DynamicShuffle(nn.Module):
@@ -270,6 +272,8 @@ class DynamicShuffle(nn.Module):
             perms, onehot = permutation_table(size) if use_table else (None, None)
             self.register_buffer(f"_perms_{name}", perms, persistent=False)
             self.register_buffer(f"_onehot_{name}", onehot, persistent=False)
+            onehot_t = None if onehot is None else onehot.T.contiguous()
+            self.register_buffer(f"_onehot_t_{name}", onehot_t, persistent=False)
             inv = None if perms is None else invert_permutation(perms)
             self.register_buffer(f"_inv_{name}", inv, persistent=False)
         # shared factors: the composed (N, C) index is TA[choice_a] + TB[choice_b]
@@ -285,6 +289,9 @@ class DynamicShuffle(nn.Module):
         if tables is not None and tables[0].shape[0] * tables[1].numel() <= JOINT_TABLE_MAX:
             joint = (tables[0][:, None, :] + tables[1][None, :, :]).flatten(0, 1)
         self.register_buffer("_index_ab", joint, persistent=False)
+        #: row of the joint table: choice_a * Nb + choice_b
+        nb = 1 if self._perms_b is None else self._perms_b.shape[0]
+        self.register_buffer("_row_weights", torch.tensor([nb, 1]), persistent=False)
         self._build_logits()
         self.reset_logits()
 
@@ -335,47 +342,53 @@ class DynamicShuffle(nn.Module):
         lb = logits[..., a * a :].unflatten(-1, (b, b))
         return F.softmax(la, dim=-1), F.softmax(lb, dim=-1), None
 
-    def _choices(self, a_mat: Tensor, b_mat: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Rows of the permutation tables nearest to ``A`` and ``B``: two ``(N, Gf)`` indices.
+    def _choices(
+        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None
+    ) -> Tensor | None:
+        """Rows of the permutation tables nearest to ``A`` and ``B``: ``(N, Gf, 2)``.
 
-        ``None`` when a factor has no table (greedy binarization).
+        ``both`` is the ``(N, Gf, 2, a, a)`` tensor of the two factors when ``a == b`` (one
+        product scores both). ``None`` when a factor has no table (greedy binarization).
         """
-        if self._onehot_a is None or self._onehot_b is None:
+        if self._onehot_t_a is None or self._onehot_t_b is None:
             return None
-        return _table_argmax(a_mat, self._onehot_a), _table_argmax(b_mat, self._onehot_b)
+        if self.a == self.b:
+            if both is None:
+                both = torch.stack([a_mat, b_mat], dim=2)
+            return _table_argmax(both, self._onehot_t_a)
+        ia = _table_argmax(a_mat, self._onehot_t_a)
+        return torch.stack([ia, _table_argmax(b_mat, self._onehot_t_b)], dim=-1)
 
     def _hard_factors(self, a_mat: Tensor, b_mat: Tensor) -> tuple[Tensor, Tensor]:
         """Index vectors ``alpha`` ``(N, Gf, a)`` and ``beta`` ``(N, Gf, b)`` of hard factors."""
         choice = self._choices(a_mat, b_mat)
         if choice is not None:
-            return self._perms_a[choice[0]], self._perms_b[choice[1]]
+            return self._perms_a[choice[..., 0]], self._perms_b[choice[..., 1]]
         alpha = closest_permutation(a_mat.detach(), self.assignment, self._table("a"))
         beta = closest_permutation(b_mat.detach(), self.assignment, self._table("b"))
         return alpha, beta
 
     def _hard_index(
-        self, a_mat: Tensor, b_mat: Tensor, inverses: bool = False
+        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None, inverses: bool = False
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The composed ``(N, C)`` index, and the inverses of the factors when asked for."""
-        choice = self._choices(a_mat, b_mat)
+        choice = self._choices(a_mat, b_mat, both)  # (N, Gf, 2)
         if choice is not None and self._index_ab is not None:  # shared factors: one table row
-            row = choice[0][:, 0] * self._index_b.shape[0] + choice[1][:, 0]
+            row = (choice.flatten(1) * self._row_weights).sum(-1)  # choice_a * Nb + choice_b
             idx = self._index_ab.index_select(0, row)
         elif choice is not None and self._index_a is not None:  # two rows and one addition
-            idx = self._index_a.index_select(0, choice[0][:, 0])
-            idx = idx + self._index_b.index_select(0, choice[1][:, 0])
+            idx = self._index_a.index_select(0, choice[:, 0, 0])
+            idx = idx + self._index_b.index_select(0, choice[:, 0, 1])
         else:
             if choice is not None:
-                alpha, beta = self._perms_a[choice[0]], self._perms_b[choice[1]]
+                alpha, beta = self._perms_a[choice[..., 0]], self._perms_b[choice[..., 1]]
             else:
                 alpha, beta = self._hard_factors(a_mat, b_mat)
             idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
         if not inverses:
             return idx, None, None
         if choice is not None:  # (N, Gf, a) and (N, Gf, b)
-            ainv = self._inv_a.index_select(0, choice[0].flatten()).unflatten(0, choice[0].shape)
-            binv = self._inv_b.index_select(0, choice[1].flatten()).unflatten(0, choice[1].shape)
-            return idx, ainv, binv
+            return idx, self._inv_a[choice[..., 0]], self._inv_b[choice[..., 1]]
         return idx, invert_permutation(alpha), invert_permutation(beta)
 
     def _table(self, name: str) -> tuple[Tensor, Tensor] | None:
@@ -389,7 +402,7 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         """
         check_input(x, self.channels, type(self).__name__)
-        idx, _, _ = self._hard_index(*self.factor_matrices(x))
+        idx, _, _ = self._hard_index(*self._softmax_factors(self.logits(x)))
         return idx.expand(x.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -408,7 +421,7 @@ class DynamicShuffle(nn.Module):
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
         ste = self.training and grad and a_mat.requires_grad
-        idx, ainv, binv = self._hard_index(a_mat, b_mat, inverses=ste)
+        idx, ainv, binv = self._hard_index(a_mat, b_mat, both, inverses=ste)
         if ste:
             return _KroneckerSTE.apply(
                 x, a_mat, b_mat, idx, ainv, binv, self.groups, self.cross_shuffle

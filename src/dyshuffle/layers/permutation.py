@@ -240,13 +240,13 @@ def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
 
 def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
     n, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # channels_last: channels are the contiguous dimension, gather along it; the (N, C)
+        # index is broadcast over the pixels (stride 0), the output keeps the layout
+        y = torch.gather(x.permute(0, 2, 3, 1), 3, idx[:, None, None, :].expand(n, h, w, c))
+        return y.permute(0, 3, 1, 2)
     if idx.shape[0] == 1 and n != 1:  # one permutation for the whole batch
         return x.index_select(1, idx[0])
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        # channels_last: channels are the contiguous dimension, gather along it
-        xv = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-        y = torch.gather(xv, 2, idx.unsqueeze(1).expand(n, h * w, c))
-        return y.reshape(n, h, w, c).permute(0, 3, 1, 2)  # (N, C, H, W), channels_last strides
     # NCHW: copy whole (H, W) planes, one row per (sample, channel)
     flat = (idx + torch.arange(n, device=idx.device).unsqueeze(1) * c).reshape(-1)
     return x.contiguous().reshape(n * c, h, w).index_select(0, flat).reshape(n, c, h, w)
