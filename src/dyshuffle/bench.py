@@ -27,6 +27,8 @@ Measurement:
   :func:`dyshuffle.macs.count_macs` at batch 1, in evaluation mode (hard permutations).
 - **ratios**: each value divided by the fixed shuffle's value of the same part, target, batch and
   mode (empty where the fixed value is zero, e.g. the parameters of a parameter-free layer).
+  ``latency_ratio_paired`` is the median over the rounds of the ratio within each round, which
+  is less sensitive to load that changes during the run (the two runs of a round are adjacent).
 
 A training step is forward, ``cross_entropy + 0.1 * orthogonal_loss`` (models) or
 ``<y, g> + 0.1 * orthogonal_loss`` with a fixed random ``g`` (layers), backward and an SGD step
@@ -107,6 +109,7 @@ COLUMNS = [
     "params",
     "macs",
     "latency_ratio",
+    "latency_ratio_paired",
     "throughput_ratio",
     "train_mem_ratio",
     "params_ratio",
@@ -595,9 +598,22 @@ def _measure_group(
         except torch.cuda.OutOfMemoryError:
             times, note = {v: [] for v in cases}, "out of memory"
             torch.cuda.empty_cache()
+        ref_times = times.get(BASELINE, [])
         for variant, case in cases.items():
+            if ref_times and len(times[variant]) == len(ref_times):
+                # rounds are interleaved: the ratio within a round sees the same load
+                paired = statistics.median(t / r for t, r in zip(times[variant], ref_times))
+            else:
+                paired = None
             ts = sorted(times[variant])
-            row = dict(base, variant=variant, mode=mode, repeats=len(ts), note=note)
+            row = dict(
+                base,
+                variant=variant,
+                mode=mode,
+                repeats=len(ts),
+                note=note,
+                latency_ratio_paired=paired,
+            )
             if ts:
                 q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
                 med = statistics.median(ts)
@@ -902,16 +918,24 @@ def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> s
         def get(mode: str, var: str, col: str, target=target, batch=batch) -> Any:
             return by.get((target, batch, mode, var), {}).get(col)
 
+        def lat(mode: str, target=target, batch=batch) -> str:
+            r = _fmt_ratio(
+                _ratio(get(mode, variant, "latency_ms"), get(mode, "fixed", "latency_ms"))
+            )
+            paired = _fmt_ratio(get(mode, variant, "latency_ratio_paired"))
+            return f"{r} ({paired})" if r and paired else r
+
         cells = [
-            _ratio(get("infer", variant, "latency_ms"), get("infer", "fixed", "latency_ms")),
-            _ratio(get("train", variant, "latency_ms"), get("train", "fixed", "latency_ms")),
+            lat("infer"),
+            lat("train"),
             _ratio(get("train", variant, "train_mem_mb"), get("train", "fixed", "train_mem_mb")),
             _ratio(get("infer", variant, "params"), get("infer", "fixed", "params")),
             _ratio(get("infer", variant, "macs"), get("infer", "fixed", "macs")),
             _ratio(get("infer", variant, "latency_ms"), get("infer", "fixed_native", "latency_ms")),
             _ratio(get("train", variant, "latency_ms"), get("train", "fixed_native", "latency_ms")),
         ]
-        lines.append(f"| {target} | {batch} | " + " | ".join(_fmt_ratio(c) for c in cells) + " |")
+        text = [c if isinstance(c, str) else _fmt_ratio(c) for c in cells]
+        lines.append(f"| {target} | {batch} | " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
@@ -943,8 +967,9 @@ def markdown_section(
     ]
     if any(r.get("part") == "model" and r.get("variant") == "dynamic" for r in rows):
         lines += [
-            "Whole models, dynamic shuffle over the fixed shuffle (latency: median; memory, "
-            "parameters, MACs as in the table below):",
+            "Whole models, dynamic shuffle over the fixed shuffle: latency as the ratio of the "
+            "medians (in parentheses: the median of the ratios within each round); memory, "
+            "parameters and MACs as in the table below.",
             "",
             summary_table(rows),
             "",
