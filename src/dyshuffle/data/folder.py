@@ -173,6 +173,8 @@ def _tree(paths: list[str]) -> tuple[dict[str, set[str]], dict[str, int]]:
 
 
 def _join(a: str, b: str) -> str:
+    if not b:
+        return a
     return f"{a}/{b}" if a else b
 
 
