@@ -1,0 +1,333 @@
+"""``dyshuffle train`` / ``dyshuffle evaluate``: schedules, configuration, run outputs, failures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dyshuffle.train import cli
+from dyshuffle.train import evaluate as evaluate_cli
+from dyshuffle.train.checkpoint import REQUIRED_KEYS, load_checkpoint, model_from_checkpoint
+from dyshuffle.train.config import ConfigError, TrainConfig, load_yaml, resolve_config
+from dyshuffle.train.optim import create_optimizer, lr_factor, param_groups, tau_at
+from test_data import CIFAR10_NAMES, make_cifar
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tgz"
+FAST = ["--threads", "1", "--no-progress"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# -- schedules and optimizer ----------------------------------------------------------------------
+
+
+def test_onecycle_rises_then_falls_linearly():
+    total = 100
+    f = [lr_factor(s, total, "onecycle", onecycle_pct=0.25) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.05) and f[25] == 1.0 and f[100] == 0.0
+    assert all(a < b for a, b in zip(f[:25], f[1:26]))  # straight rise ...
+    assert all(a > b for a, b in zip(f[25:100], f[26:101]))  # ... straight fall
+    assert f[62] == pytest.approx((100 - 62) / 75)
+    assert lr_factor(100, 100, "onecycle", min_ratio=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_warmup_then_decay_to_min(schedule):
+    total, warm = 50, 10
+    f = [lr_factor(s, total, schedule, warmup=warm, min_ratio=0.2) for s in range(total + 1)]
+    assert f[:warm] == pytest.approx([(s + 1) / (warm + 1) for s in range(warm)])
+    assert f[warm] == pytest.approx(1.0) and f[total] == pytest.approx(0.2)
+    mid = f[warm + (total - warm) // 2]
+    assert mid == pytest.approx(0.6)  # cosine and linear meet at the midpoint
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1 :]))
+
+
+def test_scheduler_steps_per_step_and_tau_schedule():
+    model = torch.nn.Linear(3, 2)
+    opt = create_optimizer(model, "sgd", 0.4, 5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 20, "onecycle"))
+    for step in range(1, 21):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * lr_factor(step, 20, "onecycle"))
+    assert tau_at(0, 11, 2.0, 0.5) == 2.0 and tau_at(10, 11, 2.0, 0.5) == pytest.approx(0.5)
+    assert tau_at(5, 11, 2.0, 0.5) == pytest.approx(1.0)  # geometric midpoint sqrt(2 * 0.5)
+    assert tau_at(5, 11, 2.0, 0.5, "linear") == pytest.approx(1.25)
+
+
+def test_weight_decay_skips_norm_and_bias():
+    from dyshuffle.models import create_model
+
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    decay, no_decay = param_groups(model, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in model.named_parameters() if p.ndim > 1
+    }
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    skip = {id(p) for p in no_decay["params"]}
+    assert all(id(m.weight) in skip and id(m.bias) in skip for m in bn)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    sgd = create_optimizer(model, "sgd", 0.1, 5e-4)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert isinstance(create_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_yaml_then_command_line_override_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 7\nlr: 0.3\nmixer_kwargs: {mode: soft}\nbetas: [0.8, 0.99]\n")
+    cfg = resolve_config({"lr": 0.05}, str(recipe))
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (7, 0.05, TrainConfig().batch_size)
+    assert cfg.mixer_kwargs == {"mode": "soft"} and cfg.betas == [0.8, 0.99]
+
+
+def test_unknown_or_bad_config_values_are_named(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lrr: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'lrr' \(did you mean 'lr'\?\); valid: data, "
+    ):
+        load_yaml(recipe)
+    recipe.write_text("epochs: ten\n")
+    with pytest.raises(ConfigError, match="epochs must be int, got 'ten'"):
+        load_yaml(recipe)
+    recipe.write_text("optimizer: adam\n")
+    with pytest.raises(ConfigError, match="unknown optimizer 'adam'; valid: sgd, adamw"):
+        resolve_config({}, str(recipe))
+    code, _, err = run_cli(["--config", str(recipe)], capsys)
+    assert code == 2 and "unknown optimizer 'adam'" in err
+    code, _, err = run_cli(["--lrr", "0.1"], capsys)
+    assert (
+        code == 2 and "unknown option '--lrr' (did you mean '--lr'?)" in err and "--epochs" in err
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--data", "cifar"])  # ambiguous names do not exist
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'cifar'" in err and "cifar100" in err
+
+
+def test_bad_data_path_is_named_and_nothing_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["--data", "cifar10", "--data-dir", str(tmp_path / "nope"), "--output", str(out), *FAST],
+        capsys,
+    )
+    assert code == 2 and str(tmp_path / "nope") in err and "does not exist" in err
+    assert not out.exists()
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        ["--data", "cifar10", "--data-dir", str(tmp_path / "empty"), "--output", str(out), *FAST],
+        capsys,
+    )
+    assert code == 2 and "cifar-10-batches-py/data_batch_1" in err and not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"precious")
+    code, _, err = run_cli(["--output", str(out), "--epochs", "1", *FAST], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert (out / "last.pt").read_bytes() == b"precious" and sorted(os.listdir(out)) == ["last.pt"]
+
+
+# -- a full run on a fake CIFAR-10 -----------------------------------------------------------
+
+
+def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
+    make_cifar(tmp_path / "data", "cifar10", per_file=20, test=40)
+    out = tmp_path / "run"
+    argv = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--output", str(out),
+            "--epochs", "3", "--batch-size", "20", "--optimizer", "adamw", "--lr", "0.004",
+            "--weight-decay", "0.05", "--schedule", "cosine", "--warmup-epochs", "1",
+            "--tau-start", "2", "--tau-end", "0.5", "--ema", "--ema-decay", "0.9",
+            *FAST]  # fmt: skip
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0, stdout
+    files = {"config.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png", "results.json", "tb"}
+    assert files <= set(os.listdir(out))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == resolve_config(saved).to_dict()
+    assert (saved["lr"], saved["optimizer"], saved["epochs"], saved["ema"]) == (
+        0.004,
+        "adamw",
+        3,
+        True,
+    )
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and [int(r["step"]) for r in rows] == [
+        5,
+        10,
+        15,
+    ]
+    for r in rows:  # the learning rate follows the warm-up + cosine schedule, per step
+        want = 0.004 * lr_factor(int(r["step"]), 15, "cosine", warmup=5)
+        assert float(r["lr"]) == pytest.approx(want, rel=1e-4, abs=1e-12)
+
+    res = json.loads((out / "results.json").read_text())
+    for key in (
+        "top1",
+        "top5",
+        "top1_soft",
+        "top1_hard",
+        "params",
+        "macs",
+        "train_seconds",
+        "device",
+        "torch",
+        "commit",
+        "command",
+    ):
+        assert key in res
+    assert res["top1"] == res["top1_hard"] and res["num_val"] == 40 and res["num_train"] == 100
+    assert res["eval_weights"] == "ema" and res["command"].startswith(
+        "dyshuffle train --data cifar10"
+    )
+    # 15 steps: the running BatchNorm statistics lag, so judge learning by the training loss
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+    state = load_checkpoint(out / "last.pt")
+    assert set(REQUIRED_KEYS) <= set(state)
+    assert state["class_names"] == CIFAR10_NAMES and state["input_size"] == [3, 32, 32]
+    assert state["model_args"]["mixer"] == "dynamic" and state["model_args"]["stem"] == "cifar"
+    assert state["epoch"] == 3 and state["tau"] == pytest.approx(0.5)
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    model, _ = model_from_checkpoint(out / "last.pt")
+    assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
+    assert sum(p.numel() for p in model.parameters()) == res["params"]
+
+    code = evaluate_cli.main([str(out), "--json", str(tmp_path / "ev.json"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert code == 0 and ev["count"] == 40 and f"top-1 {res['top1']:.2f}%" in printed
+    assert ev["top1"] == pytest.approx(res["top1"]) and ev["top1_soft"] == pytest.approx(
+        res["top1_soft"]
+    )
+    assert ev["top5"] == pytest.approx(res["top5"]) and ev["weights"] == "ema"
+
+
+def test_bf16_channels_last_run_keeps_float32_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["--train-subset", "64", "--val-subset", "40", "--batch-size", "32",
+                               "--epochs", "1", "--amp", "bf16", "--channels-last", "--output",
+                               str(out), "--no-tensorboard", *FAST], capsys)  # fmt: skip
+    assert code == 0, stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["amp"] == "bf16" and res["channels_last"] and math.isfinite(res["val_loss"])
+    state = load_checkpoint(out / "last.pt")
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+
+
+# -- failures: NaN loss and Ctrl-C ---------------------------------------------------------------
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    forward = torch.nn.CrossEntropyLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, input, target):
+        calls["n"] += 1
+        loss = forward(self, input, target)
+        return loss * float("nan") if calls["n"] == 3 else loss  # first step of epoch 2
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        [
+            "--train-subset",
+            "64",
+            "--val-subset",
+            "40",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "3",
+            "--output",
+            str(out),
+            "--no-tensorboard",
+            *FAST,
+        ],
+        capsys,
+    )
+    assert code == 1
+    assert "loss became NaN or infinite in epoch 2" in err and str(out / "last.pt") in err
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 1
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--train-subset", "256", "--val-subset", "40", "--batch-size", "32", "--epochs", "2",
+            "--output", str(out), "--no-tensorboard", *FAST]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dyshuffle.cli", "train", *args, "--debug-step-delay", "0.4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted by SIGINT" in stderr and f"--resume {out}" in stderr
+    state = load_checkpoint(out / "last.pt")
+    assert 0 < state["global_step"] < 16 and state["step_in_epoch"] == state["global_step"] % 8
+    code, stdout, _ = run_cli(["--resume", str(out / "last.pt"), *FAST], capsys)
+    assert (
+        code == 0
+        and f"resuming at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}" in stdout
+    )
+    final = load_checkpoint(out / "last.pt")
+    assert final["epoch"] == 2 and final["global_step"] == 16
+
+
+# -- the real CIFAR-10 (JPEG copy) ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason=f"{SHARED_CIFAR} is absent")
+def test_real_cifar10_jpeg_trains_well_above_chance(tmp_path, capsys):
+    out = tmp_path / "run"
+    # a 5,000-image subset at 16x16 pixels for three epochs: about a minute on one CPU core
+    code, stdout, _ = run_cli(["--data", "imagefolder", "--data-dir", str(SHARED_CIFAR),
+                               "--cache-dir", str(tmp_path / "cache"), "--image-size", "16",
+                               "--train-subset", "5000", "--val-subset", "1000", "--epochs", "3",
+                               "--batch-size", "64", "--lr", "0.05", "--output", str(out),
+                               "--no-tensorboard", *FAST], capsys)  # fmt: skip
+    assert code == 0, stdout
+    res = json.loads((out / "results.json").read_text())
+    state = load_checkpoint(out / "best.pt")
+    assert state["class_names"] == CIFAR10_NAMES and state["input_size"] == [3, 16, 16]
+    assert (
+        res["num_train"] == 4992
+        and res["num_val"] == 1000
+        and res["model_args"]["mixer"] == "dynamic"
+    )
+    assert res["top1"] > 30.0, res  # chance is 10%
