@@ -137,8 +137,49 @@ def save_onnx(
     for k, v in (meta or {}).items():
         onnx_program.model.metadata_props[k] = v
     nbytes = sum(p.numel() * p.element_size() for p in program.state_dict.values())
-    onnx_program.save(path, external_data=nbytes > _ONNX_INLINE_LIMIT)
+    external = nbytes > _ONNX_INLINE_LIMIT
+    onnx_program.save(path, external_data=external)
+    if not external:
+        _dedupe_initializers(path)
     return path
+
+
+def _dedupe_initializers(path: Path) -> int:
+    """Store identical constant tensors once (e.g. the permutation tables of layers of one width).
+
+    Returns the number of initializers removed.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in subgraphs for n in graph.node for a in n.attribute):
+        return 0  # names could be captured by a subgraph; leave such graphs alone
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), init.raw_data) if init.raw_data else None
+        if key is not None and key in first:
+            rename[init.name] = first[key]
+        else:
+            if key is not None:
+                first[key] = init.name
+            keep.append(init)
+    if not rename:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    kept_info = [v for v in graph.value_info if v.name not in rename]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    onnx.save(proto, str(path))
+    return len(rename)
 
 
 def save_torchscript(

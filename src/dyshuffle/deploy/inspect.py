@@ -339,7 +339,7 @@ def plot_class_dependence(stats: InspectionStats, path: Path) -> Path:
         (modal, "fraction of the class choosing\nits most frequent permutation", "viridis", (0, 1)),
     )
     for ax, (data, title, cmap, lim) in zip(axes, panels):
-        vmin, vmax = lim if lim else (0.0, max(1e-9, float(np.nanmax(data, initial=0.0))))
+        vmin, vmax = lim if lim else (0.0, max(0.1, float(np.nanmax(data, initial=0.0))))
         im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="none")
         ax.set_title(title, fontsize=9)
         ax.set_yticks(range(len(layers)), [_short(s.name) for s in layers], fontsize=6)
@@ -359,6 +359,9 @@ def plot_orthogonality(stats: InspectionStats, path: Path) -> Path:
     ax, ax2 = fig.subplots(1, 2, width_ratios=(3, 2))
     hist = np.sum([s.ortho_hist for s in stats.layers], axis=0)
     ax.stairs(hist, ORTHO_BINS, fill=True, color="tab:blue")
+    used = np.flatnonzero(hist)
+    if used.size:  # the occupied range, with half a decade of margin
+        ax.set_xlim(ORTHO_BINS[used[0]] - 0.5, ORTHO_BINS[used[-1] + 1] + 0.5)
     ax.set_yscale("log" if hist.max() > 100 * max(1, hist[hist > 0].min()) else "linear")
     ax.set_xlabel(
         f"log10 ||A A^T - I||_F^2 of each soft factor matrix (all layers; <= {ORTHO_BINS[0]:g} "
