@@ -1,0 +1,71 @@
+"""DistributedDataParallel under torchrun: two CPU processes (gloo) keep identical weights, each
+evaluates its own shard, and the reduced metrics are those of the whole validation split."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dyshuffle.data import InMemoryLoader, load_data
+from dyshuffle.train.checkpoint import load_checkpoint, model_from_checkpoint
+from dyshuffle.train.engine import evaluate
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from dyshuffle.train.config import resolve_config
+    from dyshuffle.train.engine import train
+
+    out = sys.argv[1]
+    cfg = resolve_config({"train_subset": 128, "val_subset": 51, "batch_size": 32, "epochs": 2,
+                          "threads": 1, "progress": False, "tensorboard": False,
+                          "output": os.path.join(out, "run"), "device": "cpu"})
+    res = train(cfg, command="test")
+    rank = int(os.environ["RANK"])
+    torch.save({"state": res.model.state_dict(), "results": res.results},
+               os.path.join(out, f"rank{rank}.pt"))
+    """
+)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_two_processes_keep_identical_weights_and_reduce_metrics(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    # identical parameters and (after averaging) BatchNorm statistics on both ranks
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(saved["model"][k], v) for k, v in r0["state"].items())
+    assert saved["global_step"] == 2 * 4  # 128 images / global batch 32, two epochs
+
+    # each rank evaluated its own share; the sums are the whole split
+    a, b = r0["results"], r1["results"]
+    assert a["world_size"] == 2 and (a["local"]["count"], b["local"]["count"]) == (26, 25)
+    assert a["val_count"] == b["val_count"] == 51
+    assert a["val_correct1"] == b["val_correct1"] == a["local"]["correct1"] + b["local"]["correct1"]
+    assert a["top1"] == pytest.approx(100 * a["val_correct1"] / 51)
+
+    # ... and equal what one process measures with the saved weights on the full split
+    model, state = model_from_checkpoint(tmp_path / "run" / "last.pt")
+    data = load_data("digits")
+    idx = torch.randperm(360, generator=torch.Generator().manual_seed(0))[:51].sort().values
+    loader = InMemoryLoader(data.val_images[idx], data.val_labels[idx], batch_size=500,
+                            train=False, mean=state["mean"], std=state["std"])  # fmt: skip
+    single = evaluate(model, loader, torch.device("cpu"))
+    assert single["count"] == 51 and single["correct1"] == a["val_correct1"]
+    assert single["top5"] == pytest.approx(a["top5"])
