@@ -218,3 +218,73 @@ def test_report_and_figures(collected, tmp_path):
     assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% |" in text
     assert f"{mutual_information(COUNTS):.3f}" in text
     assert "KL(p(perm | class) || p(perm))" in text
+
+
+def test_cli_on_the_embedded_digits(tmp_path, capsys):
+    """``dyshuffle inspect CHECKPOINT --data digits``: a real model, data and report."""
+    from dyshuffle.data import load_data
+    from dyshuffle.deploy.inspect import main
+    from dyshuffle.models import create_model
+    from dyshuffle.train.checkpoint import save_checkpoint
+
+    data = load_data("digits")
+    x = (
+        data.val_images[:40].float() / 255 - torch.tensor(data.mean)[:, None, None]
+    ) / torch.tensor(data.std)[:, None, None]
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    first = model.eval().stage2[0].mixer
+
+    def center(layer, args):  # centered, unit-spread hidden units: input-dependent logits
+        z = args[0].mean(dim=(2, 3))
+        lin = layer.generator[0]
+        lin.weight.div_(((z - z.mean(0)) @ lin.weight.T).std(0)[:, None] + 1e-6)
+        lin.bias.copy_(-(z.mean(0) @ lin.weight.T))
+        layer.generator[-1].weight.normal_(0.0, 1.0)
+
+    hook = first.register_forward_pre_hook(center)
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    state = {
+        "model": model.state_dict(),
+        "model_args": model.model_args,
+        "class_names": data.class_names,
+        "input_size": list(data.input_size),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "epoch": 0,
+        "config": {},
+    }
+    ckpt = save_checkpoint(tmp_path / "last.pt", state)
+    out = tmp_path / "inspect"
+    argv = [str(ckpt), "--data", "digits", "--output", str(out), "--max-samples", "40"]
+    assert main([*argv, "--batch-size", "16", "--examples", "2"]) == 0
+    text = (out / "report.md").read_text()
+    assert "40 samples, 10 classes" in text and "16 dynamic layers" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `stage")]
+    assert len(rows) == 16
+    # the distinct permutations of the report equal a direct count on the same images
+    seen: list[int] = []
+    hook = first.register_forward_pre_hook(
+        lambda m, a: seen.append(len(set(map(tuple, m.permutation(a[0]).tolist()))))
+    )
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    assert seen[0] > 1  # the test makes the first layer input-dependent
+    assert rows[0].split("|")[4].strip() == str(seen[0])
+    for name in ("permutation_counts", "class_dependence", "orthogonality", "examples"):
+        variance, colors = _image_stats(out / f"{name}.png")
+        assert variance > 0 and colors > 2
+    printed = capsys.readouterr().out
+    assert f"stage2.0.mixer: {seen[0]} distinct permutations" in printed
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    from dyshuffle.deploy.inspect import main
+
+    missing = tmp_path / "missing.pt"
+    assert main([str(missing), "--data", "digits", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
