@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from dyshuffle.deploy.export import (
     FORMATS,
@@ -34,6 +37,7 @@ from dyshuffle.layers.permutation import permutation_table
 from dyshuffle.models import create_model
 from dyshuffle.train.checkpoint import save_checkpoint
 
+DEPLOY_DOC = Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md"
 INPUT = (3, 32, 32)
 TOL = 1e-4  # max abs difference, fp32
 CONFIGS = sorted(  # the slowest exports first, so that two test workers finish together
@@ -45,6 +49,11 @@ CONFIGS = sorted(  # the slowest exports first, so that two test workers finish 
     key=lambda c: (c[2] != "sds", c[1] not in ("dynamic", "static_dynamic"), c),
 )
 DYNAMIC_MIXERS = ("dynamic", "static_dynamic")
+
+
+def is_dynamic(name: str, mixer: str, pointwise: str) -> bool:
+    """Whether the model has input-dependent permutations."""
+    return mixer in DYNAMIC_MIXERS or pointwise == "sds"
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -135,12 +144,16 @@ FRESH = ("shufflenet_v2_x0_5", "static_dynamic", "conv")
 
 
 @pytest.mark.parametrize(
-    ("name", "mixer", "pointwise"), CONFIGS, ids=["-".join(c) for c in CONFIGS]
+    ("name", "mixer", "pointwise"),
+    [  # the ONNX conversion of the models with dynamic layers takes 10-40 s each on a CPU core
+        pytest.param(*c, id="-".join(c), marks=[pytest.mark.slow] if is_dynamic(*c) else [])
+        for c in CONFIGS
+    ],
 )
 def test_exported_outputs_equal_eager(name, mixer, pointwise, tmp_path):
     model = build(name, mixer, pointwise)
     xs = [inputs(1, 1), inputs(3, 2)]  # two batch sizes, neither the tracing batch (2)
-    dynamic = mixer in DYNAMIC_MIXERS or pointwise == "sds"
+    dynamic = is_dynamic(name, mixer, pointwise)
     if dynamic:  # the test inputs choose different permutations in most dynamic layers
         counts, gap = choices(model, xs[1])
         assert counts and sum(c > 1 for c in counts) >= len(counts) / 2, counts
@@ -225,7 +238,7 @@ def _checkpoint(tmp_path, name="shufflenet_v2_x0_5", mixer="dynamic", pointwise=
     return save_checkpoint(tmp_path / "run" / "last.pt", state), model
 
 
-def test_cli_export_onnx_with_metadata(tmp_path, capsys):
+def test_cli_export_onnx_with_metadata_and_the_doc_snippet(tmp_path, capsys, monkeypatch):
     ckpt, model = _checkpoint(tmp_path, "shufflenet_v1_g3_x0_5", "none")
     assert main([str(ckpt), "--format", "onnx", "--opset", "18"]) == 0
     out = ckpt.with_suffix(".onnx")  # default: next to the checkpoint
@@ -240,6 +253,18 @@ def test_cli_export_onnx_with_metadata(tmp_path, capsys):
     assert meta["input_size"] == list(INPUT) and meta["mean"] == [0.5, 0.5, 0.5]
     x = inputs(2, 9)
     assert (run_exported(out, "onnx", x) - eager(model, x)).abs().max() <= TOL
+
+    # the ```python block of docs/DEPLOY.md runs next to the exported last.onnx
+    (snippet,) = re.findall(r"```python\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.S)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(out.parent / "image.png")
+    monkeypatch.chdir(out.parent)
+    capsys.readouterr()
+    exec(compile(snippet, "docs/DEPLOY.md[python]", "exec"), {})
+    x = torch.from_numpy(np.asarray(image.resize((32, 32)), dtype=np.float32)) / 255
+    expected = eager(model, ((x - 0.5) / 0.25).permute(2, 0, 1)[None]).argmax().item()
+    assert capsys.readouterr().out.strip() == f"class{expected}"
 
 
 def test_cli_export_torchscript_to_output(tmp_path, capsys):
