@@ -1,9 +1,9 @@
 """``dyshuffle export``: a checkpoint to ONNX, TorchScript or a ``torch.export`` ExportedProgram.
 
 The model is exported in ``eval()`` with the hard permutation (the deployed Dynamic Shuffle of
-Gong et al., arXiv 2310.02776): the generator, the binarization (a product with the table of all
-permutations of a factor and an ``ArgMax``) and the channel gather are operations of the graph,
-so the permutation is recomputed for every input. The batch dimension is dynamic; the image size
+Gong et al., arXiv 2310.02776): the generator, the binarization (scores of the candidate
+permutations, an ``ArgMax`` and a table lookup) and the channel gather are operations of the
+graph, so the permutation is recomputed for every input. The batch dimension is dynamic; the image size
 is the checkpoint's ``input_size``.
 
     dyshuffle export runs/cifar/last.pt --format onnx
@@ -54,14 +54,15 @@ def _check_format(fmt: str) -> str:
 
 @contextlib.contextmanager
 def _deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``eval()``, hard permutations and no autograd; the training flag is restored after."""
-    was_training = model.training
+    """``eval()``, hard permutations and no autograd; every module's training flag is restored."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with permutation_mode(model, "hard"), torch.no_grad():
             yield model
     finally:
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
 
 
 def _example(model: nn.Module, input_size: Sequence[int], batch_size: int) -> Tensor:

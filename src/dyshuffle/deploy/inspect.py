@@ -241,7 +241,7 @@ def collect_statistics(
 
         return fn
 
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
     examples: list[Example] = []
@@ -279,7 +279,8 @@ def collect_statistics(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
     return InspectionStats(
         [stats[n] for n, _ in layers], [str(c) for c in class_names], total, correct, examples
     )
