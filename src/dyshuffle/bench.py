@@ -30,6 +30,12 @@ Measurement:
   ``latency_ratio_paired`` is the median over the rounds of the ratio within each round, which
   is less sensitive to load that changes during the run (the two runs of a round are adjacent).
 
+On a CPU shared with other processes, run with ``OMP_WAIT_POLICY=PASSIVE``: by default the
+OpenMP workers spin after each parallel region and compete with the main thread for the cores,
+which inflates every small operation (measured here: a dynamic layer at batch 1 took 54-66 ms
+instead of 0.9 ms). The variable, the 1-minute load average during each measurement and the exact
+command are recorded in the CSV.
+
 A training step is forward, ``cross_entropy + 0.1 * orthogonal_loss`` (models) or
 ``<y, g> + 0.1 * orthogonal_loss`` with a fixed random ``g`` (layers), backward and an SGD step
 (momentum 0.9, Nesterov, weight decay 5e-4). ``bf16`` runs under ``torch.autocast`` with
@@ -115,6 +121,8 @@ COLUMNS = [
     "params_ratio",
     "macs_ratio",
     "note",
+    "load_avg",
+    "cpu_env",
     "commit",
     "command",
 ]
@@ -273,6 +281,14 @@ def _device_name(device: torch.device) -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     return name
+
+
+#: environment variables that change how the CPU threads wait (recorded with the results)
+CPU_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
+
+
+def _cpu_env() -> str:
+    return " ".join(f"{k}={os.environ[k]}" for k in CPU_ENV if k in os.environ)
 
 
 def _slug(text: str) -> str:
@@ -598,6 +614,7 @@ def _measure_group(
         except torch.cuda.OutOfMemoryError:
             times, note = {v: [] for v in cases}, "out of memory"
             torch.cuda.empty_cache()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         ref_times = times.get(BASELINE, [])
         for variant, case in cases.items():
             if ref_times and len(times[variant]) == len(ref_times):
@@ -613,6 +630,7 @@ def _measure_group(
                 repeats=len(ts),
                 note=note,
                 latency_ratio_paired=paired,
+                load_avg=load,
             )
             if ts:
                 q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
@@ -671,6 +689,7 @@ def run_benchmark(
         layout=layout,
         threads=torch.get_num_threads() if device.type == "cpu" else "",
         compile=cfg.compile,
+        cpu_env=_cpu_env() if device.type == "cpu" else "",
         commit=cfg.commit,
         command=cfg.command,
     )
@@ -952,7 +971,14 @@ def markdown_section(
         + (f", {r0.get('threads')} threads" if r0.get("threads") not in (None, "") else "")
         + f"), precision **{r0.get('precision', '?')}**, layout **{r0.get('layout', '?')}**, "
         f"torch {r0.get('torch', '?')}, compile {r0.get('compile', 'none')}"
+        + (f", {r0.get('cpu_env')}" if r0.get("cpu_env") else "")
     )
+    loads = [x for x in (_number(r.get("load_avg")) for r in rows) if x is not None]
+    if loads:
+        cond += (
+            f"; 1-minute load average of the machine while measuring: "
+            f"{min(loads):.1f} to {max(loads):.1f}"
+        )
     memo = {r.get("mem_method") for r in rows if r.get("mem_method")}
     lines = [
         f"<!-- bench:{name} -->",
@@ -1138,7 +1164,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle bench``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    command = args.command or "dyshuffle bench " + " ".join(shlex.quote(a) for a in argv)
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in CPU_ENV if k in os.environ)
+    command = args.command or (
+        (env + " " if env else "") + "dyshuffle bench " + " ".join(shlex.quote(a) for a in argv)
+    )
 
     if args.from_csv:
         out = io.StringIO()
@@ -1159,6 +1188,13 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)
+        if args.threads > 1 and "OMP_WAIT_POLICY" not in os.environ and not args.quiet:
+            print(
+                "dyshuffle bench: OMP_WAIT_POLICY is not set; on a CPU shared with other "
+                "processes, spinning OpenMP workers can inflate small operations by orders of "
+                "magnitude. Consider OMP_WAIT_POLICY=PASSIVE dyshuffle bench ...",
+                file=sys.stderr,
+            )
     else:
         torch.backends.cudnn.benchmark = True
     batches = args.batch or ([1, 32, 256] if device == "cpu" else [1, 32, 256, 1024])
