@@ -32,9 +32,9 @@ Measurement:
 
 On a CPU shared with other processes, run with ``OMP_WAIT_POLICY=PASSIVE``: by default the
 OpenMP workers spin after each parallel region and compete with the main thread for the cores,
-which inflates every small operation (measured here: a dynamic layer at batch 1 took 54-66 ms
-instead of 0.9 ms). The variable, the 1-minute load average during each measurement and the exact
-command are recorded in the CSV.
+which inflates every small operation by orders of magnitude (see docs/BENCHMARKS.md). The
+variable, the 1-minute load average during each measurement and the exact command are recorded in
+the CSV.
 
 A training step is forward, ``cross_entropy + 0.1 * orthogonal_loss`` (models) or
 ``<y, g> + 0.1 * orthogonal_loss`` with a fixed random ``g`` (layers), backward and an SGD step
