@@ -64,8 +64,10 @@ class TrainConfig:
         per step; ``None`` keeps the layers' own).
     Runtime:
         amp, channels_last, compile, ema, ema_decay, eval_weights, device, seed, deterministic,
-        threads (0: PyTorch's default), output (run folder), save_every_steps (0: once per
-        epoch), eval_every (epochs), log_every (steps), progress, tensorboard.
+        threads (intra-op CPU threads; 1 by default, as small models gain little from more
+        and slow down badly on a shared machine; 0: PyTorch's default), output (run folder),
+        save_every_steps (0: once per epoch), eval_every (epochs), log_every (steps), progress,
+        tensorboard.
     """
 
     # data
@@ -119,7 +121,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
-    threads: int = 0
+    threads: int = 1
     output: str | None = None
     save_every_steps: int = 0
     eval_every: int = 1

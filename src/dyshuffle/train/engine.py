@@ -588,11 +588,12 @@ class _Run:
             with torch.no_grad():
                 n = y.shape[0]
                 bad |= ~torch.isfinite(loss.detach())
-                o = ortho.detach().double() if ortho is not None else torch.zeros((), device=dev)
-                sums += torch.stack([
-                    task.detach().double() * n, (out.argmax(1) == y).sum().double(),
-                    torch.tensor(float(n), device=dev, dtype=torch.float64), o * n,
-                ])  # fmt: skip
+                # in place, without host-device copies (no synchronization per step)
+                sums[0].add_(task.detach().double(), alpha=n)
+                sums[1].add_((out.argmax(1) == y).sum())
+                sums[2].add_(n)
+                if ortho is not None:
+                    sums[3].add_(ortho.detach().double(), alpha=n)
             last_step = step + 1 == steps
             log_now = self.global_step % cfg.log_every == 0 or last_step
             save_now = cfg.save_every_steps > 0 and self.global_step % cfg.save_every_steps == 0
