@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,21 +145,36 @@ def run_sweep(
     output_root: str | Path = "runs/sweeps",
     dry_run: bool = False,
     force: bool = False,
+    records: str | Path | None = None,
+    report: str | Path | None = None,
+    time_budget: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Train every run x seed of ``spec`` not yet recorded; return the new records."""
+    """Train every run x seed of ``spec`` not yet recorded; return the new records.
+
+    Seeds are the outer loop, so a sweep cut short still has every configuration at the first
+    seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
+    judging by the longest run so far.
+    """
     from .train.config import resolve_config
     from .train.engine import train
 
-    records_path = Path(spec.records)
+    records_path = Path(records or spec.records)
+    report = report or spec.report
     done = set() if force else _done(records_path, spec.name)
     new: list[dict[str, Any]] = []
-    for run in spec.runs:
-        label = run_label(run)
-        for seed in seeds if seeds is not None else spec.seeds:
+    start, longest = time.monotonic(), 0.0
+    for seed in seeds if seeds is not None else spec.seeds:
+        for run in spec.runs:
+            label = run_label(run)
+            elapsed = time.monotonic() - start
+            if time_budget and not dry_run and elapsed + longest > time_budget:
+                print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
+                return new
             if (label, seed) in done:
                 print(f"[sweep] {spec.name}: {label} seed {seed} already recorded, skipped")
                 continue
-            out = Path(output_root) / spec.name / label.replace("/", "_")[:120] / f"seed{seed}"
+            folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
+            out = Path(output_root) / spec.name / folder / f"seed{seed}"
             options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
             argv = ["--config", spec.base, *options_to_argv(options)]
             command = shlex.join(["dyshuffle", "train", *argv])
@@ -166,7 +183,9 @@ def run_sweep(
                 continue
             cli = {k: v for k, v in options.items() if v is not None}
             cfg = resolve_config(cli, spec.base)
+            t0 = time.monotonic()
             result = train(cfg, command=command).results
+            longest = max(longest, time.monotonic() - t0)
             record = {
                 "sweep": spec.name,
                 "run": label,
@@ -193,7 +212,7 @@ def run_sweep(
                 "command": command,
             }
             append_record(records_path, record)
-            write_report(spec.report, sorted(records_path.parent.glob("*_runs.jsonl")))
+            write_report(report, sorted(records_path.parent.glob("*_runs.jsonl")))
             new.append(record)
     return new
 
@@ -231,15 +250,28 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="only regenerate the report from the records"
     )
     parser.add_argument(
-        "--records", nargs="+", help="record files for --report (default: results/*_runs.jsonl)"
+        "--records",
+        nargs="+",
+        help="record files for --report (default: results/*_runs.jsonl); with a sweep file, "
+        "the one file new runs are appended to (default: the file's 'records')",
     )
-    parser.add_argument("--output", default="RESULTS.md", help="report path for --report")
+    parser.add_argument(
+        "--output", help="report path (default: RESULTS.md, or the sweep file's 'report')"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="start no run that would likely end past this many seconds (0: no limit)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.report:
             files = [Path(p) for p in args.records] if args.records else None
             files = files or sorted(Path("results").glob("*_runs.jsonl"))
-            print(f"wrote {write_report(args.output, files)} from {len(files)} record file(s)")
+            out = write_report(args.output or "RESULTS.md", files)
+            print(f"wrote {out} from {len(files)} record file(s)")
             return 0
         if not args.spec:
             parser.error("give a sweep file, or --report")
@@ -251,9 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             output_root=args.output_root,
             dry_run=args.dry_run,
             force=args.force,
+            records=args.records[0] if args.records else None,
+            report=args.output,
+            time_budget=args.time_budget,
         )
     except ValueError as e:
         print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
         return 2
-    print(f"[sweep] {len(new)} new run(s) recorded in {spec.records}")
+    print(
+        f"[sweep] {len(new)} new run(s) recorded in {args.records[0] if args.records else spec.records}"
+    )
     return 0
