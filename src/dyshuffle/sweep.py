@@ -290,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"[sweep] {len(new)} new run(s) recorded in {args.records[0] if args.records else spec.records}"
-    )
+    where = args.records[0] if args.records else spec.records
+    print(f"[sweep] {len(new)} new run(s) recorded in {where}")
     return 0
