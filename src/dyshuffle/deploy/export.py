@@ -3,8 +3,8 @@
 The model is exported in ``eval()`` with the hard permutation (the deployed Dynamic Shuffle of
 Gong et al., arXiv 2310.02776): the generator, the binarization (scores of the candidate
 permutations, an ``ArgMax`` and a table lookup) and the channel gather are operations of the
-graph, so the permutation is recomputed for every input. The batch dimension is dynamic; the image size
-is the checkpoint's ``input_size``.
+graph, so the permutation is recomputed for every input. The batch dimension is dynamic; the
+image size is the checkpoint's ``input_size``.
 
     dyshuffle export runs/cifar/last.pt --format onnx
     dyshuffle export runs/cifar/last.pt --format exported-program --output model.pt2
