@@ -14,7 +14,7 @@ import torch
 
 from dyshuffle.train.checkpoint import load_checkpoint
 
-ARGS = ["--train-subset", "256", "--val-subset", "40", "--batch-size", "32", "--epochs", "2",
+ARGS = ["--train-subset", "128", "--val-subset", "40", "--batch-size", "16", "--epochs", "2",
         "--save-every-steps", "3", "--ema", "--threads", "1", "--no-progress",
         "--no-tensorboard"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,7 +47,7 @@ def tensors_equal(a, b) -> bool:
 def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = train("--output", str(straight))
-    victim = train("--output", str(killed), "--debug-step-delay", "0.25")
+    victim = train("--output", str(killed), "--debug-step-delay", "0.2")
     deadline, state = time.time() + 180, None
     while time.time() < deadline:  # wait for a mid-epoch checkpoint in the second epoch
         try:

@@ -180,7 +180,8 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a plain dict (test hooks left out, so a resumed run drops them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _HIDDEN}
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

@@ -614,7 +614,7 @@ class _Run:
                     "sums": sums.tolist(),
                     "train_seconds": seconds_before + time.perf_counter() - t0,
                 }
-                if stop_now:
+                if stop_now and not last_step:  # on the last step, the epoch end saves
                     if bar is not None:
                         bar.close()
                     path = self.save()
@@ -682,7 +682,10 @@ class _Run:
                     if improved:
                         self.save("best.pt")
                     self._log_epoch(row)
-                if stop.requested and ep < cfg.epochs:
+                stop_now = self._check(torch.zeros((), dtype=torch.bool, device=self.device), stop)[
+                    1
+                ]
+                if stop_now and ep < cfg.epochs:
                     barrier(info)
                     raise TrainingInterrupted(
                         f"interrupted by {stop.signal_name} at the end of epoch {ep}; checkpoint "
