@@ -292,9 +292,68 @@ def _metavar(name: str, tp: Any) -> str:
     return {int: "N", float: "X", str: "STR"}.get(tp, "V")
 
 
+HELP: dict[str, str] = {
+    "data": "data set",
+    "data_dir": "its folder (imagefolder: a folder or a .tar/.tgz of one)",
+    "download": "fetch CIFAR-10/100 with torchvision when missing",
+    "cache_dir": "decoded arrays and extracted archives (null: ~/.cache/dyshuffle)",
+    "train_split": "image folders: training sub-folder ('auto': train/)",
+    "val_split": "image folders: validation sub-folder ('auto': val/ or test/; 'none': hold out)",
+    "val_fraction": "image folders without a validation folder: fraction held out per class",
+    "image_size": "decode / crop size (image folders, ImageNet)",
+    "loader": "memory: device-resident data, on-device augmentation; workers: DataLoader",
+    "workers": "DataLoader processes / decoding threads",
+    "train_subset": "use N training images of a fixed random order (0: all)",
+    "val_subset": "use N validation images of a fixed random order (0: all)",
+    "crop_padding": "random-crop zero padding in pixels (default: the data set's)",
+    "hflip": "random horizontal flips (default: the data set's; off for digits)",
+    "model": "model name (dyshuffle.models.list_models())",
+    "stem": "auto: cifar up to 64 pixels, else imagenet",
+    "mixer": "channel mixer: shuffle, none, learned, dynamic, static_dynamic",
+    "pointwise": "conv or sds (static-dynamic shuffle in place of 1x1 convolutions)",
+    "mixer_kwargs": "extra create_model keywords, e.g. '{mode: soft, shared: false}'",
+    "epochs": "training epochs",
+    "batch_size": "global batch size (all processes together)",
+    "eval_batch_size": "evaluation batch size per process",
+    "optimizer": "sgd (Nesterov) or adamw",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "betas": "AdamW betas",
+    "weight_decay": "weight decay (not on norm and bias parameters)",
+    "schedule": "learning-rate schedule, stepped every batch",
+    "warmup_epochs": "linear warm-up (cosine, linear, constant)",
+    "onecycle_pct": "onecycle: fraction of the steps spent rising",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "grad_clip": "clip the gradient norm (0: off)",
+    "ortho_weight": "weight of dyshuffle.orthogonal_loss in the loss",
+    "tau_start": "temperature of the dynamic layers at the first step",
+    "tau_end": "temperature at the last step",
+    "tau_schedule": "temperature interpolation",
+    "amp": "autocast precision",
+    "channels_last": "channels-last memory format",
+    "compile": "torch.compile the model",
+    "ema": "keep an exponential moving average of the weights",
+    "ema_decay": "EMA decay",
+    "eval_weights": "weights to evaluate (auto: EMA when kept)",
+    "device": "auto: CUDA when available",
+    "seed": "seed of initialization, data order and augmentation",
+    "deterministic": "torch.use_deterministic_algorithms",
+    "threads": "CPU threads (0: PyTorch's default)",
+    "output": "run folder (null: runs/<data>-<model>-<mixer>-<time>)",
+    "save_every_steps": "also save last.pt every N steps (0: once per epoch)",
+    "eval_every": "evaluate every N epochs",
+    "log_every": "log (and check the loss) every N steps",
+    "progress": "progress bar (on a terminal)",
+    "tensorboard": "TensorBoard logs in <output>/tb",
+}
+
+
 def _help(name: str, f: dataclasses.Field) -> str:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return f"(default: {json.dumps(default)})"
+    text = HELP.get(name, "")
+    return f"{text} (default: {json.dumps(default)})".replace("%", "%%").strip()
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
