@@ -254,13 +254,18 @@ def _ema_avg_fn(decay: float):
 
     @torch.no_grad()
     def fn(ema_params: list[Tensor], params: list[Tensor], n_averaged: Tensor) -> None:
-        n = float(n_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        else:  # integer buffers (BatchNorm's num_batches_tracked): copy
+        if not torch.is_floating_point(ema_params[0]):  # BatchNorm's num_batches_tracked: copy
             for e, p in zip(ema_params, params):
                 e.copy_(p)
+            return
+        if n_averaged.device.type == "cpu":  # AveragedModel keeps the count on the CPU: no sync
+            n = float(n_averaged)
+            torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+            return
+        n = n_averaged.to(device=ema_params[0].device, dtype=ema_params[0].dtype)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1.0 - d))
 
     return fn
 
