@@ -90,6 +90,24 @@ def test_weight_decay_skips_norm_and_bias():
     assert isinstance(create_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
 
 
+def test_ema_decay_warms_up_then_holds():
+    from torch.optim.swa_utils import AveragedModel
+
+    from dyshuffle.train.engine import _ema_avg_fn
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = AveragedModel(model, multi_avg_fn=_ema_avg_fn(0.5), use_buffers=True)
+    w = model[0].weight.detach().clone()
+    ema.update_parameters(model)  # the first update copies
+    for n in range(1, 12):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        before = ema.module[0].weight.detach().clone()
+        ema.update_parameters(model)
+        d = min(0.5, (1 + n) / (10 + n))  # 2/11, 3/12, ... capped at the decay
+        assert torch.allclose(ema.module[0].weight, d * before + (1 - d) * (w + n), atol=1e-6)
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
