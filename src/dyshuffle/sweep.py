@@ -155,6 +155,7 @@ def run_sweep(
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
     judging by the longest run so far.
     """
+    from .train.checkpoint import load_checkpoint
     from .train.config import resolve_config
     from .train.engine import train
 
@@ -183,8 +184,12 @@ def run_sweep(
                 continue
             cli = {k: v for k, v in options.items() if v is not None}
             cfg = resolve_config(cli, spec.base)
+            resume = None
+            if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
+                print(f"[sweep] resuming {out}", flush=True)
+                resume = load_checkpoint(out / "last.pt")
             t0 = time.monotonic()
-            result = train(cfg, command=command).results
+            result = train(cfg, resume=resume, command=command).results
             longest = max(longest, time.monotonic() - t0)
             record = {
                 "sweep": spec.name,
