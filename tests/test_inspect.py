@@ -223,13 +223,15 @@ def test_report_and_figures(collected, tmp_path):
 def test_cli_on_the_embedded_digits(tmp_path, capsys):
     """``dyshuffle inspect CHECKPOINT --data digits``: a real model, data and report."""
     from dyshuffle.data import load_data
-    from dyshuffle.deploy.inspect import main
+    from dyshuffle.deploy.inspect import _subset, main
     from dyshuffle.models import create_model
     from dyshuffle.train.checkpoint import save_checkpoint
 
     data = load_data("digits")
+    rows40 = _subset(len(data.val_labels), 40)  # --max-samples 40: a fixed random subset
+    assert len(rows40) == 40 and len(set(data.val_labels[rows40].tolist())) > 2
     x = (
-        data.val_images[:40].float() / 255 - torch.tensor(data.mean)[:, None, None]
+        data.val_images[rows40].float() / 255 - torch.tensor(data.mean)[:, None, None]
     ) / torch.tensor(data.std)[:, None, None]
     torch.manual_seed(0)
     model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")

@@ -551,12 +551,14 @@ def _batches_from_data(
                 f"data set {spec!r} has images of shape {tuple(images.shape[1:])}, the checkpoint "
                 f"expects {tuple(input_size)}"
             )
-        n = len(labels) if max_samples is None else min(len(labels), max_samples)
+        keep = _subset(len(labels), max_samples)
+        n = len(keep)
 
         def gen():
             for i in range(0, n, batch_size):
-                x = images[i : min(n, i + batch_size)].float().div_(255.0)
-                yield (x - m) / s, labels[i : min(n, i + batch_size)]
+                rows = keep[i : i + batch_size]
+                x = images[rows].float().div_(255.0)
+                yield (x - m) / s, labels[rows]
 
         return gen(), list(data.class_names)
 
@@ -564,7 +566,7 @@ def _batches_from_data(
 
     from .predict import preprocess
 
-    samples = data.val_samples[:max_samples] if max_samples else data.val_samples
+    samples = [data.val_samples[i] for i in _subset(len(data.val_samples), max_samples)]
 
     def gen_files():
         for i in range(0, len(samples), batch_size):
@@ -576,6 +578,17 @@ def _batches_from_data(
             yield torch.stack(xs), torch.tensor([lab for _, lab in chunk])
 
     return gen_files(), list(data.class_names)
+
+
+def _subset(total: int, max_samples: int | None) -> Tensor:
+    """Indices of the samples to use: all, or ``max_samples`` drawn at random (seed 0), in order.
+
+    Validation splits are often sorted by class, so their first N samples would cover few classes.
+    """
+    if max_samples is None or max_samples >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(total, generator=g)[:max_samples].sort().values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -593,7 +606,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", default=None, help="the data set's folder (not for digits)")
     p.add_argument("--output", required=True, help="folder for report.md and the PNG figures")
-    p.add_argument("--max-samples", type=int, default=None, help="use the first N samples")
+    p.add_argument(
+        "--max-samples", type=int, default=None, help="use N samples drawn at random (seed 0)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--examples", type=int, default=4, help="images drawn with their matrices")
     return p
