@@ -991,13 +991,18 @@ def markdown_section(
         "Training memory: " + (", ".join(sorted(memo)) or "not measured") + ".",
         "",
     ]
-    if any(r.get("part") == "model" and r.get("variant") == "dynamic" for r in rows):
+    dynamic = [
+        v
+        for v in dict.fromkeys(r.get("variant") for r in rows if r.get("part") == "model")
+        if v and v.startswith("dynamic")
+    ]
+    for variant in dynamic:
         lines += [
-            "Whole models, dynamic shuffle over the fixed shuffle: latency as the ratio of the "
+            f"Whole models, `{variant}` over the fixed shuffle: latency as the ratio of the "
             "medians (in parentheses: the median of the ratios within each round); memory, "
             "parameters and MACs as in the table below.",
             "",
-            summary_table(rows),
+            summary_table(rows, variant),
             "",
         ]
     lines += [markdown_table(rows), f"<!-- /bench:{name} -->"]
