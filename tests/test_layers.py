@@ -57,8 +57,10 @@ def dense_reference(layer: DynamicShuffle, a_mat: torch.Tensor, b_mat: torch.Ten
         for s in range(n)
     ]
     mats = torch.stack(blocks)  # (N, C, C)
-    cross = permutation_matrix(channel_shuffle(torch.arange(c).view(1, c, 1, 1), g).view(c))
-    return torch.einsum("nij,njhw->nihw", cross @ mats, x)
+    if layer.cross_shuffle:
+        cross = permutation_matrix(channel_shuffle(torch.arange(c).view(1, c, 1, 1), g).view(c))
+        mats = cross @ mats
+    return torch.einsum("nij,njhw->nihw", mats, x)
 
 
 # --- fixed shuffle ------------------------------------------------------------------------
@@ -307,10 +309,13 @@ def test_soft_kronecker_equals_dense_matrix(shared, channels, groups, factors):
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_ste_fast_path_equals_reference(cls, shared, layout):
+@pytest.mark.parametrize("cross", [True, False])
+def test_ste_fast_path_equals_reference(cls, shared, layout, cross):
     """Hard gather + custom backward == straight-through product with dense C x C matrices."""
     torch.manual_seed(0)
-    layer = cls(24, groups=2, factors=(3, 4), shared=shared, mode="ste", init="random").train()
+    layer = cls(
+        24, groups=2, factors=(3, 4), shared=shared, mode="ste", init="random", cross_shuffle=cross
+    ).train()
     if cls is DynamicShuffle:
         randomize_generator(layer, scale=1.0)
     x = torch.randn(3, 24, 3, 2)
