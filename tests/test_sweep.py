@@ -86,3 +86,22 @@ def test_bad_sweep_file_names_the_key(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"name": "x", "base": "b.yaml", "runs": [], "sed": [1]}))
     assert main([str(bad)]) == 2
     assert "unknown sweep keys ['sed']" in capsys.readouterr().err
+
+
+def test_a_run_folder_left_by_a_crash_is_resumed(tmp_path, monkeypatch, capsys):
+    """Records lost after the run wrote its checkpoint: the rerun continues from last.pt."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(data="digits", epochs=1, train_subset=128, val_subset=64, progress=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "tensorboard": False}))
+    spec = dict(
+        name="crash", base="base.yaml", records="r/x_runs.jsonl", runs=[{"mixer": "shuffle"}]
+    )
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["s.yaml"]) == 0
+    first = json.loads((tmp_path / "r/x_runs.jsonl").read_text())
+    (tmp_path / "r/x_runs.jsonl").unlink()
+    capsys.readouterr()
+    assert main(["s.yaml"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    again = json.loads((tmp_path / "r/x_runs.jsonl").read_text())
+    assert again["top1_hard"] == first["top1_hard"] and again["params"] == first["params"]
