@@ -112,7 +112,31 @@ def random_crop(x: Tensor, offsets: Tensor, padding: int) -> Tensor:
     return xp.gather(3, cols)  # (N, C, H, W)
 
 
-class InMemoryLoader:
+class _EpochLength:
+    """Length of a loader's epoch: the plan's steps in training, this rank's share otherwise.
+
+    Subclasses set ``train``, ``batch_size`` and either ``plan`` (training) or ``local``.
+    """
+
+    train: bool
+    batch_size: int
+    plan: EpochPlan
+    local: Sequence[int] | Tensor
+
+    @property
+    def num_samples(self) -> int:
+        """Samples seen by this rank in one epoch."""
+        if self.train:
+            return self.plan.steps * self.plan.local_batch
+        return len(self.local)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.plan.steps
+        return math.ceil(len(self.local) / self.batch_size)
+
+
+class InMemoryLoader(_EpochLength):
     """Batches from uint8 images held on the training device, augmented on the device.
 
     Args:
@@ -162,18 +186,6 @@ class InMemoryLoader:
             )
         else:
             self.local = torch.arange(rank, len(labels), world_size, device=self.device)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples seen by this rank in one epoch."""
-        if self.train:
-            return self.plan.steps * self.plan.local_batch
-        return len(self.local)
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.plan.steps
-        return math.ceil(len(self.local) / self.batch_size)
 
     def _finish(self, x: Tensor) -> Tensor:
         x = normalize(x, self.mean, self.std)
@@ -232,7 +244,7 @@ class _Files(torch.utils.data.Dataset):
         return self.transform(open_image(path, path)), label
 
 
-class FileLoader:
+class FileLoader(_EpochLength):
     """A multi-worker ``DataLoader`` over image files with torchvision transforms.
 
     Training: ``RandomResizedCrop(size)`` and ``RandomHorizontalFlip``; evaluation: resize to
@@ -287,17 +299,6 @@ class FileLoader:
             )
         else:
             self.local = list(range(rank, len(samples), world_size))
-
-    @property
-    def num_samples(self) -> int:
-        if self.train:
-            return self.plan.steps * self.plan.local_batch
-        return len(self.local)
-
-    def __len__(self) -> int:
-        if self.train:
-            return self.plan.steps
-        return math.ceil(len(self.local) / self.batch_size)
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(images float32 normalized, labels)`` on the device."""
