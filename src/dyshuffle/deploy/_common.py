@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CheckpointError", "input_size_of", "load_model", "metadata"]
+__all__ = ["CheckpointError", "fields_of", "input_size_of", "load_model", "metadata"]
 
 
 class CheckpointError(ValueError):
@@ -51,6 +51,14 @@ def input_size_of(state: dict[str, Any]) -> tuple[int, int, int]:
     if size is None or len(size) != 3:
         raise CheckpointError(f"checkpoint has no valid 'input_size' [C, H, W], got {size!r}")
     return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+
+def fields_of(state: dict[str, Any], path: str | Path, *keys: str) -> list[Any]:
+    """The values of ``keys`` in a checkpoint; a missing one raises naming it and the file."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing[0]!r}")
+    return [state[k] for k in keys]
 
 
 def metadata(state: dict[str, Any]) -> dict[str, str]:

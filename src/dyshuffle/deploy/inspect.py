@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, orthogonality, permutation_matrix
 
-from ._common import CheckpointError, input_size_of, load_model
+from ._common import CheckpointError, fields_of, input_size_of, load_model
 
 __all__ = [
     "ORTHO_BINS",
@@ -620,10 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, state = load_model(args.checkpoint)
         input_size = input_size_of(state)
-        mean, std = state["mean"], state["std"]
-    except KeyError as e:
-        print(f"dyshuffle inspect: checkpoint {args.checkpoint!r} lacks {e}", file=sys.stderr)
-        return 2
+        mean, std = fields_of(state, args.checkpoint, "mean", "std")
     except CheckpointError as e:
         print(f"dyshuffle inspect: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from ._common import CheckpointError, input_size_of, load_model
+from ._common import CheckpointError, fields_of, input_size_of, load_model
 
 __all__ = ["main", "predict", "preprocess"]
 
@@ -102,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, state = load_model(args.checkpoint)
         input_size = input_size_of(state)
-        class_names = [str(c) for c in state["class_names"]]
-        mean, std = state["mean"], state["std"]
-    except KeyError as e:
-        print(f"dyshuffle predict: checkpoint {args.checkpoint!r} lacks {e}", file=sys.stderr)
-        return 2
+        names, mean, std = fields_of(state, args.checkpoint, "class_names", "mean", "std")
+        class_names = [str(c) for c in names]
     except CheckpointError as e:
         print(f"dyshuffle predict: {e}", file=sys.stderr)
         return 2
