@@ -9,12 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
-if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+# the device image has pyyaml, matplotlib and tqdm; the carried wheels only stand in when not
+if ! python3 -c "import yaml, matplotlib, tqdm" 2>/dev/null && compgen -G ".gpu/whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .gpu/whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# no .git travels to the device: the commit comes from gpu_prepare.sh
+[ -f .gpu/COMMIT ] && export DYSHUFFLE_COMMIT=${DYSHUFFLE_COMMIT:-$(cat .gpu/COMMIT)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 SWEEP=${1:-sweeps/cifar10_gpu.yaml}
 shift || true

@@ -78,3 +78,13 @@ def test_runs_with_other_options_are_separate_configurations():
 
 def test_empty_report():
     assert "No runs recorded yet." in render_results([])
+
+
+def test_notes_are_listed_under_the_table():
+    note = "three runs shared the GPU"
+    rows = [record("shuffle", 0, 80.0, note=note), record("shuffle", 1, 81.0, note=note)]
+    rows.append(record("dynamic", 0, 82.0))
+    text = render_results(rows)
+    assert text.count("- three runs shared the GPU") == 1
+    assert "Conditions recorded with the runs:" in text
+    assert "Conditions" not in render_results([record("shuffle", 0, 80.0)])

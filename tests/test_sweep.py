@@ -58,18 +58,20 @@ def test_sweep_records_runs_and_skips_recorded_ones(tmp_path, monkeypatch, capsy
     )
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     assert load_spec("sweep.yaml").seeds == [0]
-    assert main(["sweep.yaml"]) == 0
+    assert main(["sweep.yaml", "--note", "tiny test"]) == 0
     lines = (tmp_path / "results/digits_runs.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["mixer"] for r in records] == ["shuffle", "dynamic"]
     dyn = records[1]
     assert dyn["options"] == {"mixer.mode": "soft"}
+    assert all(r["note"] == "tiny test" for r in records)
     assert dyn["top1_soft"] is not None and records[0]["top1_soft"] is None
     assert dyn["macs"] > records[0]["macs"]  # the generators are counted
     for r in records:
         assert 0.0 <= r["top1_hard"] <= 100.0 and r["command"].startswith("dyshuffle train")
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| dynamic |" in report and "| shuffle |" in report and "mixer.mode=soft" in report
+    assert "- tiny test" in report
     # a second call finds both runs recorded and trains nothing
     capsys.readouterr()
     assert main(["sweep.yaml"]) == 0

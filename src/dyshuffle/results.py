@@ -188,4 +188,9 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
         for g in rows:
             lines.append(f"- `{g.first['command']}` (commit {str(g.first['commit'])[:10]})")
         lines.append("")
+        notes = sorted({r["note"] for g in rows for r in g.records if r.get("note")})
+        if notes:
+            lines += ["Conditions recorded with the runs:", ""]
+            lines += [f"- {n}" for n in notes]
+            lines.append("")
     return "\n".join(lines) + "\n"

@@ -148,12 +148,14 @@ def run_sweep(
     records: str | Path | None = None,
     report: str | Path | None = None,
     time_budget: float = 0.0,
+    note: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train every run x seed of ``spec`` not yet recorded; return the new records.
 
     Seeds are the outer loop, so a sweep cut short still has every configuration at the first
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
-    judging by the longest run so far.
+    judging by the longest run so far. ``note`` (e.g. "4 runs shared the GPU") is recorded with
+    every run and listed under its table in the report.
     """
     from .train.checkpoint import load_checkpoint
     from .train.config import resolve_config
@@ -218,6 +220,8 @@ def run_sweep(
                 "commit": result.get("commit"),
                 "command": command,
             }
+            if note:
+                record["note"] = note
             append_record(records_path, record)
             write_report(report, sorted(records_path.parent.glob("*_runs.jsonl")))
             new.append(record)
@@ -272,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="start no run that would likely end past this many seconds (0: no limit)",
     )
+    parser.add_argument(
+        "--note",
+        help="a condition of these runs that the options do not say, recorded with each run and "
+        "listed in the report (e.g. 'three runs shared the GPU at a time')",
+    )
     args = parser.parse_args(argv)
     try:
         if args.report:
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             records=args.records[0] if args.records else None,
             report=args.output,
             time_budget=args.time_budget,
+            note=args.note,
         )
     except ValueError as e:
         print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
