@@ -88,3 +88,17 @@ def test_notes_are_listed_under_the_table():
     assert text.count("- three runs shared the GPU") == 1
     assert "Conditions recorded with the runs:" in text
     assert "Conditions" not in render_results([record("shuffle", 0, 80.0)])
+
+
+def test_commit_named_in_the_environment_wins(monkeypatch):
+    # a device machine may receive a .git of another commit beside the tree it runs
+    from dyshuffle.bench import _git_commit
+    from dyshuffle.train.report import git_commit
+
+    monkeypatch.setenv("DYSHUFFLE_COMMIT", "0123456789abcdef")
+    assert git_commit() == "0123456789abcdef"
+    assert _git_commit() == "0123456"
+    monkeypatch.setenv("DYSHUFFLE_COMMIT", "0123456789abcdef-dirty")
+    assert _git_commit() == "0123456+modified"
+    monkeypatch.delenv("DYSHUFFLE_COMMIT")
+    assert git_commit() != "0123456789abcdef"

@@ -1026,20 +1026,11 @@ def update_markdown(path: str | os.PathLike, name: str, section: str) -> Path:
 
 
 def _git_commit() -> str:
-    """Short hash of HEAD, with ``+modified`` when ``src/dyshuffle`` differs from it."""
-    here = Path(__file__).resolve().parent
+    """Short hash of the source commit, with ``+modified`` when the tree differs from it."""
+    from .train.report import git_commit
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode:
-            return ""
-        dirty = git("diff", "--quiet", "HEAD", "--", str(here)).returncode != 0
-        return head.stdout.strip() + ("+modified" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    full = git_commit() or ""
+    return full[:7] + ("+modified" if full.endswith("-dirty") else "")
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -92,16 +92,18 @@ def plot_curves(path: str | os.PathLike, rows: list[dict[str, Any]], title: str 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The commit of the source tree (``git rev-parse HEAD``, ``-dirty`` when modified).
 
-    A copy of the tree without its ``.git`` (a device machine) names its commit in the
-    environment variable ``DYSHUFFLE_COMMIT`` (scripts/gpu_prepare.sh writes it).
+    ``DYSHUFFLE_COMMIT``, when set, names it instead: a copy of the tree sent to a device machine
+    may carry a ``.git`` of another commit (scripts/gpu_prepare.sh writes the right one).
     """
+    if os.environ.get("DYSHUFFLE_COMMIT"):
+        return os.environ["DYSHUFFLE_COMMIT"]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
         )
         if rev.returncode != 0:
-            return os.environ.get("DYSHUFFLE_COMMIT") or None
+            return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd,
@@ -111,7 +113,7 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
         )
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):  # no git on this machine
-        return os.environ.get("DYSHUFFLE_COMMIT") or None
+        return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
