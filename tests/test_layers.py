@@ -104,6 +104,8 @@ def test_choose_groups_errors_name_the_value():
         DynamicShuffle(116, init="zeros")
     with pytest.raises(ValueError, match="tau must be positive"):
         DynamicShuffle(116, tau=0.0)
+    with pytest.raises(ValueError, match="factor_grad 'gram'.*'channels'"):
+        DynamicShuffle(116, factor_grad="gram")
 
 
 def test_wrong_input_rank_and_channels():
@@ -310,11 +312,19 @@ def test_soft_kronecker_equals_dense_matrix(shared, channels, groups, factors):
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("cross", [True, False])
-def test_ste_fast_path_equals_reference(cls, shared, layout, cross):
+@pytest.mark.parametrize("factor_grad", ["pixels", "channels"])
+def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad):
     """Hard gather + custom backward == straight-through product with dense C x C matrices."""
     torch.manual_seed(0)
     layer = cls(
-        24, groups=2, factors=(3, 4), shared=shared, mode="ste", init="random", cross_shuffle=cross
+        24,
+        groups=2,
+        factors=(3, 4),
+        shared=shared,
+        mode="ste",
+        init="random",
+        cross_shuffle=cross,
+        factor_grad=factor_grad,
     ).train()
     if cls is DynamicShuffle:
         randomize_generator(layer, scale=1.0)
@@ -506,3 +516,20 @@ def test_factory_names_and_errors():
 def test_extra_repr_mentions_configuration():
     text = repr(DynamicShuffle(116))
     assert "groups=29" in text and "factors=(2, 2)" in text and "mode='ste'" in text
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_factor_gradient_contractions_agree_at_model_widths(shared):
+    """The two STE backward contractions give the same gradients (116 = 29 groups of 2 x 2)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 116, 5, 4).to(memory_format=torch.channels_last)
+    g = torch.randn(3, 116, 5, 4)
+    grads = []
+    for factor_grad in ("pixels", "channels"):
+        torch.manual_seed(1)
+        layer = DynamicShuffle(116, shared=shared, init="random", factor_grad=factor_grad).train()
+        xi = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(layer(xi), [xi, *layer.parameters()], g))
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert grads[0][-1].abs().sum() > 0  # the factor gradients are not trivially zero

@@ -6,6 +6,8 @@ from torch import Tensor
 
 MODES = ("soft", "ste")
 INITS = ("identity", "random")
+#: how the STE backward contracts the factor gradients (see ``DynamicShuffle``)
+FACTOR_GRADS = ("auto", "pixels", "channels")
 
 
 def check_input(x: Tensor, channels: int, name: str) -> None:

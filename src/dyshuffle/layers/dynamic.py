@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import INITS, MODES, check_choice, check_input, check_positive
+from ._checks import FACTOR_GRADS, INITS, MODES, check_choice, check_input, check_positive
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
     _gather_channels,
@@ -141,6 +141,34 @@ def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared
     return torch.einsum("nugp,nvgp->nguv", grid(gy), grid(y))
 
 
+def _factor_gram_channels(
+    gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared: bool
+) -> Tensor:
+    """:func:`_factor_gram` from the full ``(N, C, C)`` channel Gram matrix of each sample.
+
+    One batched matrix product over the pixels, ``sum_p gy[n, c, p] * y[n, c', p]``, on views of
+    both layouts (no copies), then the ``G`` diagonal ``m x m`` blocks. It does ``G`` times the
+    multiplications of the slot-wise contraction, but as one large product (matrix units) instead
+    of ``N * H * W`` tiny ones; which is faster depends on the device (``factor_grad`` option).
+    """
+    n, c, h, w = gy.shape
+    if y.dtype != gy.dtype:
+        y = y.to(gy.dtype)
+    if gy.is_contiguous(memory_format=torch.channels_last) and not gy.is_contiguous():
+        gr = gy.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, P, C) views
+        yr = y.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        full = torch.bmm(gr.transpose(1, 2), yr)  # (N, C, C)
+    else:
+        full = torch.bmm(gy.reshape(n, c, h * w), y.reshape(n, c, h * w).transpose(1, 2))
+    if cross:  # channel u * G + g
+        blocks = full.view(n, m, groups, m, groups).diagonal(dim1=2, dim2=4)  # (N, m, m, G)
+    else:  # channel g * m + u
+        blocks = full.view(n, groups, m, groups, m).diagonal(dim1=1, dim2=3)  # (N, m, m, G)
+    if shared:
+        return blocks.sum(-1).unsqueeze(1)
+    return blocks.permute(0, 3, 1, 2)
+
+
 class _KroneckerSTE(torch.autograd.Function):
     """Forward with the hard permutation (one gather), backward through the soft factors.
 
@@ -152,10 +180,10 @@ class _KroneckerSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a_soft, b_soft, idx, ainv, binv, groups, cross):  # type: ignore[override]
+    def forward(ctx, x, a_soft, b_soft, idx, ainv, binv, groups, cross, gram):  # type: ignore[override]
         y = _gather_channels(x, idx)
         ctx.save_for_backward(y, idx, ainv, binv)
-        ctx.groups, ctx.cross = groups, cross
+        ctx.groups, ctx.cross, ctx.gram = groups, cross, gram
         ctx.shapes = (a_soft.shape, b_soft.shape)
         return y
 
@@ -169,7 +197,7 @@ class _KroneckerSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             a, b = ainv.shape[-1], binv.shape[-1]
             shared = a_shape[1] == 1
-            gram = _factor_gram(gy, y, groups, a * b, ctx.cross, shared)  # (N, Gf, ab, ab)
+            gram = ctx.gram(gy, y, groups, a * b, ctx.cross, shared)  # (N, Gf, ab, ab)
             gram = gram.unflatten(-1, (a, b)).unflatten(-3, (a, b))  # (N, Gf, a, b, a, b)
             s = gram.diagonal(dim1=-3, dim2=-1).sum(-1)  # sum_j H[i, j, k, j]: (N, Gf, a, a)
             t = gram.diagonal(dim1=-4, dim2=-2).sum(-1)  # sum_i H[i, j, i, l]: (N, Gf, b, b)
@@ -177,7 +205,7 @@ class _KroneckerSTE(torch.autograd.Function):
                 s, t = s.sum(0, keepdim=True), t.sum(0, keepdim=True)
             ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
             gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
-        return gx, ga, gb, None, None, None, None, None
+        return gx, ga, gb, None, None, None, None, None, None
 
 
 def _pooled(x: Tensor, training: bool) -> Tensor:
@@ -227,6 +255,11 @@ class DynamicShuffle(nn.Module):
             (see :func:`~dyshuffle.layers.permutation.closest_permutation`).
         cross_shuffle: compose the fixed cross-group shuffle after the group permutations.
         max_group_size: largest group size when ``groups`` and ``factors`` are omitted.
+        factor_grad: how ``"ste"`` training contracts the output and its gradient into the
+            factor gradients: ``"pixels"`` (one tiny ``m x m`` product per pixel, fewest
+            multiplications), ``"channels"`` (one ``C x C`` Gram matrix per sample, ``G`` times the
+            multiplications as one large product) or ``"auto"`` (``"pixels"`` everywhere until a
+            device is measured to prefer the other). The result is the same.
     """
 
     def __init__(
@@ -244,6 +277,7 @@ class DynamicShuffle(nn.Module):
         assignment: str = "auto",
         cross_shuffle: bool = True,
         max_group_size: int = 16,
+        factor_grad: str = "auto",
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -254,6 +288,7 @@ class DynamicShuffle(nn.Module):
         self.init = check_choice(init, INITS, "init")
         self.assignment = check_choice(assignment, ASSIGNMENTS, "assignment")
         self.cross_shuffle = bool(cross_shuffle)
+        self.factor_grad = check_choice(factor_grad, FACTOR_GRADS, "factor_grad")
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -294,6 +329,11 @@ class DynamicShuffle(nn.Module):
         self.register_buffer("_row_weights", torch.tensor([nb, 1]), persistent=False)
         self._build_logits()
         self.reset_logits()
+
+    @property
+    def _gram(self):
+        """The contraction of the STE backward (``factor_grad``)."""
+        return _factor_gram_channels if self.factor_grad == "channels" else _factor_gram
 
     # -- the generator ---------------------------------------------------------------------
     def _build_logits(self) -> None:
@@ -424,7 +464,7 @@ class DynamicShuffle(nn.Module):
         idx, ainv, binv = self._hard_index(a_mat, b_mat, both, inverses=ste)
         if ste:
             return _KroneckerSTE.apply(
-                x, a_mat, b_mat, idx, ainv, binv, self.groups, self.cross_shuffle
+                x, a_mat, b_mat, idx, ainv, binv, self.groups, self.cross_shuffle, self._gram
             )
         if grad and x.requires_grad:
             return permute_channels(x, idx)
