@@ -107,3 +107,37 @@ def test_a_run_folder_left_by_a_crash_is_resumed(tmp_path, monkeypatch, capsys):
     assert "resuming" in capsys.readouterr().out
     again = json.loads((tmp_path / "r/x_runs.jsonl").read_text())
     assert again["top1_hard"] == first["top1_hard"] and again["params"] == first["params"]
+
+
+def _dry_run_commands(argv: list[str], capsys) -> list[str]:
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    return [line for line in out if line.startswith("[sweep] dyshuffle train")]
+
+
+def test_shards_split_the_jobs_disjointly_in_sweep_order(tmp_path, monkeypatch, capsys):
+    """Shards 0/2 and 1/2 interleave back to the unsharded job list (seeds outer, runs inner)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump(dict(data="digits", epochs=1, train_subset=64, val_subset=32))
+    )
+    runs = [{"mixer": "shuffle"}, {"mixer": "dynamic"}, {"mixer": "none"}]
+    spec = dict(name="shards", base="base.yaml", records="r/s_runs.jsonl", seeds=[0], runs=runs)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    argv = ["s.yaml", "--seeds", "3", "4"]  # the --seeds override sets the job list
+    full = _dry_run_commands(argv, capsys)
+    assert len(full) == 2 * 3 and len(set(full)) == len(full)
+    assert ["--seed 3" in c for c in full] == [True] * 3 + [False] * 3  # seeds outer
+    shards = [_dry_run_commands([*argv, "--shard", f"{k}/2"], capsys) for k in range(2)]
+    assert shards[0] == full[0::2] and shards[1] == full[1::2]
+    assert set(shards[0]).isdisjoint(shards[1])
+    # more shards than jobs: the last ones have nothing to do
+    assert _dry_run_commands([*argv, "--shard", "5/7"], capsys) == full[5:]
+    assert _dry_run_commands([*argv, "--shard", "6/7"], capsys) == []
+
+
+def test_bad_shard_names_the_value(capsys):
+    for bad in ("2/2", "x", "1/0"):
+        assert main(["unused.yaml", "--dry-run", "--shard", bad]) == 2
+        assert f"--shard {bad!r}" in capsys.readouterr().err

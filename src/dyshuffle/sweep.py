@@ -17,9 +17,14 @@ Every finished run is appended to ``records`` at once (a crash loses no finished
 already recorded for the same sweep, run and seed is skipped, so an interrupted sweep continues
 where it stopped. ``RESULTS.md`` is regenerated from all record files after each run.
 
+The jobs of a sweep are its (seed, run) pairs, seeds outer, runs inner; ``--shard K/W`` runs only
+the jobs at positions ``i`` with ``i % W == K``, so ``W`` processes (``--shard 0/W`` ...
+``--shard W-1/W``) share one sweep without running a job twice.
+
 Examples::
 
     dyshuffle sweep sweeps/cifar10_cpu.yaml --set data_dir=../shared/data/cifar10-jpeg.tgz
+    dyshuffle sweep sweeps/cifar10_gpu.yaml --shard 1/6 --records runs/w1/cifar10_runs.jsonl
     dyshuffle sweep --report                       # only rebuild RESULTS.md from results/*.jsonl
 """
 
@@ -38,7 +43,7 @@ import yaml
 
 from .results import append_record, read_records, render_results
 
-__all__ = ["SweepSpec", "load_spec", "main", "options_to_argv", "run_sweep"]
+__all__ = ["SweepSpec", "load_spec", "main", "options_to_argv", "parse_shard", "run_sweep"]
 
 SPEC_KEYS = ("name", "base", "dataset", "records", "seeds", "set", "runs", "report")
 #: keys of a run that identify the model rather than its options
@@ -117,6 +122,27 @@ def _method_options(cfg_run: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/W"`` -> ``(K, W)``: this process runs job ``i`` of the sweep when ``i % W == K``.
+
+    Raises:
+        ValueError: ``text`` is not two integers ``K/W`` with ``0 <= K < W``.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"--shard {text!r} is not K/W (e.g. 2/6: the third of six shards)")
+    shard = (int(m.group(1)), int(m.group(2)))
+    _check_shard(shard)
+    return shard
+
+
+def _check_shard(shard: tuple[int, int]) -> None:
+    k, w = shard
+    if not (w >= 1 and 0 <= k < w):
+        valid = f"0/{w} .. {w - 1}/{w}" if w >= 1 else "W >= 1, e.g. 0/2 and 1/2"
+        raise ValueError(f"--shard '{k}/{w}' needs 0 <= K < W; valid: {valid}")
+
+
 def _done(records_path: Path, sweep: str) -> set[tuple[str, int]]:
     if not records_path.exists():
         return set()
@@ -149,82 +175,92 @@ def run_sweep(
     report: str | Path | None = None,
     time_budget: float = 0.0,
     note: str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every run x seed of ``spec`` not yet recorded; return the new records.
 
     Seeds are the outer loop, so a sweep cut short still has every configuration at the first
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
     judging by the longest run so far. ``note`` (e.g. "4 runs shared the GPU") is recorded with
-    every run and listed under its table in the report.
+    every run and listed under its table in the report. ``shard=(K, W)`` runs only the jobs
+    (seed, run), counted seeds outer and runs inner from 0, whose position ``i`` has
+    ``i % W == K``; the other jobs belong to the other shards.
     """
     from .train.checkpoint import load_checkpoint
     from .train.config import resolve_config
     from .train.engine import train
 
+    if shard is not None:
+        _check_shard(shard)
     records_path = Path(records or spec.records)
     report = report or spec.report
     done = set() if force else _done(records_path, spec.name)
     new: list[dict[str, Any]] = []
     start, longest = time.monotonic(), 0.0
-    for seed in seeds if seeds is not None else spec.seeds:
-        for run in spec.runs:
-            label = run_label(run)
-            elapsed = time.monotonic() - start
-            if time_budget and not dry_run and elapsed + longest > time_budget:
-                print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
-                return new
-            if (label, seed) in done:
-                print(f"[sweep] {spec.name}: {label} seed {seed} already recorded, skipped")
-                continue
-            folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
-            out = Path(output_root) / spec.name / folder / f"seed{seed}"
-            options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
-            argv = ["--config", spec.base, *options_to_argv(options)]
-            command = shlex.join(["dyshuffle", "train", *argv])
-            print(f"[sweep] {command}", flush=True)
-            if dry_run:
-                continue
-            cli = {k: v for k, v in options.items() if v is not None}
-            cfg = resolve_config(cli, spec.base)
-            resume = None
-            if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
-                print(f"[sweep] resuming {out}", flush=True)
-                resume = load_checkpoint(out / "last.pt")
-            t0 = time.monotonic()
-            result = train(cfg, resume=resume, command=command).results
-            longest = max(longest, time.monotonic() - t0)
-            record = {
-                "sweep": spec.name,
-                "run": label,
-                "dataset": spec.dataset or cfg.data,
-                "model": cfg.model,
-                "mixer": cfg.mixer,
-                "pointwise": cfg.pointwise,
-                "options": _method_options(run),
-                "recipe": spec.name,
-                "base": spec.base,
-                "sweep_settings": spec.common,
-                "seed": seed,
-                "epochs": cfg.epochs,
-                "top1_hard": result["top1"],
-                "top1_soft": result.get("top1_soft"),
-                "top5": result["top5"],
-                "params": result["params"],
-                "macs": result["macs"],
-                "train_seconds": result["train_seconds"],
-                "train_images_per_second": result.get("images_per_s"),
-                "device": result["device"],
-                "amp": cfg.amp,
-                "batch_size": cfg.batch_size,
-                "torch": result.get("torch"),
-                "commit": result.get("commit"),
-                "command": command,
-            }
-            if note:
-                record["note"] = note
-            append_record(records_path, record)
-            write_report(report, sorted(records_path.parent.glob("*_runs.jsonl")))
-            new.append(record)
+    # the jobs in sweep order: seeds outer, runs inner
+    jobs = [(seed, run) for seed in (spec.seeds if seeds is None else seeds) for run in spec.runs]
+    if shard is not None:
+        k, w = shard
+        jobs = jobs[k::w]  # positions i with i % w == k
+        print(f"[sweep] shard {k}/{w}: {len(jobs)} job(s) of this sweep", flush=True)
+    for seed, run in jobs:
+        label = run_label(run)
+        elapsed = time.monotonic() - start
+        if time_budget and not dry_run and elapsed + longest > time_budget:
+            print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
+            return new
+        if (label, seed) in done:
+            print(f"[sweep] {spec.name}: {label} seed {seed} already recorded, skipped")
+            continue
+        folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
+        out = Path(output_root) / spec.name / folder / f"seed{seed}"
+        options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
+        argv = ["--config", spec.base, *options_to_argv(options)]
+        command = shlex.join(["dyshuffle", "train", *argv])
+        print(f"[sweep] {command}", flush=True)
+        if dry_run:
+            continue
+        cli = {k: v for k, v in options.items() if v is not None}
+        cfg = resolve_config(cli, spec.base)
+        resume = None
+        if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
+            print(f"[sweep] resuming {out}", flush=True)
+            resume = load_checkpoint(out / "last.pt")
+        t0 = time.monotonic()
+        result = train(cfg, resume=resume, command=command).results
+        longest = max(longest, time.monotonic() - t0)
+        record = {
+            "sweep": spec.name,
+            "run": label,
+            "dataset": spec.dataset or cfg.data,
+            "model": cfg.model,
+            "mixer": cfg.mixer,
+            "pointwise": cfg.pointwise,
+            "options": _method_options(run),
+            "recipe": spec.name,
+            "base": spec.base,
+            "sweep_settings": spec.common,
+            "seed": seed,
+            "epochs": cfg.epochs,
+            "top1_hard": result["top1"],
+            "top1_soft": result.get("top1_soft"),
+            "top5": result["top5"],
+            "params": result["params"],
+            "macs": result["macs"],
+            "train_seconds": result["train_seconds"],
+            "train_images_per_second": result.get("images_per_s"),
+            "device": result["device"],
+            "amp": cfg.amp,
+            "batch_size": cfg.batch_size,
+            "torch": result.get("torch"),
+            "commit": result.get("commit"),
+            "command": command,
+        }
+        if note:
+            record["note"] = note
+        append_record(records_path, record)
+        write_report(report, sorted(records_path.parent.glob("*_runs.jsonl")))
+        new.append(record)
     return new
 
 
@@ -281,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a condition of these runs that the options do not say, recorded with each run and "
         "listed in the report (e.g. 'three runs shared the GPU at a time')",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="K/W",
+        help="run only job i (seeds outer, runs inner, from 0) with i %% W == K, e.g. 2/6; "
+        "W processes with shards 0/W .. W-1/W share the sweep",
+    )
     args = parser.parse_args(argv)
     try:
         if args.report:
@@ -291,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.spec:
             parser.error("give a sweep file, or --report")
+        shard = parse_shard(args.shard) if args.shard is not None else None
         spec = load_spec(args.spec)
         new = run_sweep(
             spec,
@@ -303,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             report=args.output,
             time_budget=args.time_budget,
             note=args.note,
+            shard=shard,
         )
     except ValueError as e:
         print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
