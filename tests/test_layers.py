@@ -313,13 +313,14 @@ def test_soft_kronecker_equals_dense_matrix(shared, channels, groups, factors):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("cross", [True, False])
 @pytest.mark.parametrize("factor_grad", ["pixels", "channels"])
-def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad):
+@pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])  # a != b, a == b
+def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad, groups, factors):
     """Hard gather + custom backward == straight-through product with dense C x C matrices."""
     torch.manual_seed(0)
     layer = cls(
         24,
-        groups=2,
-        factors=(3, 4),
+        groups=groups,
+        factors=factors,
         shared=shared,
         mode="ste",
         init="random",
@@ -335,8 +336,8 @@ def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad)
     y = layer(x)
     a_mat, b_mat = layer.factor_matrices(x)
     alpha, beta = layer._hard_factors(a_mat, b_mat)
-    a_hard = torch.nn.functional.one_hot(alpha, 3).to(a_mat)
-    b_hard = torch.nn.functional.one_hot(beta, 4).to(b_mat)
+    a_hard = torch.nn.functional.one_hot(alpha, factors[0]).to(a_mat)
+    b_hard = torch.nn.functional.one_hot(beta, factors[1]).to(b_mat)
     a_st = a_hard + a_mat - a_mat.detach()
     b_st = b_hard + b_mat - b_mat.detach()
     ref = dense_reference(layer, a_st, b_st, x)

@@ -45,10 +45,14 @@ ASSIGNMENTS = ("auto", "exact", "greedy")
 JOINT_TABLE_MAX = 2**20
 
 
-def orthogonality(m: Tensor) -> Tensor:
-    """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``."""
-    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
-    return (m @ m.transpose(-1, -2) - eye).pow(2).sum(dim=(-2, -1))
+def orthogonality(m: Tensor, eye: Tensor | None = None) -> Tensor:
+    """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``.
+
+    ``eye``: the ``a x a`` identity, when the caller keeps one (saves building it per call).
+    """
+    if eye is None:
+        eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
+    return (m @ m.transpose(-1, -2) - eye.to(m.dtype)).pow(2).sum(dim=(-2, -1))
 
 
 def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
@@ -181,21 +185,23 @@ class _KroneckerSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a_soft, b_soft, idx, ainv, binv, groups, cross, gram):  # type: ignore[override]
+        # b_soft None: a_soft holds both factors (N, Gf, 2, a, a), ainv both inverses (N, Gf, 2, a)
         y = _gather_channels(x, idx)
         ctx.save_for_backward(y, idx, ainv, binv)
         ctx.groups, ctx.cross, ctx.gram = groups, cross, gram
-        ctx.shapes = (a_soft.shape, b_soft.shape)
+        ctx.shapes = (a_soft.shape, None if b_soft is None else b_soft.shape)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         y, idx, ainv, binv = ctx.saved_tensors
-        groups, a_shape, b_shape = ctx.groups, ctx.shapes[0], ctx.shapes[1]
+        groups, (a_shape, b_shape) = ctx.groups, ctx.shapes
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
             gx = _gather_channels(gy, invert_permutation(idx))
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            a, b = ainv.shape[-1], binv.shape[-1]
+            a = a_shape[-1]
+            b = a if b_shape is None else b_shape[-1]
             shared = a_shape[1] == 1
             gram = ctx.gram(gy, y, groups, a * b, ctx.cross, shared)  # (N, Gf, ab, ab)
             gram = gram.unflatten(-1, (a, b)).unflatten(-3, (a, b))  # (N, Gf, a, b, a, b)
@@ -203,8 +209,12 @@ class _KroneckerSTE(torch.autograd.Function):
             t = gram.diagonal(dim1=-4, dim2=-2).sum(-1)  # sum_i H[i, j, i, l]: (N, Gf, b, b)
             if a_shape[0] == 1 and s.shape[0] != 1:  # one permutation for the batch
                 s, t = s.sum(0, keepdim=True), t.sum(0, keepdim=True)
-            ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
-            gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
+            if b_shape is None:  # both factors in one tensor: one gather
+                st = torch.stack([s, t], dim=2)  # (N, Gf, 2, a, a)
+                ga = st.gather(-1, ainv.unsqueeze(-2).expand_as(st)).reshape(a_shape)
+            else:
+                ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
+                gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
         return gx, ga, gb, None, None, None, None, None, None
 
 
@@ -311,6 +321,8 @@ class DynamicShuffle(nn.Module):
             self.register_buffer(f"_onehot_t_{name}", onehot_t, persistent=False)
             inv = None if perms is None else invert_permutation(perms)
             self.register_buffer(f"_inv_{name}", inv, persistent=False)
+        self.register_buffer("_eye_a", torch.eye(self.a), persistent=False)
+        self.register_buffer("_eye_b", torch.eye(self.b), persistent=False)
         # shared factors: the composed (N, C) index is TA[choice_a] + TB[choice_b]
         tables = None
         if self.shared and self._perms_a is not None and self._perms_b is not None:
@@ -411,7 +423,11 @@ class DynamicShuffle(nn.Module):
     def _hard_index(
         self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None, inverses: bool = False
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The composed ``(N, C)`` index, and the inverses of the factors when asked for."""
+        """The composed ``(N, C)`` index, and the inverses of the factors when asked for.
+
+        With ``a == b`` and tables the inverses come as one ``(N, Gf, 2, a)`` tensor (and
+        ``None``), matching the ``both`` tensor of :meth:`_softmax_factors`.
+        """
         choice = self._choices(a_mat, b_mat, both)  # (N, Gf, 2)
         if choice is not None and self._index_ab is not None:  # shared factors: one table row
             row = (choice.flatten(1) * self._row_weights).sum(-1)  # choice_a * Nb + choice_b
@@ -427,6 +443,8 @@ class DynamicShuffle(nn.Module):
             idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
         if not inverses:
             return idx, None, None
+        if choice is not None and self.a == self.b:  # both inverses at once: (N, Gf, 2, a)
+            return idx, self._inv_a[choice], None
         if choice is not None:  # (N, Gf, a) and (N, Gf, b)
             return idx, self._inv_a[choice[..., 0]], self._inv_b[choice[..., 1]]
         return idx, invert_permutation(alpha), invert_permutation(beta)
@@ -451,10 +469,11 @@ class DynamicShuffle(nn.Module):
         a_mat, b_mat, both = self._softmax_factors(self.logits(x))
         if self.training and grad:
             if both is not None:  # mean over samples and groups, summed over the two factors
-                self.last_orthogonal_loss = orthogonality(both).mean(dim=(0, 1)).sum()
+                self.last_orthogonal_loss = orthogonality(both, self._eye_a).mean(dim=(0, 1)).sum()
             else:
                 self.last_orthogonal_loss = (
-                    orthogonality(a_mat).mean() + orthogonality(b_mat).mean()
+                    orthogonality(a_mat, self._eye_a).mean()
+                    + orthogonality(b_mat, self._eye_b).mean()
                 )
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         if soft:
@@ -463,8 +482,9 @@ class DynamicShuffle(nn.Module):
         ste = self.training and grad and a_mat.requires_grad
         idx, ainv, binv = self._hard_index(a_mat, b_mat, both, inverses=ste)
         if ste:
+            fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
-                x, a_mat, b_mat, idx, ainv, binv, self.groups, self.cross_shuffle, self._gram
+                x, fa, fb, idx, ainv, binv, self.groups, self.cross_shuffle, self._gram
             )
         if grad and x.requires_grad:
             return permute_channels(x, idx)

@@ -1,0 +1,126 @@
+"""Count the ATen operators one inference call and one training step dispatch, per mixer.
+
+On a GPU, a small model at small or medium batch is bound by launching kernels, not by the
+kernels: each dispatched operator costs several microseconds of host time. The count is
+independent of the machine, so it can be compared on a CPU for what a GPU will pay::
+
+    python3 -m dyshuffle.tools.op_count                       # ShuffleNetV2 1.0x, CIFAR stem
+    python3 -m dyshuffle.tools.op_count --mixers shuffle dynamic dynamic:factor_grad=channels
+
+"Top-level" operators are those not called from inside another ATen operator (what Python
+dispatches); "compute" leaves out the ones that only make views or metadata (no kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from ..layers import DynamicShuffle, orthogonal_loss
+from ..models import create_model
+
+__all__ = ["count_ops", "main"]
+
+#: operators that make views or read metadata: no kernel on any device
+VIEW_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "view as_strided resolve_conj resolve_neg detach _reshape_alias _unsafe_view empty "
+        "empty_strided result_type t transpose expand expand_as unsqueeze squeeze permute "
+        "reshape select slice unflatten flatten diagonal alias lift_fresh view_as unbind split "
+        "chunk numpy_T"
+    ).split()
+)
+
+
+def _top_level(prof) -> list[str]:
+    return [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+    ]
+
+
+def count_ops(model: torch.nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int]:
+    """``(top-level, compute)`` operators of one inference call or one training step."""
+    target = torch.zeros(x.shape[0], dtype=torch.long)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+    def step() -> None:
+        if train:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), target) + 0.1 * orthogonal_loss(model)
+            loss.backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+
+    step()  # lazy state (optimizer buffers) out of the counted call
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = _top_level(prof)
+    return len(names), sum(n not in VIEW_OPS for n in names)
+
+
+def _mixer(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m dyshuffle.tools.op_count", description=__doc__)
+    p.add_argument("--model", default="shufflenet_v2_x1_0")
+    p.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--mixers", nargs="+", default=["shuffle", "dynamic"], help="NAME or NAME:key=value,..."
+    )
+    args = p.parse_args(argv)
+    size = 32 if args.stem == "cifar" else 224
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, size, size).to(memory_format=torch.channels_last)
+    print(f"{args.model}, {args.stem} stem, batch {args.batch}, channels_last, fp32, CPU, torch "
+          f"{torch.__version__}\n")
+    print("| mixer | layers | infer ops (compute) | train-step ops (compute) "
+          "| extra compute ops per layer, infer / train |")
+    print("|---|---|---|---|---|")
+    base = None
+    for spec in args.mixers:
+        name, kwargs = _mixer(spec)
+        try:
+            model = create_model(
+                args.model, stem=args.stem, num_classes=10, mixer=name, **kwargs
+            ).to(memory_format=torch.channels_last)
+        except (TypeError, ValueError) as e:
+            p.error(f"mixer {spec!r}: {e}")
+        layers = sum(isinstance(m, DynamicShuffle) for m in model.modules())
+        infer, train = count_ops(model, x, False), count_ops(model, x, True)
+        if base is None:
+            base = (infer, train)
+        extra = "-"
+        if layers:
+            extra = (
+                f"{(infer[1] - base[0][1]) / layers:.1f} / {(train[1] - base[1][1]) / layers:.1f}"
+            )
+        print(f"| {spec} | {layers} | {infer[0]} ({infer[1]}) | {train[0]} ({train[1]}) "
+              f"| {extra} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
