@@ -1,36 +1,67 @@
 #!/usr/bin/env bash
 # One device call for issues 5 and 6, everything written to $OUT as it is produced:
 #   1. the CUDA benchmark of the issue-5 target (ShuffleNetV2 1.0x, bf16, channels_last, both
-#      stems, batch 1024 down to 1) on a quiet GPU, BENCH_BUDGET seconds;
-#   2. the CIFAR-10 sweep, one worker process per seed sharing the GPU (seeds are the split, so
-#      the first configurations of the sweep file get every seed), until SESSION_BUDGET seconds
-#      after the start; each worker records its runs in $OUT/seed<k>/;
-#   3. the records merged into $OUT/cifar10_runs.jsonl and $OUT/RESULTS.md.
+#      stems, batch 1024 down to 1) on a quiet GPU: (a) eager, BENCH_BUDGET seconds; (b) the same
+#      with --compile reduce-overhead (CUDA graphs take the launch overhead away from every variant
+#      alike), COMPILE_BUDGET seconds, skipped when 0 or when it would leave the sweep under
+#      SWEEP_MIN seconds; CSVs in $OUT/bench/ ((b) with the suffix _reduce-overhead);
+#   2. the CIFAR-10 sweep by WORKERS processes sharing the GPU, worker k running the jobs
+#      (seed, run) at positions i % WORKERS == k of the sweep (dyshuffle sweep --shard k/WORKERS;
+#      seeds outer, so the first configurations of the sweep file get every seed first), until
+#      SESSION_BUDGET seconds after the start. The dynamic model's training is bound by Python and
+#      kernel-launch overhead, so more concurrent runs fill the GPU better. Each worker's record
+#      file $OUT/worker<k>/cifar10_runs.jsonl starts as a copy of $RECORDS, so a run recorded there
+#      (same sweep name, run and seed) is skipped;
+#   3. $OUT/cifar10_runs.jsonl: only the new records of all workers; $OUT/RESULTS.md: the report of
+#      $RECORDS plus the new records.
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
 #   here:  cat <files_at>/cifar10_runs.jsonl >> results/cifar10_runs.jsonl && dyshuffle sweep --report
 #          cp <files_at>/bench/*.csv results/bench/ && dyshuffle bench --from-csv ... --markdown ...
 #
-# Smoke test on a CPU (tiny sizes):
-#   BENCH_DEVICE=cpu BENCH_BATCHES=2 BENCH_BUDGET=30 SESSION_BUDGET=150 SEEDS="0 1" \
-#     bash scripts/gpu_session.sh sweeps/cifar10_gpu.yaml --set device=cpu --set amp=none ...
+# Environment (defaults): OUT (runs/gpu-out), SESSION_BUDGET (560 s from the start), WORKERS (6),
+# SEEDS (the sweep file's; e.g. "0 1 2", passed as --seeds), RECORDS (results/cifar10_runs.jsonl:
+# runs recorded there are skipped), RUNS_ROOT (/tmp/sweep-runs: run folders, a run folder left
+# with last.pt is resumed), BENCH_DEVICE (cuda), BENCH_BATCHES ("1024 256 32 1"), BENCH_BUDGET
+# (100 s), COMPILE_BUDGET (120 s; 0: no compiled bench; the command is killed 60 s after it),
+# SWEEP_MIN (240 s), BENCH_VARIANTS ("fixed fixed_native dynamic static_dynamic
+# dynamic:factor_grad=channels").
+#
+# Smoke test on a CPU (tiny sizes, about 4 minutes on 2 cores; COMPILE_BUDGET=0 skips the
+# compiled bench; RECORDS names another file to check which runs are skipped):
+#   OUT=/tmp/gs BENCH_DEVICE=cpu BENCH_BATCHES=2 BENCH_BUDGET=20 COMPILE_BUDGET=0 \
+#     SESSION_BUDGET=200 WORKERS=2 SEEDS="0 1" bash scripts/gpu_session.sh sweeps/cifar10_gpu.yaml \
+#     --set device=cpu --set amp=none --set channels_last=false --set epochs=1 \
+#     --set train_subset=500 --set val_subset=500 --set model=shufflenet_v2_x0_5 \
+#     --set batch_size=64 --set threads=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 OUT=${OUT:-runs/gpu-out}
 SESSION_BUDGET=${SESSION_BUDGET:-560}
 BENCH_BUDGET=${BENCH_BUDGET:-100}
+COMPILE_BUDGET=${COMPILE_BUDGET:-120}
+SWEEP_MIN=${SWEEP_MIN:-240}
+WORKERS=${WORKERS:-6}
+RECORDS=${RECORDS:-results/cifar10_runs.jsonl}
+RUNS_ROOT=${RUNS_ROOT:-/tmp/sweep-runs}
 DEVICE=${BENCH_DEVICE:-cuda}
-read -r -a SEEDS <<<"${SEEDS:-0 1 2}"
 read -r -a BATCHES <<<"${BENCH_BATCHES:-1024 256 32 1}"
+SEED_ARGS=()
+[ -n "${SEEDS:-}" ] && read -r -a SEED_ARGS <<<"--seeds $SEEDS"
 SWEEP=${1:-sweeps/cifar10_gpu.yaml}
 shift || true
+if ! [[ $WORKERS =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_session.sh: WORKERS=$WORKERS is not a positive integer" >&2
+    exit 2
+fi
 mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DYSHUFFLE_CACHE=${DYSHUFFLE_CACHE:-/tmp/dyshuffle-cache}
 [ -f .gpu/COMMIT ] && export DYSHUFFLE_COMMIT=${DYSHUFFLE_COMMIT:-$(cat .gpu/COMMIT)}
 log() { echo "[session $(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
+left() { echo $((SESSION_BUDGET - ($(date +%s) - start))); }
 
 log "commit ${DYSHUFFLE_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
@@ -38,32 +69,78 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/session.log"
 
-# 1. benchmark: the target configuration only, on a quiet GPU
-log "bench: ShuffleNetV2 1.0x bf16 channels_last, batches ${BATCHES[*]}, budget ${BENCH_BUDGET}s"
-python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16 \
-    --part model --models shufflenet_v2_x1_0 --stems cifar imagenet --batch "${BATCHES[@]}" \
-    --warmup 3 --repeats 10 --min-block-ms 20 --time-budget "$BENCH_BUDGET" \
-    --out-dir "$OUT/bench" >"$OUT/bench.log" 2>&1 || log "bench failed (see bench.log)"
+# 1. benchmark: the target configuration only, on a quiet GPU.
+# BENCH_VARIANTS: the variants of both bench commands: bench's default model variants and the
+# dynamic shuffle with the channel-Gram factor gradients (DynamicShuffle(factor_grad='channels')).
+BENCH_VARIANTS=${BENCH_VARIANTS:-fixed fixed_native dynamic static_dynamic \
+dynamic:factor_grad=channels}
+read -r -a VARIANTS <<<"$BENCH_VARIANTS"
+bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16
+    --part model --models shufflenet_v2_x1_0 --stems cifar imagenet --batch "${BATCHES[@]}"
+    --variants "${VARIANTS[@]}" --warmup 3 --repeats 10 --min-block-ms 20 --out-dir "$OUT/bench")
+log "bench (a) eager: ShuffleNetV2 1.0x bf16 channels_last, batches ${BATCHES[*]}," \
+    "variants ${VARIANTS[*]}, budget ${BENCH_BUDGET}s"
+"${bench[@]}" --time-budget "$BENCH_BUDGET" >"$OUT/bench.log" 2>&1 \
+    || log "bench (a) failed (see bench.log)"
+if [ "$COMPILE_BUDGET" -le 0 ]; then
+    log "bench (b) compiled: skipped (COMPILE_BUDGET=$COMPILE_BUDGET)"
+elif [ $(($(left) - COMPILE_BUDGET - 60)) -lt "$SWEEP_MIN" ]; then
+    log "bench (b) compiled: skipped (it would leave the sweep under SWEEP_MIN=${SWEEP_MIN}s)"
+else
+    log "bench (b) --compile reduce-overhead: same models and variants, budget" \
+        "${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
+    # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
+    timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --compile reduce-overhead \
+        --suffix _reduce-overhead --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
+        || log "bench (b) failed or was stopped (see bench-compiled.log)"
+fi
 python3 -m dyshuffle bench --from-csv "$OUT"/bench/*.csv >"$OUT/bench.md" 2>>"$OUT/bench.log"
 
-# 2. decode the data once (the workers read the cache), then one sweep worker per seed
+# 2. decode the data once (the workers read the cache), then WORKERS sweep workers
 python3 -c "from dyshuffle.data.datasets import load_data; load_data('imagefolder',
 '.gpu/cifar10-jpeg.tgz', loader='memory', workers=8, verbose=True)" 2>&1 | tee -a "$OUT/session.log"
-left=$((SESSION_BUDGET - ($(date +%s) - start)))
-log "sweep $SWEEP: seeds ${SEEDS[*]} in parallel, ${left}s each"
-note="${#SEEDS[@]} sweep runs (one per seed) shared the GPU at a time; train img/s is per run"
-for s in "${SEEDS[@]}"; do
-    mkdir -p "$OUT/seed$s"
-    python3 -m dyshuffle sweep "$SWEEP" --seeds "$s" --time-budget "$left" --note "$note" \
-        --records "$OUT/seed$s/cifar10_runs.jsonl" --output "$OUT/seed$s/RESULTS.md" \
-        --set data_dir=.gpu/cifar10-jpeg.tgz --output-root /tmp/sweep-runs "$@" \
-        >"$OUT/seed$s/sweep.log" 2>&1 &
+sweep=(python3 -m dyshuffle sweep "$SWEEP" "${SEED_ARGS[@]}" --set data_dir=.gpu/cifar10-jpeg.tgz
+    --output-root "$RUNS_ROOT" "$@")
+# every worker's records start as $RECORDS (with a final newline), so its recorded runs are skipped
+for ((k = 0; k < WORKERS; k++)); do
+    mkdir -p "$OUT/worker$k"
+    if [ -f "$RECORDS" ]; then
+        sed -e '$a\' "$RECORDS" >"$OUT/worker$k/cifar10_runs.jsonl"
+    else
+        : >"$OUT/worker$k/cifar10_runs.jsonl"
+    fi
+    rm -f "$OUT/worker$k/RESULTS.md"
+    "${sweep[@]}" --shard "$k/$WORKERS" --records "$OUT/worker$k/cifar10_runs.jsonl" --dry-run \
+        >"$OUT/worker$k/plan.log" 2>&1 &
+done
+wait
+copied=$(wc -l <"$OUT/worker0/cifar10_runs.jsonl")
+busy=()  # the workers with a job to run
+njobs=0
+for ((k = 0; k < WORKERS; k++)); do
+    n=$(grep -c '^\[sweep\] dyshuffle train' "$OUT/worker$k/plan.log")
+    njobs=$((njobs + n))
+    [ "$n" -gt 0 ] && busy+=("$k")
+done
+left=$(left)
+log "sweep $SWEEP ${SEED_ARGS[*]}: $njobs job(s) not in $RECORDS ($copied lines), workers" \
+    "${busy[*]:-none} of $WORKERS have some, ${left}s each"
+note="up to ${#busy[@]} sweep runs shared the GPU at a time ($WORKERS workers, dyshuffle sweep"
+note="$note --shard k/$WORKERS); train img/s is per run"
+for k in "${busy[@]}"; do
+    "${sweep[@]}" --shard "$k/$WORKERS" --records "$OUT/worker$k/cifar10_runs.jsonl" \
+        --output "$OUT/worker$k/RESULTS.md" --time-budget "$left" --note "$note" \
+        >"$OUT/worker$k/sweep.log" 2>&1 &
 done
 wait
 log "sweep done"
 
-# 3. one record file and one report
-cat "$OUT"/seed*/cifar10_runs.jsonl >"$OUT/cifar10_runs.jsonl" 2>/dev/null
-python3 -m dyshuffle sweep --report --records "$OUT/cifar10_runs.jsonl" --output "$OUT/RESULTS.md"
+# 3. the new records only (the lines after the copied ones) and one report with $RECORDS
+for ((k = 0; k < WORKERS; k++)); do
+    tail -n +$((copied + 1)) "$OUT/worker$k/cifar10_runs.jsonl"
+done >"$OUT/cifar10_runs.jsonl"
+log "$(wc -l <"$OUT/cifar10_runs.jsonl") new record(s) in $OUT/cifar10_runs.jsonl"
+python3 -m dyshuffle sweep --report --records "$RECORDS" "$OUT/cifar10_runs.jsonl" \
+    --output "$OUT/RESULTS.md"
 log "end"
 cat "$OUT/bench.md" "$OUT/RESULTS.md"
