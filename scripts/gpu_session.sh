@@ -12,8 +12,18 @@
 #      kernel-launch overhead, so more concurrent runs fill the GPU better. Each worker's record
 #      file $OUT/worker<k>/cifar10_runs.jsonl starts as a copy of $RECORDS, so a run recorded there
 #      (same sweep name, run and seed) is skipped;
-#   3. $OUT/cifar10_runs.jsonl: only the new records of all workers; $OUT/RESULTS.md: the report of
-#      $RECORDS plus the new records.
+#   3. $OUT/cifar10_runs.jsonl: only the new records of all workers (also appended to
+#      MACHINE_RECORDS, so a second call on the same warm machine skips them); $OUT/RESULTS.md:
+#      the report of $RECORDS plus the machine's new records;
+#   4. `dyshuffle inspect` of this call's seed-0 dynamic/learned/SDS checkpoints into
+#      $OUT/inspect/<run>/ (the sweep leaves INSPECT_RESERVE seconds for it);
+#   5. everything but the records, the reports, session.log and the bench CSVs packed into
+#      $OUT/logs.tgz (a device returns at most 8 files, with plain names).
+#
+# A 15-minute device lease fits two calls on one warm machine (it waits 30 s for the next):
+#   1. bash scripts/gpu_session.sh                                      (timeout 600)
+#   2. at once: BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=<what is left - 40> \
+#        bash scripts/gpu_session.sh                                    (the sweep goes on)
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
@@ -24,7 +34,9 @@
 # SEEDS (the sweep file's; e.g. "0 1 2", passed as --seeds), RECORDS (results/cifar10_runs.jsonl:
 # runs recorded there are skipped), RUNS_ROOT (/tmp/sweep-runs: run folders, a run folder left
 # with last.pt is resumed), BENCH_DEVICE (cuda), BENCH_BATCHES ("1024 256 32 1"), BENCH_BUDGET
-# (100 s), COMPILE_BUDGET (120 s; 0: no compiled bench; the command is killed 60 s after it),
+# (100 s; 0: none), COMPILE_BUDGET (120 s; 0: none; killed 60 s after it), COMPILE_BATCHES
+# ("1024 256"), COMPILE_VARIANTS ("fixed dynamic"), INSPECT_RESERVE (40 s), MACHINE_RECORDS
+# (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), BENCH_VARIANTS ("fixed fixed_native dynamic static_dynamic
 # dynamic:factor_grad=channels").
 #
@@ -46,6 +58,9 @@ SWEEP_MIN=${SWEEP_MIN:-240}
 WORKERS=${WORKERS:-6}
 RECORDS=${RECORDS:-results/cifar10_runs.jsonl}
 RUNS_ROOT=${RUNS_ROOT:-/tmp/sweep-runs}
+# the new records of earlier calls on this (warm) machine: skipped too, as if in $RECORDS
+MACHINE_RECORDS=${MACHINE_RECORDS:-/tmp/dyshuffle-session-records.jsonl}
+INSPECT_RESERVE=${INSPECT_RESERVE:-40}
 DEVICE=${BENCH_DEVICE:-cuda}
 read -r -a BATCHES <<<"${BENCH_BATCHES:-1024 256 32 1}"
 SEED_ARGS=()
@@ -63,6 +78,7 @@ export DYSHUFFLE_CACHE=${DYSHUFFLE_CACHE:-/tmp/dyshuffle-cache}
 log() { echo "[session $(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
 left() { echo $((SESSION_BUDGET - ($(date +%s) - start))); }
 
+touch "$OUT/session.log.start"  # checkpoints newer than this are this call's
 log "commit ${DYSHUFFLE_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
     | tee -a "$OUT/session.log"
@@ -78,10 +94,14 @@ read -r -a VARIANTS <<<"$BENCH_VARIANTS"
 bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16
     --part model --models shufflenet_v2_x1_0 --stems cifar imagenet --batch "${BATCHES[@]}"
     --variants "${VARIANTS[@]}" --warmup 3 --repeats 10 --min-block-ms 20 --out-dir "$OUT/bench")
-log "bench (a) eager: ShuffleNetV2 1.0x bf16 channels_last, batches ${BATCHES[*]}," \
-    "variants ${VARIANTS[*]}, budget ${BENCH_BUDGET}s"
-"${bench[@]}" --time-budget "$BENCH_BUDGET" >"$OUT/bench.log" 2>&1 \
-    || log "bench (a) failed (see bench.log)"
+[ "$BENCH_BUDGET" -gt 0 ] && log "bench (a) eager: ShuffleNetV2 1.0x bf16 channels_last," \
+    "batches ${BATCHES[*]}, variants ${VARIANTS[*]}, budget ${BENCH_BUDGET}s"
+if [ "$BENCH_BUDGET" -le 0 ]; then
+    log "bench (a) eager: skipped (BENCH_BUDGET=$BENCH_BUDGET)"
+else
+    "${bench[@]}" --time-budget "$BENCH_BUDGET" >"$OUT/bench.log" 2>&1 \
+        || log "bench (a) failed (see bench.log)"
+fi
 if [ "$COMPILE_BUDGET" -le 0 ]; then
     log "bench (b) compiled: skipped (COMPILE_BUDGET=$COMPILE_BUDGET)"
 elif [ $(($(left) - COMPILE_BUDGET - 60)) -lt "$SWEEP_MIN" ]; then
@@ -90,11 +110,16 @@ else
     log "bench (b) --compile reduce-overhead: same models and variants, budget" \
         "${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
     # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
-    timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --compile reduce-overhead \
-        --suffix _reduce-overhead --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
+    # each variant compiles once per shape: only the target ratio, at COMPILE_BATCHES
+    read -r -a CBATCHES <<<"${COMPILE_BATCHES:-1024 256}"
+    read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic}"
+    timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --batch "${CBATCHES[@]}" \
+        --variants "${CVARIANTS[@]}" --compile reduce-overhead --suffix _reduce-overhead \
+        --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
         || log "bench (b) failed or was stopped (see bench-compiled.log)"
 fi
-python3 -m dyshuffle bench --from-csv "$OUT"/bench/*.csv >"$OUT/bench.md" 2>>"$OUT/bench.log"
+compgen -G "$OUT/bench/*.csv" >/dev/null \
+    && python3 -m dyshuffle bench --from-csv "$OUT"/bench/*.csv >"$OUT/bench.md" 2>>"$OUT/bench.log"
 
 # 2. decode the data once (the workers read the cache), then WORKERS sweep workers
 python3 -c "from dyshuffle.data.datasets import load_data; load_data('imagefolder',
@@ -104,11 +129,10 @@ sweep=(python3 -m dyshuffle sweep "$SWEEP" "${SEED_ARGS[@]}" --set data_dir=.gpu
 # every worker's records start as $RECORDS (with a final newline), so its recorded runs are skipped
 for ((k = 0; k < WORKERS; k++)); do
     mkdir -p "$OUT/worker$k"
-    if [ -f "$RECORDS" ]; then
-        sed -e '$a\' "$RECORDS" >"$OUT/worker$k/cifar10_runs.jsonl"
-    else
-        : >"$OUT/worker$k/cifar10_runs.jsonl"
-    fi
+    : >"$OUT/worker$k/cifar10_runs.jsonl"
+    for f in "$RECORDS" "$MACHINE_RECORDS"; do
+        [ -s "$f" ] && sed -e '$a\' "$f" >>"$OUT/worker$k/cifar10_runs.jsonl"
+    done
     rm -f "$OUT/worker$k/RESULTS.md"
     "${sweep[@]}" --shard "$k/$WORKERS" --records "$OUT/worker$k/cifar10_runs.jsonl" --dry-run \
         >"$OUT/worker$k/plan.log" 2>&1 &
@@ -122,7 +146,7 @@ for ((k = 0; k < WORKERS; k++)); do
     njobs=$((njobs + n))
     [ "$n" -gt 0 ] && busy+=("$k")
 done
-left=$(left)
+left=$(($(left) - INSPECT_RESERVE))
 log "sweep $SWEEP ${SEED_ARGS[*]}: $njobs job(s) not in $RECORDS ($copied lines), workers" \
     "${busy[*]:-none} of $WORKERS have some, ${left}s each"
 note="up to ${#busy[@]} sweep runs shared the GPU at a time ($WORKERS workers, dyshuffle sweep"
@@ -140,7 +164,33 @@ for ((k = 0; k < WORKERS; k++)); do
     tail -n +$((copied + 1)) "$OUT/worker$k/cifar10_runs.jsonl"
 done >"$OUT/cifar10_runs.jsonl"
 log "$(wc -l <"$OUT/cifar10_runs.jsonl") new record(s) in $OUT/cifar10_runs.jsonl"
-python3 -m dyshuffle sweep --report --records "$RECORDS" "$OUT/cifar10_runs.jsonl" \
-    --output "$OUT/RESULTS.md"
+cat "$OUT/cifar10_runs.jsonl" >>"$MACHINE_RECORDS"
+report=("$RECORDS")
+[ -s "$MACHINE_RECORDS" ] && report+=("$MACHINE_RECORDS")
+python3 -m dyshuffle sweep --report --records "${report[@]}" --output "$OUT/RESULTS.md"
+
+# 4. which permutations the dynamic models of this call choose (seed 0, 2,000 test images)
+for ckpt in "$RUNS_ROOT"/*/*/seed0/last.pt; do
+    [ -f "$ckpt" ] && [ "$ckpt" -nt "$OUT/session.log.start" ] || continue
+    run=$(basename "$(dirname "$(dirname "$ckpt")")")
+    case $run in *dynamic* | *learned* | *pointwise=sds*) ;; *) continue ;; esac
+    [ "$(left)" -gt 10 ] || break
+    log "inspect $run"
+    timeout -k 5 $(($(left) > 60 ? 60 : $(left))) python3 -m dyshuffle inspect "$ckpt" \
+        --data imagefolder --data-dir .gpu/cifar10-jpeg.tgz --max-samples 2000 --examples 0 \
+        --output "$OUT/inspect/$run" >"$OUT/inspect-$run.log" 2>&1 || log "inspect $run failed"
+done
 log "end"
-cat "$OUT/bench.md" "$OUT/RESULTS.md"
+cat "$OUT/bench.md" "$OUT/RESULTS.md" 2>/dev/null
+
+# 5. a device machine returns at most 8 files, named with letters, digits, '.', '_' and '-':
+# keep the records, the reports, the session log and the bench CSVs; pack the rest in logs.tgz
+(
+    cd "$OUT" || exit 1
+    keep='^(cifar10_runs\.jsonl|RESULTS\.md|bench\.md|session\.log|bench/[A-Za-z0-9._-]+\.csv)$'
+    find . -type f | sed 's|^\./||' | grep -Ev "$keep" | tar czf logs.tgz -T - \
+        && find . -mindepth 1 -maxdepth 1 ! -name logs.tgz ! -name bench ! -name cifar10_runs.jsonl \
+            ! -name RESULTS.md ! -name bench.md ! -name session.log -exec rm -rf {} +
+    find bench -type f ! -name '*.csv' -delete 2>/dev/null
+    ls -R .
+)
