@@ -534,3 +534,39 @@ def test_factor_gradient_contractions_agree_at_model_widths(shared):
     for got, want in zip(*grads):
         assert torch.allclose(got, want, atol=1e-5)
     assert grads[0][-1].abs().sum() > 0  # the factor gradients are not trivially zero
+
+
+def _learn_routing(cls, mode: str, steps: int = 200) -> tuple[float, int]:
+    """Train a 4-channel layer to swap the two channel pairs exactly when ``x[0] > 0``."""
+    torch.manual_seed(0)
+    layer = cls(4, groups=1, factors=(2, 2), cross_shuffle=False, mode=mode, min_hidden=16)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    swap = torch.tensor([2, 3, 0, 1])  # A = swap, B = identity
+
+    def target(x):
+        return torch.where(x[:, :1] > 0, x[:, swap], x)
+
+    layer.train()
+    for _ in range(steps):
+        x = torch.randn(256, 4, 1, 1)
+        loss = (layer(x) - target(x)).pow(2).mean() + 0.1 * orthogonal_loss(layer)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    x = torch.randn(4000, 4, 1, 1)
+    with torch.no_grad():
+        exact = (layer(x) == target(x)).all(dim=(1, 2, 3)).float().mean().item()
+        distinct = len(torch.unique(layer.permutation(x), dim=0))
+    return exact, distinct
+
+
+@pytest.mark.parametrize("mode", ["ste", "soft"])
+def test_generator_learns_an_input_dependent_permutation(mode):
+    """From the identity start, training finds a permutation that depends on the input when the
+    loss asks for one (errors only near the decision boundary); an input-independent layer
+    cannot, whatever it learns."""
+    exact, distinct = _learn_routing(DynamicShuffle, mode)
+    assert exact > 0.97 and distinct == 2
+    exact, distinct = _learn_routing(LearnedShuffle, mode)
+    assert exact < 0.6 and distinct == 1
