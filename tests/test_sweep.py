@@ -141,3 +141,16 @@ def test_bad_shard_names_the_value(capsys):
     for bad in ("2/2", "x", "1/0"):
         assert main(["unused.yaml", "--dry-run", "--shard", bad]) == 2
         assert f"--shard {bad!r}" in capsys.readouterr().err
+
+
+def test_expected_run_length_keeps_a_run_that_would_not_fit_from_starting(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(dict(data="digits", epochs=1)))
+    spec = dict(name="tb", base="base.yaml", records="r/t_runs.jsonl", runs=[{"mixer": "shuffle"}])
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["s.yaml", "--time-budget", "100", "--expect", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "time budget 100s: stopping" in out and "dyshuffle train" not in out
+    assert not (tmp_path / "r/t_runs.jsonl").exists()

@@ -174,6 +174,7 @@ def run_sweep(
     records: str | Path | None = None,
     report: str | Path | None = None,
     time_budget: float = 0.0,
+    expect: float = 0.0,
     note: str | None = None,
     shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
@@ -181,8 +182,9 @@ def run_sweep(
 
     Seeds are the outer loop, so a sweep cut short still has every configuration at the first
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
-    judging by the longest run so far. ``note`` (e.g. "4 runs shared the GPU") is recorded with
-    every run and listed under its table in the report. ``shard=(K, W)`` runs only the jobs
+    judging by the longest run so far (``expect`` seconds before any has finished). ``note``
+    (e.g. "4 runs shared the GPU") is recorded with every run and listed under its table in the
+    report. ``shard=(K, W)`` runs only the jobs
     (seed, run), counted seeds outer and runs inner from 0, whose position ``i`` has
     ``i % W == K``; the other jobs belong to the other shards.
     """
@@ -196,7 +198,7 @@ def run_sweep(
     report = report or spec.report
     done = set() if force else _done(records_path, spec.name)
     new: list[dict[str, Any]] = []
-    start, longest = time.monotonic(), 0.0
+    start, longest = time.monotonic(), float(expect)
     # the jobs in sweep order: seeds outer, runs inner
     jobs = [(seed, run) for seed in (spec.seeds if seeds is None else seeds) for run in spec.runs]
     if shard is not None:
@@ -313,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         help="start no run that would likely end past this many seconds (0: no limit)",
     )
     parser.add_argument(
+        "--expect",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --time-budget: how long a run is expected to take until one has finished "
+        "(then the longest so far); a run that would not fit is not started",
+    )
+    parser.add_argument(
         "--note",
         help="a condition of these runs that the options do not say, recorded with each run and "
         "listed in the report (e.g. 'three runs shared the GPU at a time')",
@@ -345,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             records=args.records[0] if args.records else None,
             report=args.output,
             time_budget=args.time_budget,
+            expect=args.expect,
             note=args.note,
             shard=shard,
         )
