@@ -295,3 +295,23 @@ def test_bad_input_names_value_and_choices(tmp_path, capsys):
     torch.save({"weights": 1}, not_a_checkpoint)
     assert main([str(not_a_checkpoint), "--format", "onnx"]) == 2
     assert "not a loadable dyshuffle checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_exported_files_leave_the_joint_index_tables_out(fmt, tmp_path, monkeypatch):
+    """The layers' joint index tables (2 MiB per 464-channel layer) are not written; the eager
+    model keeps them (its fast path)."""
+    import contextlib
+
+    import dyshuffle.deploy.export as export_module
+
+    model = create_model("shufflenet_v2_x1_0", num_classes=10, stem="cifar", mixer="dynamic")
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    joint = [m._index_ab for m in layers]
+    joint_bytes = sum(t.numel() * t.element_size() for t in joint if t is not None)
+    compact = export_model(model.eval(), tmp_path / "compact.bin", fmt, INPUT)
+    assert all(m._index_ab is t for m, t in zip(layers, joint))
+    monkeypatch.setattr(export_module, "compact_index", contextlib.nullcontext)
+    full = export_model(model, tmp_path / "full.bin", fmt, INPUT)
+    saved = full.stat().st_size - compact.stat().st_size
+    assert joint_bytes > 8e6 and saved > 0.9 * joint_bytes, (saved, joint_bytes)

@@ -22,6 +22,7 @@ from dyshuffle import (
 from dyshuffle.layers import (
     choose_groups,
     closest_permutation,
+    compact_index,
     compose_index,
     create_mixer,
     invert_permutation,
@@ -570,3 +571,16 @@ def test_generator_learns_an_input_dependent_permutation(mode):
     assert exact > 0.97 and distinct == 2
     exact, distinct = _learn_routing(LearnedShuffle, mode)
     assert exact < 0.6 and distinct == 1
+
+
+def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
+    torch.manual_seed(0)
+    layers = nn.ModuleList([DynamicShuffle(c, init="random") for c in (464, 232)]).eval()
+    xs = [torch.randn(6, c, 3, 3) for c in (464, 232)]
+    full = [m(x) for m, x in zip(layers, xs)]
+    tables = [m._index_ab for m in layers]
+    assert all(t is not None for t in tables)
+    with compact_index(layers):
+        assert all(m._index_ab is None for m in layers)
+        assert all(torch.equal(m(x), y) for m, x, y in zip(layers, xs, full))
+    assert all(m._index_ab is t for m, t in zip(layers, tables))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dyshuffle.layers import permutation_mode
+from dyshuffle.layers import compact_index, permutation_mode
 
 from ._common import CheckpointError, input_size_of, load_model, metadata
 
@@ -54,11 +54,12 @@ def _check_format(fmt: str) -> str:
 
 @contextlib.contextmanager
 def _deploy_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``eval()``, hard permutations and no autograd; every module's training flag is restored."""
+    """``eval()``, hard permutations, no autograd, no joint index tables (smaller files: see
+    :func:`~dyshuffle.layers.compact_index`); every module's training flag is restored."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with permutation_mode(model, "hard"), torch.no_grad():
+        with permutation_mode(model, "hard"), compact_index(model), torch.no_grad():
             yield model
     finally:
         for m, training in flags:

@@ -6,6 +6,7 @@ This package imports nothing else of ``dyshuffle``.
 from .dynamic import (
     DynamicShuffle,
     LearnedShuffle,
+    compact_index,
     kronecker_apply,
     orthogonal_loss,
     orthogonality,
@@ -34,6 +35,7 @@ __all__ = [
     "channel_shuffle",
     "choose_groups",
     "closest_permutation",
+    "compact_index",
     "compose_index",
     "create_mixer",
     "get_mixer",

@@ -34,6 +34,7 @@ from .shuffle import channel_shuffle
 __all__ = [
     "DynamicShuffle",
     "LearnedShuffle",
+    "compact_index",
     "kronecker_apply",
     "orthogonal_loss",
     "orthogonality",
@@ -569,3 +570,23 @@ def permutation_mode(model: nn.Module, which: str) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(layers, before):
             m.eval_permutation = b
+
+
+@contextlib.contextmanager
+def compact_index(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily drop the joint index tables of every dynamic layer of ``model``.
+
+    With shared factors a layer keeps a joint table ``TA[i] + TB[j]`` (one lookup per call; up to
+    ``Na * Nb`` rows of ``C`` indices, 2 MiB for 464 channels of 4 x 4 factors). Without it the
+    layer looks up ``TA`` and ``TB`` and adds them: the same index, one operation more, tables
+    ``Na + Nb`` rows long. Exporting inside this context keeps files near the size of the weights.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    tables = [m._index_ab for m in layers]
+    for m in layers:
+        m._index_ab = None
+    try:
+        yield model
+    finally:
+        for m, t in zip(layers, tables):
+            m._index_ab = t
