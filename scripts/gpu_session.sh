@@ -20,10 +20,11 @@
 #   5. everything but the records, the reports, session.log and the bench CSVs packed into
 #      $OUT/logs.tgz (a device returns at most 8 files, with plain names).
 #
-# A 15-minute device lease fits two calls on one warm machine (it waits 30 s for the next):
-#   1. bash scripts/gpu_session.sh                                      (timeout 600)
-#   2. at once: BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=<what is left - 40> \
-#        bash scripts/gpu_session.sh                                    (the sweep goes on)
+# A 15-minute device lease fits two calls on one warm machine (it waits 30 s for the next one):
+#   1. the benchmarks alone (EXPECT larger than what is left: the sweep starts no run):
+#      BENCH_BUDGET=120 COMPILE_BUDGET=150 SESSION_BUDGET=330 EXPECT=9999 bash scripts/gpu_session.sh
+#   2. at once, the sweep alone with what is left (a run that does not fit is not started):
+#      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=540 EXPECT=300 bash scripts/gpu_session.sh
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
