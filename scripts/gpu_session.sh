@@ -22,7 +22,8 @@
 #
 # A 15-minute device lease fits two calls on one warm machine (it waits 30 s for the next one):
 #   1. the benchmarks alone (EXPECT larger than what is left: the sweep starts no run):
-#      BENCH_BUDGET=120 COMPILE_BUDGET=150 SESSION_BUDGET=330 EXPECT=9999 bash scripts/gpu_session.sh
+#      BENCH_BUDGET=120 COMPILE_BUDGET=150 SWEEP_MIN=0 SESSION_BUDGET=340 EXPECT=9999 \
+#        bash scripts/gpu_session.sh
 #   2. at once, the sweep alone with what is left (a run that does not fit is not started):
 #      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=540 EXPECT=300 bash scripts/gpu_session.sh
 #
