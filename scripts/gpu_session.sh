@@ -113,7 +113,8 @@ if [ "$COMPILE_BUDGET" -le 0 ]; then
 elif [ $(($(left) - COMPILE_BUDGET - 60)) -lt "$SWEEP_MIN" ]; then
     log "bench (b) compiled: skipped (it would leave the sweep under SWEEP_MIN=${SWEEP_MIN}s)"
 else
-    log "bench (b) --compile reduce-overhead: same models and variants, budget" \
+    log "bench (b) --compile reduce-overhead: variants ${COMPILE_VARIANTS:-fixed dynamic}," \
+        "batches ${COMPILE_BATCHES:-1024 256}, budget" \
         "${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
     # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
     # each variant compiles once per shape: only the target ratio, at COMPILE_BATCHES
