@@ -62,7 +62,10 @@ def test_table_mean_spread_and_delta():
     dyn = next(line for line in text.splitlines() if "| dynamic |" in line)
     assert "81.00 ± 1.41" in fixed  # mean and sample std of 80 and 82
     assert "86.00 ± 1.41" in dyn and "87.00 ± 1.41" in dyn
-    assert "| +5.00 |" in dyn  # 86 - 81 points
+    # 86 - 81 points, standard error sqrt(2 / 2 + 2 / 2) of the difference of the means
+    assert "| +5.00 ± 1.41 |" in dyn
+    one_seed = render_results([record("shuffle", 0, 80.0), record("dynamic", 0, 81.0)])
+    assert "| +1.00 |" in one_seed  # no standard error from one seed
     assert "| 2 |" in dyn  # seeds
 
 

@@ -128,6 +128,17 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 1.0, digits: int = 2) ->
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _delta(values: list[float], base: list[float]) -> str:
+    """Difference of the means, with its standard error when both sides have two seeds or more
+    (``sqrt(s1^2 / n1 + s2^2 / n2)``)."""
+    diff = statistics.fmean(values) - statistics.fmean(base)
+    if len(values) < 2 or len(base) < 2:
+        return f"{diff:+.2f}"
+    var = statistics.variance
+    se = math.sqrt(var(values) / len(values) + var(base) / len(base))
+    return f"{diff:+.2f} ± {se:.2f}"
+
+
 def _context(key: tuple) -> tuple:
     """The key without mixer and options: what a fair comparison holds fixed."""
     return key[0], key[1], key[3], key[5], key[6], key[7]
@@ -161,7 +172,7 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
         lines += [f"## {dataset}", ""]
         lines.append(
             "| model | mixer | pointwise | options | epochs | recipe | device | seeds "
-            "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points) | params | MMACs "
+            "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points ± s.e.) | params | MMACs "
             "| train img/s |"
         )
         lines.append("|" + "---|" * 14)
@@ -172,8 +183,7 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
             delta = "-"
             hard = g.mean_std("top1_hard")
             if base is not None and base is not g and hard is not None:
-                base_hard = base.mean_std("top1_hard")
-                delta = f"{hard[0] - base_hard[0]:+.2f}"
+                delta = _delta(g.values("top1_hard"), base.values("top1_hard"))
             throughput = g.mean_std("train_images_per_second")
             lines.append(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
