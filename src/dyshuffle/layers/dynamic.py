@@ -554,26 +554,30 @@ def orthogonal_loss(model: nn.Module) -> Tensor:
 
 
 @contextlib.contextmanager
-def permutation_mode(model: nn.Module, which: str) -> Iterator[nn.Module]:
+def _set_on_layers(model: nn.Module, name: str, value: object) -> Iterator[nn.Module]:
+    """Temporarily set attribute ``name`` of every dynamic layer of ``model`` to ``value``."""
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    before = [getattr(m, name) for m in layers]
+    for m in layers:
+        setattr(m, name, value)
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            setattr(m, name, b)
+
+
+def permutation_mode(model: nn.Module, which: str) -> contextlib.AbstractContextManager:
     """Temporarily make every dynamic layer of ``model`` apply ``"soft"`` or ``"hard"`` in eval.
 
     >>> with permutation_mode(model, "soft"):
     ...     soft_logits = model.eval()(x)
     """
     check_choice(which, ("soft", "hard"), "permutation")
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
-    before = [m.eval_permutation for m in layers]
-    for m in layers:
-        m.eval_permutation = which
-    try:
-        yield model
-    finally:
-        for m, b in zip(layers, before):
-            m.eval_permutation = b
+    return _set_on_layers(model, "eval_permutation", which)
 
 
-@contextlib.contextmanager
-def compact_index(model: nn.Module) -> Iterator[nn.Module]:
+def compact_index(model: nn.Module) -> contextlib.AbstractContextManager:
     """Temporarily drop the joint index tables of every dynamic layer of ``model``.
 
     With shared factors a layer keeps a joint table ``TA[i] + TB[j]`` (one lookup per call; up to
@@ -581,12 +585,4 @@ def compact_index(model: nn.Module) -> Iterator[nn.Module]:
     layer looks up ``TA`` and ``TB`` and adds them: the same index, one operation more, tables
     ``Na + Nb`` rows long. Exporting inside this context keeps files near the size of the weights.
     """
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
-    tables = [m._index_ab for m in layers]
-    for m in layers:
-        m._index_ab = None
-    try:
-        yield model
-    finally:
-        for m, t in zip(layers, tables):
-            m._index_ab = t
+    return _set_on_layers(model, "_index_ab", None)
