@@ -1,0 +1,36 @@
+"""The operator count of python3 -m dyshuffle.tools.op_count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyshuffle.models import create_model
+from dyshuffle.tools.op_count import count_ops, main
+
+
+def test_counts_are_repeatable_and_the_dynamic_layers_add_operators():
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    counts = {}
+    for mixer in ("shuffle", "dynamic"):
+        torch.manual_seed(0)
+        model = create_model("shufflenet_v2_x0_5", stem="cifar", num_classes=10, mixer=mixer)
+        model = model.to(memory_format=torch.channels_last)
+        infer, train = count_ops(model, x, False), count_ops(model, x, True)
+        assert count_ops(model, x, False) == infer  # the same call dispatches the same operators
+        for top, compute in (infer, train):
+            assert 0 < compute <= top
+        assert train[1] > 2 * infer[1]  # backward and optimizer step
+        counts[mixer] = (infer[1], train[1])
+    assert counts["dynamic"][0] >= counts["shuffle"][0] + 16  # 16 layers, >= 1 operator each
+    assert counts["dynamic"][1] >= counts["shuffle"][1] + 16
+
+
+def test_main_prints_one_row_per_mixer_and_rejects_bad_options(capsys):
+    argv = ["--model", "shufflenet_v2_x0_5", "--batch", "2", "--mixers", "shuffle", "learned"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| shuffle | 0 |" in out and "| learned | 16 |" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--mixers", "dynamic:bogus=1"])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
