@@ -184,9 +184,8 @@ def run_sweep(
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
     judging by the longest run so far (``expect`` seconds before any has finished). ``note``
     (e.g. "4 runs shared the GPU") is recorded with every run and listed under its table in the
-    report. ``shard=(K, W)`` runs only the jobs
-    (seed, run), counted seeds outer and runs inner from 0, whose position ``i`` has
-    ``i % W == K``; the other jobs belong to the other shards.
+    report. ``shard=(K, W)`` runs only the jobs (seed, run), counted seeds outer and runs inner
+    from 0, whose position ``i`` has ``i % W == K``; the other jobs belong to the other shards.
     """
     from .train.checkpoint import load_checkpoint
     from .train.config import resolve_config
