@@ -584,3 +584,23 @@ def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
         assert all(m._index_ab is None for m in layers)
         assert all(torch.equal(m(x), y) for m, x, y in zip(layers, xs, full))
     assert all(m._index_ab is t for m, t in zip(layers, tables))
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])
+def test_regularizer_value_and_gradient_equal_the_formula(cls, shared, groups, factors):
+    """R = mean over samples and groups of ||A A^T - I||^2, plus the same for B (custom backward)."""
+    torch.manual_seed(0)
+    layer = cls(24, groups=groups, factors=factors, shared=shared, init="random").train()
+    if cls is DynamicShuffle:
+        randomize_generator(layer, scale=1.0)
+    x = torch.randn(5, 24, 2, 2)
+    layer(x)
+    got = layer.last_orthogonal_loss
+    a_mat, b_mat = layer.factor_matrices(x)
+    want = orthogonality(a_mat).mean() + orthogonality(b_mat).mean()
+    assert torch.allclose(got, want, atol=1e-6)
+    params = list(layer.parameters())
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        assert torch.allclose(g, w, atol=1e-6)

@@ -56,6 +56,28 @@ def orthogonality(m: Tensor, eye: Tensor | None = None) -> Tensor:
     return (m @ m.transpose(-1, -2) - eye.to(m.dtype)).pow(2).sum(dim=(-2, -1))
 
 
+class _OrthogonalLoss(torch.autograd.Function):
+    """``scale * sum ||M M^T - I||_F^2`` over a batch of square matrices ``M``.
+
+    The gradient ``4 * scale * (M M^T - I) M`` is computed directly (``M M^T - I`` is symmetric):
+    a handful of operations instead of autograd's chain through the product, power and means.
+    """
+
+    @staticmethod
+    def forward(ctx, m, eye, scale):  # type: ignore[override]
+        g = m @ m.transpose(-1, -2) - eye.to(m.dtype)
+        ctx.save_for_backward(m, g)
+        ctx.scale = scale
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat) * scale
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        m, g = ctx.saved_tensors
+        gm = g.to(m.dtype) @ m
+        return gm * (grad * (4.0 * ctx.scale)).to(gm.dtype), None, None
+
+
 def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
     """Apply ``blockdiag_g(A_g kron B_g)`` to the channels of ``x`` without building it.
 
@@ -469,13 +491,14 @@ class DynamicShuffle(nn.Module):
         grad = torch.is_grad_enabled()
         a_mat, b_mat, both = self._softmax_factors(self.logits(x))
         if self.training and grad:
-            if both is not None:  # mean over samples and groups, summed over the two factors
-                self.last_orthogonal_loss = orthogonality(both, self._eye_a).mean(dim=(0, 1)).sum()
+            # mean over samples and groups, summed over the two factors
+            scale = 1.0 / (a_mat.shape[0] * a_mat.shape[1])
+            if both is not None:
+                self.last_orthogonal_loss = _OrthogonalLoss.apply(both, self._eye_a, scale)
             else:
-                self.last_orthogonal_loss = (
-                    orthogonality(a_mat, self._eye_a).mean()
-                    + orthogonality(b_mat, self._eye_b).mean()
-                )
+                self.last_orthogonal_loss = _OrthogonalLoss.apply(
+                    a_mat, self._eye_a, scale
+                ) + _OrthogonalLoss.apply(b_mat, self._eye_b, scale)
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         if soft:
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
