@@ -590,7 +590,7 @@ def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])
 def test_regularizer_value_and_gradient_equal_the_formula(cls, shared, groups, factors):
-    """R = mean over samples and groups of ||A A^T - I||^2, plus the same for B (custom backward)."""
+    """R = mean over samples and groups of ||A A^T - I||^2, plus the same for B."""
     torch.manual_seed(0)
     layer = cls(24, groups=groups, factors=factors, shared=shared, init="random").train()
     if cls is DynamicShuffle:
