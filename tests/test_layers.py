@@ -74,6 +74,17 @@ def test_channel_shuffle_is_the_transpose():
     assert torch.equal(ChannelShuffle(3)(x), channel_shuffle(x, 3))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_shuffle_keeps_the_layout_and_equals_view_transpose(layout):
+    x = torch.randn(2, 12, 3, 5).to(memory_format=layout).requires_grad_(True)
+    y = channel_shuffle(x, 3)
+    assert y.is_contiguous(memory_format=layout)
+    ref = x.reshape(2, 3, 4, 3, 5).transpose(1, 2).reshape(2, 12, 3, 5)
+    assert torch.equal(y, ref)
+    g = torch.randn(2, 12, 3, 5)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
 def test_channel_shuffle_rejects_bad_groups():
     with pytest.raises(ValueError, match="groups=5"):
         channel_shuffle(torch.zeros(1, 12, 2, 2), 5)

@@ -6,6 +6,7 @@ baseline mixer it replaces.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]
@@ -22,11 +23,12 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     """
     if x.dim() != 4:
         raise ValueError(f"channel_shuffle expects (N, C, H, W), got shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not isinstance(groups, int) or groups < 1 or c % groups:
         raise ValueError(f"groups={groups!r} does not divide the {c} input channels")
-    # (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W)
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
+    # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
+    return F.channel_shuffle(x, groups)
 
 
 class ChannelShuffle(nn.Module):
