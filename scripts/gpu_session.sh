@@ -39,7 +39,7 @@
 # (100 s; 0: none), COMPILE_BUDGET (120 s; 0: none; killed 60 s after it), COMPILE_BATCHES
 # ("1024 256"), COMPILE_VARIANTS ("fixed dynamic"), INSPECT_RESERVE (40 s), MACHINE_RECORDS
 # (/tmp/dyshuffle-session-records.jsonl),
-# SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed fixed_native dynamic static_dynamic
+# SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed dynamic static_dynamic
 # dynamic:factor_grad=channels").
 #
 # Smoke test on a CPU (tiny sizes, about 4 minutes on 2 cores; COMPILE_BUDGET=0 skips the
@@ -94,7 +94,7 @@ torchvision.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT
 # 1. benchmark: the target configuration only, on a quiet GPU.
 # BENCH_VARIANTS: the variants of both bench commands: bench's default model variants and the
 # dynamic shuffle with the channel-Gram factor gradients (DynamicShuffle(factor_grad='channels')).
-BENCH_VARIANTS=${BENCH_VARIANTS:-fixed fixed_native dynamic static_dynamic \
+BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic static_dynamic \
 dynamic:factor_grad=channels}
 read -r -a VARIANTS <<<"$BENCH_VARIANTS"
 bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16

@@ -136,8 +136,10 @@ RATIOS = {
 }
 BASELINE = "fixed"
 #: single-layer variants: the project's fixed shuffle, the same permutation by PyTorch's native
-#: kernel (``torch.nn.functional.channel_shuffle``, which keeps channels_last), the dynamic and
-#: static-dynamic shuffles and the 1x1 convolution that SDS replaces
+#: kernel (``torch.nn.functional.channel_shuffle``, which keeps channels_last; since commit
+#: 95c8394 the project's shuffle calls it, so the two time the same kernel and their ratio shows the
+#: measurement noise), the dynamic and static-dynamic shuffles and the 1x1 convolution that SDS
+#: replaces
 LAYER_VARIANTS = ("fixed", "fixed_native", "dynamic", "static_dynamic", "conv1x1")
 MODEL_VARIANTS = ("fixed", "fixed_native", "dynamic", "static_dynamic")
 DEFAULT_VARIANTS = LAYER_VARIANTS
