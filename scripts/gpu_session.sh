@@ -20,12 +20,14 @@
 #   5. everything but the records, the reports, session.log and the bench CSVs packed into
 #      $OUT/logs.tgz (a device returns at most 8 files, with plain names).
 #
-# A 15-minute device lease fits two calls on one warm machine (it waits 30 s for the next one):
+# A 15-minute device lease (start included: about 30-60 s) fits two calls on one warm machine,
+# which waits only 30 s for the next one:
 #   1. the benchmarks alone (EXPECT larger than what is left: the sweep starts no run):
-#      BENCH_BUDGET=120 COMPILE_BUDGET=150 SWEEP_MIN=0 SESSION_BUDGET=340 EXPECT=9999 \
-#        bash scripts/gpu_session.sh
+#      BENCH_BUDGET=100 COMPILE_BUDGET=120 SWEEP_MIN=0 SESSION_BUDGET=290 EXPECT=9999 \
+#        bash scripts/gpu_session.sh                                    (timeout 330)
 #   2. at once, the sweep alone with what is left (a run that does not fit is not started):
-#      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=540 EXPECT=300 bash scripts/gpu_session.sh
+#      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=480 EXPECT=300 \
+#        bash scripts/gpu_session.sh                                    (timeout 520)
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
