@@ -23,11 +23,11 @@
 # A 15-minute device lease (start included: about 30-60 s) fits two calls on one warm machine,
 # which waits only 30 s for the next one:
 #   1. the benchmarks alone (EXPECT larger than what is left: the sweep starts no run):
-#      BENCH_BUDGET=100 COMPILE_BUDGET=120 SWEEP_MIN=0 SESSION_BUDGET=290 EXPECT=9999 \
-#        bash scripts/gpu_session.sh                                    (timeout 330)
+#      BENCH_BUDGET=100 COMPILE_BUDGET=120 SWEEP_MIN=0 SESSION_BUDGET=330 EXPECT=9999 \
+#        bash scripts/gpu_session.sh           (timeout 350; ends after about 300 s)
 #   2. at once, the sweep alone with what is left (a run that does not fit is not started):
-#      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=480 EXPECT=300 \
-#        bash scripts/gpu_session.sh                                    (timeout 520)
+#      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=460 EXPECT=300 \
+#        bash scripts/gpu_session.sh           (timeout 500)
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
