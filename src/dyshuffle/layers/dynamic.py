@@ -46,14 +46,10 @@ ASSIGNMENTS = ("auto", "exact", "greedy")
 JOINT_TABLE_MAX = 2**20
 
 
-def orthogonality(m: Tensor, eye: Tensor | None = None) -> Tensor:
-    """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``.
-
-    ``eye``: the ``a x a`` identity, when the caller keeps one (saves building it per call).
-    """
-    if eye is None:
-        eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
-    return (m @ m.transpose(-1, -2) - eye.to(m.dtype)).pow(2).sum(dim=(-2, -1))
+def orthogonality(m: Tensor) -> Tensor:
+    """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``."""
+    eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
+    return (m @ m.transpose(-1, -2) - eye).pow(2).sum(dim=(-2, -1))
 
 
 class _OrthogonalLoss(torch.autograd.Function):
