@@ -584,6 +584,31 @@ def test_generator_learns_an_input_dependent_permutation(mode):
     assert exact < 0.6 and distinct == 1
 
 
+@pytest.mark.parametrize("factors", [(2, 2), (2, 4), (3, 4), (4, 4), (1, 5)])
+def test_shared_choice_is_the_pair_of_nearest_permutations(factors):
+    # joint scoring of the factor pairs (few pairs) and separate scoring (4 x 4: 576 pairs), with
+    # the joint index table and without it (compact_index), choose what closest_permutation does
+    a, b = factors
+    torch.manual_seed(a * 10 + b)
+    layer = DynamicShuffle(3 * a * b, groups=3, factors=factors, init="random").eval()
+    randomize_generator(layer, scale=3.0)
+    x = torch.randn(64, 3 * a * b, 2, 2)
+    a_mat, b_mat = layer.factor_matrices(x)
+    alpha = closest_permutation(a_mat, "exact")
+    beta = closest_permutation(b_mat, "exact")
+    ref = compose_index(alpha, beta, 3)
+    assert len(torch.unique(ref, dim=0)) > 1  # the test sees several choices
+    assert torch.equal(layer.permutation(x), ref)
+    with compact_index(layer):
+        assert torch.equal(layer.permutation(x), ref)
+    # the inverses the STE backward uses invert the same factors
+    _, ainv, binv = layer._hard_index(*layer._softmax_factors(layer.logits(x)), inverses=True)
+    if binv is None:  # a == b: both factors in one tensor
+        ainv, binv = ainv[:, :, 0], ainv[:, :, 1]
+    assert torch.equal(ainv, invert_permutation(alpha))
+    assert torch.equal(binv, invert_permutation(beta))
+
+
 def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
     torch.manual_seed(0)
     layers = nn.ModuleList([DynamicShuffle(c, init="random") for c in (464, 232)]).eval()
