@@ -117,9 +117,7 @@ def test_markdown_section_is_written_once_and_keeps_the_rest(tiny_run, tmp_path)
     assert text.count(f"<!-- bench:{path.stem} -->") == 1
     assert "dyshuffle bench --device cpu" in text and "| part | target |" in text
     # the summary line of the model is the ratio of the two measured latencies, as printed
-    lat = {
-        (r["variant"], r["mode"]): float(r["latency_ms"]) for r in rows if r["part"] == "model"
-    }
+    lat = {(r["variant"], r["mode"]): float(r["latency_ms"]) for r in rows if r["part"] == "model"}
     want = lat[("dynamic", "infer")] / lat[("fixed", "infer")]
     line = next(x for x in text.splitlines() if x.startswith("| shufflenet_v2_x0_5 cifar | 2 |"))
     assert line.split("|")[3].strip().split()[0] == f"{want:.2f}"
@@ -135,9 +133,7 @@ def test_saved_tensor_bytes_counts_each_storage_once_and_skips_parameters():
     assert bench.saved_tensor_bytes(lambda: (x * x).sum().backward()) == x.numel() * 4
     lin = nn.Linear(16, 4, bias=False)
     with_w = bench.saved_tensor_bytes(lambda: lin(x).sum().backward())
-    without_w = bench.saved_tensor_bytes(
-        lambda: lin(x).sum().backward(), exclude=lin.parameters()
-    )
+    without_w = bench.saved_tensor_bytes(lambda: lin(x).sum().backward(), exclude=lin.parameters())
     assert with_w == (8 * 16 + 4 * 16) * 4 and without_w == 8 * 16 * 4
 
 

@@ -125,8 +125,9 @@ def test_count_has_no_side_effects_and_scales_with_batch():
     assert model.training and all(m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics restored
-    assert all(m.last_orthogonal_loss is None for m in model.modules()
-               if isinstance(m, DynamicShuffle))
+    assert all(
+        m.last_orthogonal_loss is None for m in model.modules() if isinstance(m, DynamicShuffle)
+    )
     # no hooks left behind
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -181,8 +181,11 @@ def test_shufflenet_v2_mixer_after_every_unit_with_kwargs():
     assert all(u.mixer.mode == "soft" and u.mixer.tau == 0.5 for u in units)
     assert sum(isinstance(m, DynamicShuffle) for m in model.modules()) == 16
     fixed = create_model("shufflenet_v2_x1_0")
-    assert all(isinstance(u.mixer, ChannelShuffle) and u.mixer.groups == 2 for u in fixed.modules()
-               if isinstance(u, InvertedResidual))
+    assert all(
+        isinstance(u.mixer, ChannelShuffle) and u.mixer.groups == 2
+        for u in fixed.modules()
+        if isinstance(u, InvertedResidual)
+    )
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
@@ -236,7 +239,8 @@ def test_mobilenet_v2_sds_replaces_block_pointwise():
     assert len(sds) == 1 + 2 * 16  # first block has no expansion
     assert all(not m.square for m in sds)  # every MobileNetV2 1x1 changes the width
     pointwise = [
-        m for m in model.features[1:-1].modules()
+        m
+        for m in model.features[1:-1].modules()
         if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
     ]
     assert pointwise == []
@@ -268,8 +272,11 @@ def test_stems_output_resolution(name):
 
 @pytest.mark.parametrize(
     ("name", "mixer"),
-    [("shufflenet_v2_x0_5", "dynamic"), ("shufflenet_v1_g8_x0_5", "learned"),
-     ("mobilenet_v2", "none")],
+    [
+        ("shufflenet_v2_x0_5", "dynamic"),
+        ("shufflenet_v1_g8_x0_5", "learned"),
+        ("mobilenet_v2", "none"),
+    ],
 )
 def test_model_interface(name, mixer):
     torch.manual_seed(0)
@@ -295,8 +302,16 @@ def test_model_interface(name, mixer):
 
 
 def test_model_args_rebuild_the_model():
-    kwargs = dict(num_classes=5, stem="cifar", mixer="dynamic", pointwise="sds", in_chans=1,
-                  mode="soft", tau=0.7, pointwise_kwargs={"reduction": 2})
+    kwargs = dict(
+        num_classes=5,
+        stem="cifar",
+        mixer="dynamic",
+        pointwise="sds",
+        in_chans=1,
+        mode="soft",
+        tau=0.7,
+        pointwise_kwargs={"reduction": 2},
+    )
     model = create_model("shufflenet_v2_x0_5", **kwargs)
     assert model.model_args == {"name": "shufflenet_v2_x0_5", **kwargs}
     rebuilt = create_model(**model.model_args)
@@ -306,8 +321,12 @@ def test_model_args_rebuild_the_model():
         torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x), rtol=0, atol=0)
     for name in list_models():
         assert create_model(name, num_classes=2, stem="cifar").model_args == {
-            "name": name, "num_classes": 2, "stem": "cifar", "mixer": "shuffle",
-            "pointwise": "conv", "in_chans": 3,
+            "name": name,
+            "num_classes": 2,
+            "stem": "cifar",
+            "mixer": "shuffle",
+            "pointwise": "conv",
+            "in_chans": 3,
         }
 
 

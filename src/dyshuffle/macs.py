@@ -40,9 +40,7 @@ def _linear_macs(module: nn.Linear, out: Tensor) -> int:
     return out.numel() * module.in_features
 
 
-def mac_breakdown(
-    model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)
-) -> dict[str, int]:
+def mac_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> dict[str, int]:
     """MACs of one forward pass per module name (only modules that contribute).
 
     Runs ``model`` once on zeros of ``input_size`` under ``torch.no_grad()`` in its current
@@ -75,9 +73,7 @@ def mac_breakdown(
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             handles.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: add(name, _conv_macs(m, o))
-                )
+                module.register_forward_hook(lambda m, i, o, name=name: add(name, _conv_macs(m, o)))
             )
         elif isinstance(module, nn.Linear):
             handles.append(

@@ -157,6 +157,7 @@ def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared
             gram = torch.bmm(gy.view(n * groups, m, p), y.view(n * groups, m, p).transpose(1, 2))
             gram = gram.view(n, groups, m, m)
             return gram.sum(1, keepdim=True) if shared else gram
+
     # any other layout: one einsum on (N, m, G, P) views
     def grid(t: Tensor) -> Tensor:
         if cross:
@@ -433,9 +434,7 @@ class DynamicShuffle(nn.Module):
         lb = logits[..., a * a :].unflatten(-1, (b, b))
         return F.softmax(la, dim=-1), F.softmax(lb, dim=-1), None
 
-    def _choices(
-        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None
-    ) -> Tensor | None:
+    def _choices(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None) -> Tensor | None:
         """Rows of the permutation tables nearest to ``A`` and ``B``: ``(N, Gf, 2)``.
 
         ``both`` is the ``(N, Gf, 2, a, a)`` tensor of the two factors when ``a == b`` (one

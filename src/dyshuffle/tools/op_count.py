@@ -94,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     size = 32 if args.stem == "cifar" else 224
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, size, size).to(memory_format=torch.channels_last)
-    print(f"{args.model}, {args.stem} stem, batch {args.batch}, channels_last, fp32, CPU, torch "
-          f"{torch.__version__}\n")
-    print("| mixer | layers | infer ops (compute) | train-step ops (compute) "
-          "| extra compute ops per layer, infer / train |")
+    print(
+        f"{args.model}, {args.stem} stem, batch {args.batch}, channels_last, fp32, CPU, torch "
+        f"{torch.__version__}\n"
+    )
+    print(
+        "| mixer | layers | infer ops (compute) | train-step ops (compute) "
+        "| extra compute ops per layer, infer / train |"
+    )
     print("|---|---|---|---|---|")
     base = None
     for spec in args.mixers:
@@ -117,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = (
                 f"{(infer[1] - base[0][1]) / layers:.1f} / {(train[1] - base[1][1]) / layers:.1f}"
             )
-        print(f"| {spec} | {layers} | {infer[0]} ({infer[1]}) | {train[0]} ({train[1]}) "
-              f"| {extra} |")
+        print(
+            f"| {spec} | {layers} | {infer[0]} ({infer[1]}) | {train[0]} ({train[1]}) | {extra} |"
+        )
     return 0
 
 
