@@ -79,6 +79,15 @@ def test_runs_with_other_options_are_separate_configurations():
     assert "tau=0.5" in text and "tau=1.0" in text
 
 
+def test_same_options_with_other_parameter_counts_stay_apart():
+    # e.g. a layer default changed between the commits of two runs
+    rows = [record("dynamic", 0, 0.8, params=1000), record("dynamic", 1, 0.7, params=900)]
+    text = render_results(rows)
+    assert text.count("| dynamic |") == 2
+    assert "| 1 |" in text and "| 2 |" not in text  # one seed each
+    assert "| 1,000 |" in text and "| 900 |" in text
+
+
 def test_empty_report():
     assert "No runs recorded yet." in render_results([])
 

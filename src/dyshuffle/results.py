@@ -102,7 +102,11 @@ class Group:
 
 
 def group_records(records: Sequence[dict[str, Any]]) -> list[Group]:
-    """Group runs that differ only by seed (and by measured values)."""
+    """Group runs that differ only by seed (and by measured values).
+
+    The parameter count is part of the key: runs with the same options but different defaults
+    (a layer's default changed between commits) are different models and stay apart.
+    """
     groups: dict[tuple, Group] = {}
     for r in records:
         key = (
@@ -114,6 +118,8 @@ def group_records(records: Sequence[dict[str, Any]]) -> list[Group]:
             r["epochs"],
             r.get("recipe", ""),
             r["device"],
+            # a default changed between runs: same options, another architecture
+            int(r["params"]),
         )
         groups.setdefault(key, Group(key)).records.append(r)
     return list(groups.values())
