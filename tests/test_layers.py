@@ -609,6 +609,39 @@ def test_shared_choice_is_the_pair_of_nearest_permutations(factors):
     assert torch.equal(binv, invert_permutation(beta))
 
 
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+def test_gumbel_noise_explores_in_training_only(cls):
+    torch.manual_seed(0)
+    clean = cls(24, groups=2, factors=(3, 4))
+    noisy = cls(24, groups=2, factors=(3, 4), noise=3.0)
+    noisy.load_state_dict(clean.state_dict())
+    assert "noise=3" in repr(noisy)
+    x = torch.randn(32, 24, 2, 2)
+    # eval: deterministic, and the same permutation as without noise
+    clean.eval(), noisy.eval()
+    assert torch.equal(noisy.permutation(x), clean.permutation(x))
+    assert torch.equal(noisy(x), clean(x))
+    # training: the forward is still an exact permutation of each sample, but not always the
+    # noise-free choice (per sample for DynamicShuffle, per batch for the static LearnedShuffle)
+    noisy.train()
+    seen = []
+    for _ in range(4):
+        xg = x.clone().requires_grad_(True)
+        y = noisy(xg)
+        idx = (y.detach()[:, :, 0, 0, None] == x[:, None, :, 0, 0]).float().argmax(-1)
+        assert is_permutation(idx)
+        assert torch.equal(y.detach(), x.gather(1, idx[..., None, None].expand_as(x)))
+        seen.append(idx)
+    per_call = len(torch.unique(seen[0], dim=0))
+    assert per_call > 1 if cls is DynamicShuffle else per_call == 1
+    assert (torch.cat(seen) != clean.permutation(x).repeat(4, 1)).any(dim=1).float().mean() > 0.2
+    # gradients still reach every parameter through the noisy soft matrices
+    (y * torch.randn_like(y)).sum().add(noisy.last_orthogonal_loss).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in noisy.parameters())
+    with pytest.raises(ValueError, match="noise must be a non-negative scale, got -1"):
+        cls(24, noise=-1)
+
+
 def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
     torch.manual_seed(0)
     layers = nn.ModuleList([DynamicShuffle(c, init="random") for c in (464, 232)]).eval()

@@ -294,6 +294,10 @@ class DynamicShuffle(nn.Module):
             multiplications), ``"channels"`` (one ``C x C`` Gram matrix per sample, ``G`` times the
             multiplications as one large product) or ``"auto"`` (``"pixels"`` everywhere until a
             device is measured to prefer the other). The result is the same.
+        noise: scale of the Gumbel noise added to the logits in training (straight-through
+            Gumbel-softmax: the forward explores permutations other than the most likely one,
+            the generator learns which to choose); 0 (the default) adds none. ``eval()`` never
+            adds noise, so the deployed permutation is the deterministic one.
     """
 
     def __init__(
@@ -312,6 +316,7 @@ class DynamicShuffle(nn.Module):
         cross_shuffle: bool = True,
         max_group_size: int = 16,
         factor_grad: str = "auto",
+        noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -323,6 +328,9 @@ class DynamicShuffle(nn.Module):
         self.assignment = check_choice(assignment, ASSIGNMENTS, "assignment")
         self.cross_shuffle = bool(cross_shuffle)
         self.factor_grad = check_choice(factor_grad, FACTOR_GRADS, "factor_grad")
+        if not noise >= 0:
+            raise ValueError(f"noise must be a non-negative scale, got {noise!r}")
+        self.noise = float(noise)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -425,6 +433,9 @@ class DynamicShuffle(nn.Module):
         """``A``, ``B`` and, when ``a == b``, the ``(N, Gf, 2, a, a)`` tensor they are views of."""
         a, b = self.a, self.b
         logits = logits.reshape(logits.shape[0], self.factor_groups, -1)  # (N, Gf, a*a + b*b)
+        if self.noise and self.training:  # Gumbel(0, 1) samples, scaled
+            u = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-20)
+            logits = logits + self.noise * -torch.log(-torch.log(u)).to(logits.dtype)
         if self.tau != 1.0:
             logits = logits / self.tau
         if a == b:  # one softmax for both factors
@@ -572,6 +583,7 @@ class DynamicShuffle(nn.Module):
             f"{self.channels}, groups={self.groups}, factors=({self.a}, {self.b}), "
             f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, hidden={self.hidden}, "
             f"init={self.init!r}, cross_shuffle={self.cross_shuffle}"
+            + (f", noise={self.noise:g}" if self.noise else "")
         )
 
 
@@ -600,6 +612,7 @@ class LearnedShuffle(DynamicShuffle):
         return (
             f"{self.channels}, groups={self.groups}, factors=({self.a}, {self.b}), "
             f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, init={self.init!r}"
+            + (f", noise={self.noise:g}" if self.noise else "")
         )
 
 
