@@ -132,6 +132,10 @@ def test_counts_per_layer_and_class(collected):
     ids, freq = first.frequencies()
     assert first.permutations[ids[0]] == SWAP  # 8 of 15
     np.testing.assert_allclose(freq, [8 / 15, 7 / 15])
+    # identity factors: IDENTITY for the single group of the first layer (7 of 15 samples),
+    # the cross-group shuffle alone for the second (all)
+    assert first.reference == IDENTITY and second.reference == CROSS
+    assert first.identity_share == pytest.approx(7 / 15) and second.identity_share == 1.0
 
 
 def test_information_measures(collected):
@@ -213,9 +217,9 @@ def test_report_and_figures(collected, tmp_path):
         variance, colors = _image_stats(path)
         assert variance > 0 and colors > 2, name
         assert f"]({name})" in text
-    # the table row of each layer: name, C, G x (a x b), distinct, top frequencies
-    assert "| `first` | 4 | 1 x (2 x 2) | 2 | 53.3%, 46.7% |" in text
-    assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% |" in text
+    # the table row of each layer: name, C, G x (a x b), distinct, top frequencies, identity
+    assert "| `first` | 4 | 1 x (2 x 2) | 2 | 53.3%, 46.7% | 46.7% |" in text
+    assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% | 100.0% |" in text
     assert f"{mutual_information(COUNTS):.3f}" in text
     assert "KL(p(perm | class) || p(perm))" in text
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dyshuffle.layers import DynamicShuffle, orthogonality, permutation_matrix
+from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
 
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
@@ -62,6 +62,8 @@ class LayerStats:
         ortho_hist: histogram of ``log10`` orthogonality errors over :data:`ORTHO_BINS` (one entry
             per soft factor matrix and sample).
         ortho_sum, ortho_min, ortho_max, ortho_count: exact summary of the same errors.
+        reference: the permutation of the identity factors (what the layer applies when ``A`` and
+            ``B`` are identities: its fixed cross-group shuffle), or ``None`` when unknown.
     """
 
     name: str
@@ -77,6 +79,7 @@ class LayerStats:
     ortho_min: float = math.inf
     ortho_max: float = 0.0
     ortho_count: int = 0
+    reference: tuple[int, ...] | None = None
     _ids: dict[bytes, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +120,16 @@ class LayerStats:
     def distinct(self) -> int:
         """Number of distinct permutations chosen."""
         return len(self.permutations)
+
+    @property
+    def identity_share(self) -> float | None:
+        """Fraction of the samples that chose the identity factors (``None``: no reference)."""
+        if self.reference is None or not self.num_samples:
+            return None
+        if self.reference not in self.permutations:
+            return 0.0
+        row = self.permutations.index(self.reference)
+        return float(self.counts[row].sum()) / self.num_samples
 
     def frequencies(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, fractions)`` of the permutations, most frequent first."""
@@ -198,6 +211,14 @@ def dynamic_layers(model: nn.Module) -> list[tuple[str, DynamicShuffle]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicShuffle)]
 
 
+def _identity_factors(layer: DynamicShuffle) -> tuple[int, ...]:
+    """The index ``layer`` applies when both factors are identities."""
+    alpha = torch.arange(layer.a).view(1, 1, -1)
+    beta = torch.arange(layer.b).view(1, 1, -1)
+    idx = compose_index(alpha, beta, layer.groups, layer.cross_shuffle)[0]
+    return tuple(int(v) for v in idx)
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -226,7 +247,12 @@ def collect_statistics(
             "'static_dynamic', or pointwise 'sds'); nothing to inspect"
         )
     k = len(class_names)
-    stats = {n: LayerStats(n, m.channels, m.groups, m.a, m.b, num_classes=k) for n, m in layers}
+    stats = {
+        n: LayerStats(
+            n, m.channels, m.groups, m.a, m.b, num_classes=k, reference=_identity_factors(m)
+        )
+        for n, m in layers
+    }
     state: dict[str, Any] = {}
 
     def hook(name: str):
@@ -431,6 +457,10 @@ def _fmt_freq(s: LayerStats, top: int = 3) -> str:
     return ", ".join(f"{100 * f:.1f}%" for f in fr[:top])
 
 
+def _fmt_share(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
 def write_report(
     stats: InspectionStats,
     output: str | Path,
@@ -472,15 +502,15 @@ def write_report(
         "",
         "## Per layer",
         "",
-        "| layer | C | G x (a x b) | distinct permutations | top frequencies | H(perm) bits "
-        "| I(perm; class) bits | mean orthogonality error |",
-        "|---|---:|---|---:|---|---:|---:|---:|",
+        "| layer | C | G x (a x b) | distinct permutations | top frequencies "
+        "| identity factors | H(perm) bits | I(perm; class) bits | mean orthogonality error |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for s in stats.layers:
         lines.append(
             f"| `{s.name}` | {s.channels} | {s.groups} x ({s.a} x {s.b}) | {s.distinct} | "
-            f"{_fmt_freq(s)} | {s.entropy():.3f} | {s.mutual_information():.3f} | "
-            f"{s.ortho_mean:.3g} |"
+            f"{_fmt_freq(s)} | {_fmt_share(s.identity_share)} | {s.entropy():.3f} | "
+            f"{s.mutual_information():.3f} | {s.ortho_mean:.3g} |"
         )
     lines += [
         "",
@@ -489,6 +519,9 @@ def write_report(
         "- *distinct permutations* counts the different hard permutations (the ones `eval()` "
         "applies) a layer chose over the samples; *top frequencies* are the shares of its three "
         "most frequent ones. A layer with one permutation is static in practice.",
+        "- *identity factors* is the share of samples for which both factors are identities, i.e. "
+        "the layer applied only its fixed cross-group shuffle (100%: the layer learned nothing "
+        "beyond its initialization's permutation).",
         "- *I(perm; class)* is the mutual information between the permutation a layer chooses "
         "and the class of the image (plug-in estimate, biased upwards when a layer has many "
         "distinct permutations compared with the samples per class). It is at most "
@@ -659,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {report} and {len(list(Path(args.output).glob('*.png')))} figures")
     for s in stats.layers:
         print(
-            f"  {s.name}: {s.distinct} distinct permutations, I(perm; class) = "
+            f"  {s.name}: {s.distinct} distinct permutations, identity factors "
+            f"{_fmt_share(s.identity_share)}, I(perm; class) = "
             f"{s.mutual_information():.3f} bits, mean orthogonality error {s.ortho_mean:.3g}"
         )
     return 0
