@@ -45,8 +45,8 @@ ASSIGNMENTS = ("auto", "exact", "greedy")
 #: largest joint index table (entries) a layer with shared factors keeps (8 MiB of int64)
 JOINT_TABLE_MAX = 2**20
 #: most factor pairs ``Na * Nb`` a layer with shared factors scores jointly (one product); above
-#: it two products on ``Na`` and ``Nb`` candidates are cheaper (CPU, batch 32: 2 x 4 factors, 48
-#: pairs, 20 vs 36 us; 4 x 4, 576 pairs, 47 vs 26 us)
+#: it scoring each factor on its own is cheaper (on the development CPU, 2 x 4 factors with 48
+#: pairs were faster jointly, 4 x 4 with 576 pairs separately)
 JOINT_CHOICES_MAX = 256
 
 
