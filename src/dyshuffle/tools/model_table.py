@@ -7,11 +7,12 @@ forward pass in ``eval()`` (hard permutations) counted by :func:`dyshuffle.macs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layers import list_mixers
+from ..layers import DynamicShuffle, list_mixers
 from ..macs import count_macs, count_params
 from ..models import create_model, list_models
 
@@ -24,6 +25,11 @@ STEM_SETUPS: dict[str, tuple[int, tuple[int, int, int]]] = {
     "imagenet": (1000, (3, 224, 224)),
     "cifar": (10, (3, 32, 32)),
 }
+
+
+def _default(name: str) -> object:
+    """A default of :class:`DynamicShuffle` (the table says what it was built with)."""
+    return inspect.signature(DynamicShuffle).parameters[name].default
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,8 @@ def render(
         "  a dynamic shuffle applies a hard permutation (a gather, 0 MACs).",
         "- **Mixers** use their defaults (`create_model(name, mixer=...)` with no mixer options:",
         "  shared 2-factor Kronecker permutations, groups of at most 16 channels, generator",
-        '  hidden width `max(C // 4, 8)`). `pointwise="sds"` replaces the 1x1 convolutions of',
+        f"  hidden width `max(C // {_default('reduction')}, {_default('min_hidden')})`). "
+        '`pointwise="sds"` replaces the 1x1 convolutions of',
         "  the ShuffleNetV2 branches / MobileNetV2 blocks by static-dynamic shuffles; in those",
         "  rows the overhead is relative to the same row's `shuffle` column.",
         "- **n/a**: MobileNetV2 has no channel shuffle, so it takes only the `shuffle` and `none`",
