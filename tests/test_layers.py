@@ -360,6 +360,12 @@ def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad,
     ref_grads = torch.autograd.grad(ref, [x, *params], g)
     for got, want in zip(grads, ref_grads):
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # without the joint tables (the backward inverts the index itself): the same values
+    with compact_index(layer):
+        y2 = layer(x)
+        grads2 = torch.autograd.grad(y2, [x, *params], g)
+    assert torch.equal(y2, y)
+    assert all(torch.equal(a, b) for a, b in zip(grads2, grads))
 
 
 @pytest.mark.parametrize("mode", ["soft", "ste"])
@@ -602,11 +608,18 @@ def test_shared_choice_is_the_pair_of_nearest_permutations(factors):
     with compact_index(layer):
         assert torch.equal(layer.permutation(x), ref)
     # the inverses the STE backward uses invert the same factors
-    _, ainv, binv = layer._hard_index(*layer._softmax_factors(layer.logits(x)), inverses=True)
+    idx, ainv, binv, idx_inv = layer._hard_index(
+        *layer._softmax_factors(layer.logits(x)), inverses=True
+    )
     if binv is None:  # a == b: both factors in one tensor
         ainv, binv = ainv[:, :, 0], ainv[:, :, 1]
     assert torch.equal(ainv, invert_permutation(alpha))
     assert torch.equal(binv, invert_permutation(beta))
+    # ... and the index's own inverse, when the joint table gives it
+    assert torch.equal(idx, ref)
+    assert (idx_inv is not None) == (layer._index_ab_inv is not None)
+    if idx_inv is not None:
+        assert torch.equal(idx_inv, invert_permutation(ref))
 
 
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
@@ -647,12 +660,12 @@ def test_compact_index_gives_the_same_permutations_and_restores_the_tables():
     layers = nn.ModuleList([DynamicShuffle(c, init="random") for c in (464, 232)]).eval()
     xs = [torch.randn(6, c, 3, 3) for c in (464, 232)]
     full = [m(x) for m, x in zip(layers, xs)]
-    tables = [m._index_ab for m in layers]
-    assert all(t is not None for t in tables)
+    tables = [(m._index_ab, m._index_ab_inv) for m in layers]
+    assert all(t is not None and i is not None for t, i in tables)
     with compact_index(layers):
-        assert all(m._index_ab is None for m in layers)
+        assert all(m._index_ab is None and m._index_ab_inv is None for m in layers)
         assert all(torch.equal(m(x), y) for m, x, y in zip(layers, xs, full))
-    assert all(m._index_ab is t for m, t in zip(layers, tables))
+    assert all(m._index_ab is t and m._index_ab_inv is i for m, (t, i) in zip(layers, tables))
 
 
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])

@@ -50,6 +50,11 @@ JOINT_TABLE_MAX = 2**20
 JOINT_CHOICES_MAX = 256
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no operator at all when it already is (``.to`` would dispatch one)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def orthogonality(m: Tensor) -> Tensor:
     """``||M M^T - I||_F^2`` for each matrix of a ``(..., a, a)`` batch, shape ``(...)``."""
     eye = torch.eye(m.shape[-1], device=m.device, dtype=m.dtype)
@@ -65,7 +70,7 @@ class _OrthogonalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m, eye, scale):  # type: ignore[override]
-        g = m @ m.transpose(-1, -2) - eye.to(m.dtype)
+        g = m @ m.transpose(-1, -2) - _as_dtype(eye, m.dtype)
         ctx.save_for_backward(m, g)
         ctx.scale = scale
         flat = g.reshape(-1)
@@ -74,8 +79,8 @@ class _OrthogonalLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         m, g = ctx.saved_tensors
-        gm = g.to(m.dtype) @ m
-        return gm * (grad * (4.0 * ctx.scale)).to(gm.dtype), None, None
+        gm = _as_dtype(g, m.dtype) @ m
+        return gm * _as_dtype(grad * (4.0 * ctx.scale), gm.dtype), None, None
 
 
 def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
@@ -97,8 +102,8 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
     n, c, h, w = x.shape
     a, b = a_mat.shape[-1], b_mat.shape[-1]
     grid = x.reshape(n, groups, a, b, h * w)  # (N, G, a, b, P)
-    a_mat = a_mat.to(x.dtype).expand(n, groups, -1, -1)
-    b_mat = b_mat.to(x.dtype).expand(n, groups, -1, -1)
+    a_mat = _as_dtype(a_mat, x.dtype).expand(n, groups, -1, -1)
+    b_mat = _as_dtype(b_mat, x.dtype).expand(n, groups, -1, -1)
     y = torch.einsum("ngik,ngkjp->ngijp", a_mat, grid)  # rows:    A X
     y = torch.einsum("ngjl,ngilp->ngijp", b_mat, y)  # columns: (A X) B^T
     return y.reshape(n, -1, h, w)
@@ -208,10 +213,12 @@ class _KroneckerSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a_soft, b_soft, idx, ainv, binv, groups, cross, gram):  # type: ignore[override]
+    def forward(ctx, x, a_soft, b_soft, idx, idx_inv, ainv, binv, groups, cross, gram):  # type: ignore[override]
         # b_soft None: a_soft holds both factors (N, Gf, 2, a, a), ainv both inverses (N, Gf, 2, a)
+        # idx_inv: the inverse of idx when a table gave it, else None (inverted in the backward)
         y = _gather_channels(x, idx)
-        ctx.save_for_backward(y, idx, ainv, binv)
+        ctx.save_for_backward(y, idx if idx_inv is None else idx_inv, ainv, binv)
+        ctx.inverted = idx_inv is not None
         ctx.groups, ctx.cross, ctx.gram = groups, cross, gram
         ctx.shapes = (a_soft.shape, None if b_soft is None else b_soft.shape)
         return y
@@ -222,7 +229,7 @@ class _KroneckerSTE(torch.autograd.Function):
         groups, (a_shape, b_shape) = ctx.groups, ctx.shapes
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _gather_channels(gy, invert_permutation(idx))
+            gx = _gather_channels(gy, idx if ctx.inverted else invert_permutation(idx))
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             a = a_shape[-1]
             b = a if b_shape is None else b_shape[-1]
@@ -239,7 +246,7 @@ class _KroneckerSTE(torch.autograd.Function):
             else:
                 ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
                 gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
-        return gx, ga, gb, None, None, None, None, None, None
+        return gx, ga, gb, None, None, None, None, None, None, None
 
 
 def _pooled(x: Tensor, training: bool) -> Tensor:
@@ -260,9 +267,7 @@ def _table_argmax(m: Tensor, onehot_t: Tensor) -> Tensor:
     Returns:
         ``(...)`` LongTensor of candidate rows.
     """
-    if onehot_t.dtype != m.dtype:
-        onehot_t = onehot_t.to(m.dtype)
-    return (m.detach().flatten(-2) @ onehot_t).argmax(dim=-1)  # scores (..., K)
+    return (m.detach().flatten(-2) @ _as_dtype(onehot_t, m.dtype)).argmax(dim=-1)  # (..., K)
 
 
 class DynamicShuffle(nn.Module):
@@ -388,6 +393,9 @@ class DynamicShuffle(nn.Module):
         if tables is not None and joint_rows * tables[0].shape[1] <= JOINT_TABLE_MAX:
             joint = (tables[0][:, None, :] + tables[1][None, :, :]).flatten(0, 1)
         self.register_buffer("_index_ab", joint, persistent=False)
+        # ... and the inverse of each row, for the STE backward (one lookup instead of inverting)
+        joint_inv = None if joint is None else invert_permutation(joint)
+        self.register_buffer("_index_ab_inv", joint_inv, persistent=False)
         #: row of the joint table from separate choices: choice_a * Nb + choice_b
         self.register_buffer("_row_weights", torch.tensor([self._nb, 1]), persistent=False)
         self._build_logits()
@@ -444,8 +452,10 @@ class DynamicShuffle(nn.Module):
         if a == b:  # one softmax for both factors
             both = F.softmax(logits.unflatten(-1, (2, a, a)), dim=-1)
             return both[:, :, 0], both[:, :, 1], both
-        la = logits[..., : a * a].unflatten(-1, (a, a))
-        lb = logits[..., a * a :].unflatten(-1, (b, b))
+        # split, not two slices: its backward is one concatenation instead of two zero-filled
+        # slice gradients and their sum
+        la, lb = logits.split([a * a, b * b], dim=-1)
+        la, lb = la.unflatten(-1, (a, a)), lb.unflatten(-1, (b, b))
         return F.softmax(la, dim=-1), F.softmax(lb, dim=-1), None
 
     def _choices(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None) -> Tensor | None:
@@ -474,11 +484,12 @@ class DynamicShuffle(nn.Module):
 
     def _hard_index(
         self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None, inverses: bool = False
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The composed ``(N, C)`` index, and the inverses of the factors when asked for.
 
         With ``a == b`` and tables the inverses come as one ``(N, Gf, 2, a)`` tensor (and
-        ``None``), matching the ``both`` tensor of :meth:`_softmax_factors`.
+        ``None``), matching the ``both`` tensor of :meth:`_softmax_factors`. The last item is the
+        inverse of the index when asked for and a joint table row gives it, else ``None``.
         """
         row = choice = None
         if self._score_t is not None:  # shared factors, few pairs: scored jointly
@@ -487,8 +498,11 @@ class DynamicShuffle(nn.Module):
             choice = self._choices(a_mat, b_mat, both)  # (N, Gf, 2)
             if choice is not None and self._index_ab is not None:
                 row = (choice.flatten(1) * self._row_weights).sum(-1)  # choice_a * Nb + choice_b
+        idx_inv = None
         if row is not None and self._index_ab is not None:  # shared factors: one table row
             idx = self._index_ab.index_select(0, row)
+            if inverses and self._index_ab_inv is not None:
+                idx_inv = self._index_ab_inv.index_select(0, row)
         elif row is not None or (choice is not None and self._index_a is not None):
             # shared factors without the joint table (compact_index): TA[i] + TB[j]
             if choice is None:
@@ -504,17 +518,17 @@ class DynamicShuffle(nn.Module):
                 alpha, beta = self._hard_factors(a_mat, b_mat)
             idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
         if not inverses:
-            return idx, None, None
+            return idx, None, None, None
         if choice is None and row is not None:  # from the joint row: (N, 1, ...)
             ainv = self._inv_rows.index_select(0, row).unsqueeze(1)
             if self._inv_rows_b is None:  # (N, 1, 2, a)
-                return idx, ainv, None
-            return idx, ainv, self._inv_rows_b.index_select(0, row).unsqueeze(1)
+                return idx, ainv, None, idx_inv
+            return idx, ainv, self._inv_rows_b.index_select(0, row).unsqueeze(1), idx_inv
         if choice is not None and self.a == self.b:  # both inverses at once: (N, Gf, 2, a)
-            return idx, self._inv_a[choice], None
+            return idx, self._inv_a[choice], None, idx_inv
         if choice is not None:  # (N, Gf, a) and (N, Gf, b)
-            return idx, self._inv_a[choice[..., 0]], self._inv_b[choice[..., 1]]
-        return idx, invert_permutation(alpha), invert_permutation(beta)
+            return idx, self._inv_a[choice[..., 0]], self._inv_b[choice[..., 1]], idx_inv
+        return idx, invert_permutation(alpha), invert_permutation(beta), None
 
     def _joint_row(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None) -> Tensor:
         """Row ``choice_a * Nb + choice_b`` of the pair of permutations nearest to ``(A, B)``.
@@ -527,8 +541,7 @@ class DynamicShuffle(nn.Module):
             flat = both.detach().flatten(1)
         else:
             flat = torch.cat([a_mat.detach().flatten(1), b_mat.detach().flatten(1)], dim=1)
-        score_t = self._score_t if self._score_t.dtype == flat.dtype else self._score_t.to(flat)
-        return (flat @ score_t).argmax(dim=-1)
+        return (flat @ _as_dtype(self._score_t, flat.dtype)).argmax(dim=-1)
 
     def _table(self, name: str) -> tuple[Tensor, Tensor] | None:
         perms = getattr(self, f"_perms_{name}")
@@ -541,7 +554,7 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         """
         check_input(x, self.channels, type(self).__name__)
-        idx, _, _ = self._hard_index(*self._softmax_factors(self.logits(x)))
+        idx = self._hard_index(*self._softmax_factors(self.logits(x)))[0]
         return idx.expand(x.shape[0], -1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -562,11 +575,11 @@ class DynamicShuffle(nn.Module):
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
         ste = self.training and grad and a_mat.requires_grad
-        idx, ainv, binv = self._hard_index(a_mat, b_mat, both, inverses=ste)
+        idx, ainv, binv, idx_inv = self._hard_index(a_mat, b_mat, both, inverses=ste)
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
-                x, fa, fb, idx, ainv, binv, self.groups, self.cross_shuffle, self._gram
+                x, fa, fb, idx, idx_inv, ainv, binv, self.groups, self.cross_shuffle, self._gram
             )
         if grad and x.requires_grad:
             return permute_channels(x, idx)
@@ -609,7 +622,7 @@ class LearnedShuffle(DynamicShuffle):
                 self.logit_param.normal_(0.0, 1.0)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.logit_param.to(x.dtype)
+        return _as_dtype(self.logit_param, x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -660,12 +673,16 @@ def permutation_mode(model: nn.Module, which: str) -> contextlib.AbstractContext
     return _set_on_layers(model, "eval_permutation", which)
 
 
-def compact_index(model: nn.Module) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def compact_index(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily drop the joint index tables of every dynamic layer of ``model``.
 
     With shared factors a layer keeps a joint table ``TA[i] + TB[j]`` (one lookup per call; up to
     ``Na * Nb`` rows of ``C`` indices, 2 MiB for 464 channels of 4 x 4 factors). Without it the
     layer looks up ``TA`` and ``TB`` and adds them: the same index, one operation more, tables
-    ``Na + Nb`` rows long. Exporting inside this context keeps files near the size of the weights.
+    ``Na + Nb`` rows long (in STE training the backward inverts the index instead of looking up
+    the joint inverse table). Exporting inside this context keeps files near the size of the
+    weights.
     """
-    return _set_on_layers(model, "_index_ab", None)
+    with _set_on_layers(model, "_index_ab", None), _set_on_layers(model, "_index_ab_inv", None):
+        yield model

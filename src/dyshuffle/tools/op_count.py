@@ -32,7 +32,7 @@ VIEW_OPS = frozenset(
         "view as_strided resolve_conj resolve_neg detach _reshape_alias _unsafe_view empty "
         "empty_strided result_type t transpose expand expand_as unsqueeze squeeze permute "
         "reshape select slice unflatten flatten diagonal alias lift_fresh view_as unbind split "
-        "chunk numpy_T"
+        "chunk split_with_sizes numpy_T"
     ).split()
 )
 
