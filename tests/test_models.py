@@ -109,6 +109,11 @@ def test_duplicate_registration_raises():
         ({"name": "shufflenet_v2_x0_5", "mixer": "shuffle", "tau": 0.5}, r"takes no options"),
         ({"name": "shufflenet_v2_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"pointwise='sds'"),
         ({"name": "shufflenet_v1_g3_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"'conv' only"),
+        (
+            {"name": "shufflenet_v2_x0_5", "mixer_stages": [1, 4]},
+            r"among \[2, 3, 4\], got \[1, 4\]",
+        ),
+        ({"name": "shufflenet_v1_g3_x0_5", "mixer_stages": []}, r"mixer_stages.*got \[\]"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -186,6 +191,26 @@ def test_shufflenet_v2_mixer_after_every_unit_with_kwargs():
         for u in fixed.modules()
         if isinstance(u, InvertedResidual)
     )
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x1_0", "shufflenet_v1_g3_x0_5"])
+def test_mixer_stages_choose_the_units_that_get_the_mixer(name):
+    unit = InvertedResidual if name.startswith("shufflenet_v2") else ShuffleV1Unit
+    groups = 2 if unit is InvertedResidual else 3
+    model = create_model(name, mixer="dynamic", mixer_stages=[2, 4], tau=0.5)
+    for stage, want in ((2, DynamicShuffle), (3, ChannelShuffle), (4, DynamicShuffle)):
+        mixers = [u.mixer for u in getattr(model, f"stage{stage}") if isinstance(u, unit)]
+        assert mixers and all(type(m) is want for m in mixers)
+        if want is DynamicShuffle:  # the mixer's keywords go to the chosen stages only
+            assert all(m.tau == 0.5 for m in mixers)
+        else:
+            assert all(m.groups == groups for m in mixers)
+    assert model.model_args["mixer_stages"] == [2, 4]
+    rebuilt = create_model(**model.model_args)  # what checkpoints and exports rebuild
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in model.modules()]
+    every = create_model(name, mixer="dynamic", mixer_stages=(2, 3, 4))
+    default = create_model(name, mixer="dynamic")
+    assert [type(m) for m in every.modules()] == [type(m) for m in default.modules()]
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])

@@ -11,6 +11,8 @@ from torch import nn
 from ..layers import get_mixer, list_mixers
 
 __all__ = [
+    "STAGES",
+    "stage_mixers",
     "POINTWISE",
     "STEMS",
     "create_model",
@@ -68,6 +70,35 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
     return _MODELS[name]
+
+
+#: the stages of the ShuffleNets (``stage2`` to ``stage4``), as ``mixer_stages`` names them
+STAGES = (2, 3, 4)
+
+
+def stage_mixers(
+    mixer: Any, mixer_kwargs: dict[str, Any], mixer_stages: Any
+) -> dict[int, tuple[Any, dict[str, Any]]]:
+    """The mixer and its keywords for each stage: ``mixer`` in ``mixer_stages``, else the fixed
+    shuffle (``None``: every stage).
+
+    Raises:
+        ValueError: for stages outside :data:`STAGES`, naming them.
+    """
+    if mixer_stages is None:
+        chosen = set(STAGES)
+    else:
+        try:
+            chosen = set(mixer_stages)
+        except TypeError:
+            chosen = {mixer_stages}
+        bad = sorted(chosen - set(STAGES), key=repr)
+        if bad or not chosen:
+            raise ValueError(
+                f"mixer_stages must be a non-empty list of stages among {list(STAGES)}, got "
+                f"{mixer_stages!r}"
+            )
+    return {s: (mixer, mixer_kwargs) if s in chosen else ("shuffle", {}) for s in STAGES}
 
 
 def check_model_args(

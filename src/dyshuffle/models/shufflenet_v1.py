@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..layers import create_mixer
 from ._blocks import ClassifierModel, ConvBNAct, make_divisible
-from ._registry import check_model_args, finalize, register_model
+from ._registry import check_model_args, finalize, register_model, stage_mixers
 
 __all__ = [
     "SHUFFLENET_V1_CHANNELS",
@@ -126,6 +126,8 @@ class ShuffleNetV1(ClassifierModel):
         pointwise: only ``"conv"`` (the grouped 1x1 convolutions stay).
         in_chans: input channels.
         pointwise_kwargs: must be empty (no static-dynamic shuffles here).
+        mixer_stages: the stages (of 2, 3, 4) whose units get ``mixer``; the others keep the fixed
+            shuffle. ``None``: all.
         **mixer_kwargs: keywords of the mixer.
     """
 
@@ -140,10 +142,12 @@ class ShuffleNetV1(ClassifierModel):
         pointwise: str = "conv",
         in_chans: int = 3,
         pointwise_kwargs: dict[str, Any] | None = None,
+        mixer_stages: Sequence[int] | None = None,
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
+        mixers = stage_mixers(mixer, mixer_kwargs, mixer_stages)
         if pointwise != "conv" or pointwise_kwargs:
             raise ValueError(
                 f"ShuffleNetV1 supports pointwise='conv' only (its 1x1 convolutions are grouped), "
@@ -171,8 +175,8 @@ class ShuffleNetV1(ClassifierModel):
                     2 if j == 0 else 1,
                     groups,
                     grouped_first=not (i == 2 and j == 0),
-                    mixer=mixer,
-                    mixer_kwargs=mixer_kwargs,
+                    mixer=mixers[i][0],
+                    mixer_kwargs=mixers[i][1],
                 )
                 for j in range(repeats)
             ]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..layers import create_mixer
 from ._blocks import ClassifierModel, pointwise_conv
-from ._registry import check_model_args, finalize, register_model
+from ._registry import check_model_args, finalize, register_model, stage_mixers
 
 __all__ = ["SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
 
@@ -118,6 +118,8 @@ class ShuffleNetV2(ClassifierModel):
         pointwise: ``"conv"`` or ``"sds"`` for the 1x1 convolutions inside the units.
         in_chans: input channels.
         pointwise_kwargs: keywords of the static-dynamic shuffles.
+        mixer_stages: the stages (of 2, 3, 4) whose units get ``mixer``; the others keep the fixed
+            shuffle. ``None``: all.
         **mixer_kwargs: keywords of the mixer.
     """
 
@@ -131,10 +133,12 @@ class ShuffleNetV2(ClassifierModel):
         pointwise: str = "conv",
         in_chans: int = 3,
         pointwise_kwargs: dict[str, Any] | None = None,
+        mixer_stages: Sequence[int] | None = None,
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
+        mixers = stage_mixers(mixer, mixer_kwargs, mixer_stages)
         if len(stage_repeats) != 3 or len(stage_channels) != 5:
             raise ValueError(
                 f"need 3 stage repeats and 5 stage channels, got {tuple(stage_repeats)} and "
@@ -156,10 +160,10 @@ class ShuffleNetV2(ClassifierModel):
                     cin if j == 0 else cout,
                     cout,
                     2 if j == 0 else 1,
-                    mixer,
-                    pointwise,
-                    mixer_kwargs,
-                    pointwise_kwargs,
+                    mixer=mixers[i][0],
+                    pointwise=pointwise,
+                    mixer_kwargs=mixers[i][1],
+                    pointwise_kwargs=pointwise_kwargs,
                 )
                 for j in range(repeats)
             ]
