@@ -20,6 +20,7 @@ from dyshuffle import (
     permutation_mode,
 )
 from dyshuffle.layers import (
+    balance_term,
     choose_groups,
     closest_permutation,
     compact_index,
@@ -620,6 +621,49 @@ def test_shared_choice_is_the_pair_of_nearest_permutations(factors):
     assert (idx_inv is not None) == (layer._index_ab_inv is not None)
     if idx_inv is not None:
         assert torch.equal(idx_inv, invert_permutation(ref))
+
+
+@pytest.mark.parametrize("mode", ["ste", "soft"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])  # a != b, a == b
+def test_balance_adds_the_gradient_of_its_term(mode, shared, groups, factors):
+    """The forward is unchanged; the gradients are those of the task loss plus
+    ``balance * (balance_term(A) + balance_term(B)) / 2``."""
+    torch.manual_seed(0)
+    plain = DynamicShuffle(24, groups, factors, shared=shared, mode=mode, init="random")
+    bal = DynamicShuffle(24, groups, factors, shared=shared, mode=mode, init="random", balance=0.7)
+    bal.load_state_dict(plain.state_dict())
+    assert "balance=0.7" in repr(bal) and "balance" not in repr(plain)
+    randomize_generator(plain, scale=1.0)
+    bal.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 24, 3, 2, requires_grad=True)
+    g = torch.randn(5, 24, 3, 2)
+    y_bal = bal.train()(x)
+    y = plain.train()(x)
+    assert torch.equal(y_bal, y)
+    params = [x, *bal.parameters()]
+    got = torch.autograd.grad((y_bal * g).sum() + bal.last_orthogonal_loss, params)
+    a_mat, b_mat = plain.factor_matrices(x)
+    extra = 0.7 * (balance_term(a_mat) + balance_term(b_mat)) / 2
+    task = (y * g).sum() + plain.last_orthogonal_loss
+    without = torch.autograd.grad(task, [x, *plain.parameters()], retain_graph=True)
+    want = torch.autograd.grad(task + extra, [x, *plain.parameters()])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert (got[-1] - without[-1]).abs().max() > 1e-4  # the term moves the generator
+    # eval is untouched
+    assert torch.equal(bal.eval()(x), plain.eval()(x))
+
+
+def test_balance_term_spans_one_permutation_to_spread_choices():
+    eye = torch.eye(3)
+    perms = torch.stack([eye[list(p)] for p in itertools.permutations(range(3))])
+    assert balance_term(eye.expand(4, 1, 3, 3)) == pytest.approx(1.0)
+    assert balance_term(perms.unsqueeze(1)) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="balance must be a non-negative weight, got -0.5"):
+        DynamicShuffle(24, balance=-0.5)
+    with pytest.raises(ValueError, match="balance=0.5.*LearnedShuffle cannot"):
+        LearnedShuffle(24, balance=0.5)
 
 
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])

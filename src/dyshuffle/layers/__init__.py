@@ -6,6 +6,7 @@ This package imports nothing else of ``dyshuffle``.
 from .dynamic import (
     DynamicShuffle,
     LearnedShuffle,
+    balance_term,
     compact_index,
     kronecker_apply,
     orthogonal_loss,
@@ -32,6 +33,7 @@ __all__ = [
     "LearnedShuffle",
     "StaticDynamicShuffle",
     "all_permutations",
+    "balance_term",
     "channel_shuffle",
     "choose_groups",
     "closest_permutation",

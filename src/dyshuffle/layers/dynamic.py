@@ -34,6 +34,7 @@ from .shuffle import channel_shuffle
 __all__ = [
     "DynamicShuffle",
     "LearnedShuffle",
+    "balance_term",
     "compact_index",
     "kronecker_apply",
     "orthogonal_loss",
@@ -81,6 +82,40 @@ class _OrthogonalLoss(torch.autograd.Function):
         m, g = ctx.saved_tensors
         gm = _as_dtype(g, m.dtype) @ m
         return gm * _as_dtype(grad * (4.0 * ctx.scale), gm.dtype), None, None
+
+
+class _BalanceGradient(torch.autograd.Function):
+    """Identity on a batch of soft factors ``M`` ``(N, ...)``; its backward adds the gradient of
+    ``weight * mean_k ||mean_n M[n, k]||_F^2 / a`` (``k`` over the trailing ``(a, a)`` matrices).
+
+    The batch mean of the factor matrices has squared norm ``a`` (its largest) when every sample
+    chooses the same permutation and ``1`` when the choices are spread evenly over the
+    permutations: pushing it down asks the generator to use several permutations, like the
+    load-balancing loss of mixtures of experts. Added as a gradient so that the trainer's loss
+    and logs need no extra term.
+    """
+
+    @staticmethod
+    def forward(ctx, m, weight):  # type: ignore[override]
+        ctx.save_for_backward(m)
+        ctx.weight = weight
+        return m.view_as(m)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (m,) = ctx.saved_tensors
+        n, a = m.shape[0], m.shape[-1]
+        count = m[0].numel() // (a * a)  # matrices per sample
+        mean = m.detach().mean(0, keepdim=True)
+        return grad + mean * (2.0 * ctx.weight / (n * a * count)), None
+
+
+def balance_term(m: Tensor) -> Tensor:
+    """``mean_k ||mean_n M[n, k]||_F^2 / a`` of soft factors ``(N, ..., a, a)``: between ``1 / a``
+    (choices spread evenly) and 1 (one permutation for the batch). See ``balance`` of
+    :class:`DynamicShuffle`."""
+    a = m.shape[-1]
+    return m.mean(0).pow(2).sum(dim=(-2, -1)).mean() / a
 
 
 def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
@@ -306,6 +341,10 @@ class DynamicShuffle(nn.Module):
             Gumbel-softmax: the forward explores permutations other than the most likely one,
             the generator learns which to choose); 0 (the default) adds none. ``eval()`` never
             adds noise, so the deployed permutation is the deterministic one.
+        balance: in training, weight of a term that asks the generator to spread its choices
+            over the permutations (:func:`balance_term` of each factor, averaged over the two;
+            added to the gradient of the soft factors, not to the trainer's loss). 0 (the
+            default): none. Needs an input-dependent layer (not :class:`LearnedShuffle`).
     """
 
     def __init__(
@@ -325,6 +364,7 @@ class DynamicShuffle(nn.Module):
         max_group_size: int = 16,
         factor_grad: str = "auto",
         noise: float = 0.0,
+        balance: float = 0.0,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -339,6 +379,9 @@ class DynamicShuffle(nn.Module):
         if not noise >= 0:
             raise ValueError(f"noise must be a non-negative scale, got {noise!r}")
         self.noise = float(noise)
+        if not balance >= 0:
+            raise ValueError(f"balance must be a non-negative weight, got {balance!r}")
+        self.balance = float(balance)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -561,6 +604,13 @@ class DynamicShuffle(nn.Module):
         check_input(x, self.channels, type(self).__name__)
         grad = torch.is_grad_enabled()
         a_mat, b_mat, both = self._softmax_factors(self.logits(x))
+        if self.balance and self.training and grad and a_mat.requires_grad:
+            if both is not None:  # one tensor for both factors: the mean over the two is half
+                both = _BalanceGradient.apply(both, self.balance)
+                a_mat, b_mat = both[:, :, 0], both[:, :, 1]
+            else:
+                a_mat = _BalanceGradient.apply(a_mat, 0.5 * self.balance)
+                b_mat = _BalanceGradient.apply(b_mat, 0.5 * self.balance)
         if self.training and grad:
             # mean over samples and groups, summed over the two factors
             scale = 1.0 / (a_mat.shape[0] * a_mat.shape[1])
@@ -600,6 +650,7 @@ class DynamicShuffle(nn.Module):
             f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, hidden={self.hidden}, "
             f"init={self.init!r}, cross_shuffle={self.cross_shuffle}"
             + (f", noise={self.noise:g}" if self.noise else "")
+            + (f", balance={self.balance:g}" if self.balance else "")
         )
 
 
@@ -612,6 +663,11 @@ class LearnedShuffle(DynamicShuffle):
     """
 
     def _build_logits(self) -> None:
+        if self.balance:
+            raise ValueError(
+                f"balance={self.balance!r} asks for input-dependent choices, which "
+                f"{type(self).__name__} cannot make; use DynamicShuffle or balance=0"
+            )
         self.logit_param = nn.Parameter(torch.zeros(1, self.num_logits))
 
     def reset_logits(self) -> None:
@@ -629,6 +685,7 @@ class LearnedShuffle(DynamicShuffle):
             f"{self.channels}, groups={self.groups}, factors=({self.a}, {self.b}), "
             f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, init={self.init!r}"
             + (f", noise={self.noise:g}" if self.noise else "")
+            + (f", balance={self.balance:g}" if self.balance else "")
         )
 
 
