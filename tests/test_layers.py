@@ -301,6 +301,15 @@ def test_identity_logits_give_the_fixed_cross_group_shuffle(cls):
     layer.tau = 1e-3  # a cold softmax is binary to float precision
     with permutation_mode(layer, "soft"):
         assert torch.allclose(layer(x), channel_shuffle(x, 29), atol=1e-6)
+    # the fixed mixer with groups="auto" is that shuffle, at every width
+    assert torch.equal(create_mixer("shuffle", 116, groups="auto")(x), layer(x))
+    for c in (48, 96, 192, 232, 464):
+        ident = cls(c, init="identity", max_group_size=8).eval()
+        if cls is DynamicShuffle:
+            nn.init.zeros_(ident.generator[-1].weight)
+        xc = torch.randn(2, c, 2, 2)
+        fixed = create_mixer("shuffle", c, groups="auto", max_group_size=8)
+        assert fixed.groups == ident.groups and torch.equal(fixed(xc), ident(xc))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -526,6 +535,11 @@ def test_factory_names_and_errors():
     assert set(list_mixers()) >= {"shuffle", "none", "learned", "dynamic", "static_dynamic"}
     x = torch.randn(2, 48, 2, 2)
     assert torch.equal(create_mixer("shuffle", 48, shuffle_groups=3)(x), channel_shuffle(x, 3))
+    assert create_mixer("shuffle", 48, shuffle_groups=3, groups=8).groups == 8
+    with pytest.raises(ValueError, match="positive integer or 'auto', got 'dynamic'"):
+        create_mixer("shuffle", 48, groups="dynamic")
+    with pytest.raises(ValueError, match="groups=5 does not divide channels=48"):
+        create_mixer("shuffle", 48, groups=5)
     assert torch.equal(create_mixer("none", 48)(x), x)
     assert isinstance(create_mixer("dynamic", 48, tau=0.5), DynamicShuffle)
     assert create_mixer(lambda c: ChannelShuffle(4, c), 48).groups == 4

@@ -106,7 +106,7 @@ def test_duplicate_registration_raises():
         ({"name": "shufflenet_v1_g3_x1_0", "pointwise": "sds"}, r"pointwise='conv' only"),
         ({"name": "mobilenet_v2", "mixer": "dynamic"}, r"no channel shuffle.*'shuffle', 'none'"),
         ({"name": "mobilenet_v2", "tau": 0.5}, r"no mixer to take the options \['tau'\]"),
-        ({"name": "shufflenet_v2_x0_5", "mixer": "shuffle", "tau": 0.5}, r"takes no options"),
+        ({"name": "shufflenet_v2_x0_5", "mixer": "shuffle", "tau": 0.5}, r"takes only the options"),
         ({"name": "shufflenet_v2_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"pointwise='sds'"),
         ({"name": "shufflenet_v1_g3_x0_5", "pointwise_kwargs": {"dynamic": 0}}, r"'conv' only"),
         (

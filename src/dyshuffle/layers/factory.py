@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .dynamic import DynamicShuffle, LearnedShuffle
+from .permutation import choose_groups
 from .sds import StaticDynamicShuffle
 from .shuffle import ChannelShuffle, IdentityMixer
 
@@ -54,10 +55,26 @@ def create_mixer(
     return builder(channels, **kwargs)
 
 
-def _fixed(channels: int, shuffle_groups: int = 2, **kwargs) -> nn.Module:
+def _fixed(
+    channels: int,
+    shuffle_groups: int = 2,
+    groups: int | str | None = None,
+    max_group_size: int = 16,
+    **kwargs,
+) -> nn.Module:
+    """The fixed shuffle with the network's ``shuffle_groups``, or ``groups`` when given:
+    ``"auto"`` is the cross-group shuffle of a :class:`DynamicShuffle` of the same width and
+    ``max_group_size`` (the layer's shuffle when its factors are identities)."""
     if kwargs:
-        raise ValueError(f"the 'shuffle' mixer takes no options, got {sorted(kwargs)}")
-    return ChannelShuffle(shuffle_groups, channels)
+        raise ValueError(
+            f"the 'shuffle' mixer takes only the options groups and max_group_size, got "
+            f"{sorted(kwargs)}"
+        )
+    if groups == "auto":
+        groups = choose_groups(channels, None, None, max_group_size)[0]
+    elif isinstance(groups, str):
+        raise ValueError(f"groups must be a positive integer or 'auto', got {groups!r}")
+    return ChannelShuffle(shuffle_groups if groups is None else groups, channels)
 
 
 def _drop_groups(cls: type[nn.Module]) -> MixerBuilder:
