@@ -84,15 +84,19 @@ class _OrthogonalLoss(torch.autograd.Function):
         return gm * _as_dtype(grad * (4.0 * ctx.scale), gm.dtype), None, None
 
 
+def _usage(m: Tensor) -> Tensor:
+    """How often each entry is its row's largest over the batch: ``(..., a, a)``, no gradient.
+
+    For the near-binary soft factors that the regularizer keeps, the row-wise largest entry is
+    the hard permutation's; ``mean_n`` of the one-hot rows is the usage of each column per row.
+    """
+    hard = F.one_hot(m.detach().argmax(-1), m.shape[-1]).to(m.dtype)
+    return hard.mean(0)
+
+
 class _BalanceGradient(torch.autograd.Function):
     """Identity on a batch of soft factors ``M`` ``(N, ...)``; its backward adds the gradient of
-    ``weight * mean_k ||mean_n M[n, k]||_F^2 / a`` (``k`` over the trailing ``(a, a)`` matrices).
-
-    The batch mean of the factor matrices has squared norm ``a`` (its largest) when every sample
-    chooses the same permutation and ``1`` when the choices are spread evenly over the
-    permutations: pushing it down asks the generator to use several permutations, like the
-    load-balancing loss of mixtures of experts. Added as a gradient so that the trainer's loss
-    and logs need no extra term.
+    ``weight * balance_term(M)`` (see :func:`balance_term`).
     """
 
     @staticmethod
@@ -106,16 +110,19 @@ class _BalanceGradient(torch.autograd.Function):
         (m,) = ctx.saved_tensors
         n, a = m.shape[0], m.shape[-1]
         count = m[0].numel() // (a * a)  # matrices per sample
-        mean = m.detach().mean(0, keepdim=True)
-        return grad + mean * (2.0 * ctx.weight / (n * a * count)), None
+        return grad + _usage(m).unsqueeze(0) * (ctx.weight / (n * a * count)), None
 
 
 def balance_term(m: Tensor) -> Tensor:
-    """``mean_k ||mean_n M[n, k]||_F^2 / a`` of soft factors ``(N, ..., a, a)``: between ``1 / a``
-    (choices spread evenly) and 1 (one permutation for the batch). See ``balance`` of
-    :class:`DynamicShuffle`."""
+    """The load-balancing term of soft factors ``M`` ``(N, ..., a, a)``, as for mixtures of
+    experts (Fedus et al., Switch Transformers): ``mean_k sum_ij f[k, i, j] * P[k, i, j] / a``
+    with ``P = mean_n M`` the mean soft matrix and ``f`` the (gradient-free) usage of each entry
+    as its row's largest. 1 when every sample makes the same confident choice, ``1 / a`` when the
+    choices are spread evenly; its gradient lowers the entries the batch uses most, and vanishes
+    through the softmax once the usage is even. See ``balance`` of :class:`DynamicShuffle`.
+    """
     a = m.shape[-1]
-    return m.mean(0).pow(2).sum(dim=(-2, -1)).mean() / a
+    return (_usage(m) * m.mean(0)).sum(dim=(-2, -1)).mean() / a
 
 
 def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Tensor:
@@ -341,9 +348,9 @@ class DynamicShuffle(nn.Module):
             Gumbel-softmax: the forward explores permutations other than the most likely one,
             the generator learns which to choose); 0 (the default) adds none. ``eval()`` never
             adds noise, so the deployed permutation is the deterministic one.
-        balance: in training, weight of a term that asks the generator to spread its choices
-            over the permutations (:func:`balance_term` of each factor, averaged over the two;
-            added to the gradient of the soft factors, not to the trainer's loss). 0 (the
+        balance: in training, weight of a load-balancing term that asks the generator to spread
+            its choices over the permutations (:func:`balance_term` of each factor, averaged over
+            the two; added to the gradient of the soft factors, not to the trainer's loss). 0 (the
             default): none. Needs an input-dependent layer (not :class:`LearnedShuffle`).
     """
 
