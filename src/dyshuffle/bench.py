@@ -706,6 +706,23 @@ def run_benchmark(
     def prep(module: nn.Module) -> nn.Module:
         return module.to(device=device, memory_format=fmt)
 
+    def measure(
+        part: str, target: str, shape: tuple[int, ...], modules: dict, counts: dict, batch: int
+    ) -> None:
+        """Measure every variant of one part (layer or model) at one batch size."""
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(batch, *shape, generator=gen)
+        x = x.to(device=device).contiguous(memory_format=fmt)
+        cases = {
+            v: _Case(m, x, part, device, precision, cfg.compile, _ortho(v, cfg.refs))
+            for v, m in modules.items()
+        }
+        base = dict(common, part=part, target=target, input="x".join(map(str, shape)), batch=batch)
+        new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
+        for r in new:
+            r["params"], r["macs"] = counts[r["variant"]]
+        done(new)
+
     def run_layers() -> None:
         for shape in cfg.layer_shapes:
             channels, size = _parse_shape(shape)
@@ -720,25 +737,8 @@ def run_benchmark(
                 if budget.spent():
                     _log(cfg, f"time budget spent: skipping layer {shape} batch {batch}")
                     continue
-                gen = torch.Generator().manual_seed(cfg.seed)
-                x = torch.randn(batch, channels, size, size, generator=gen)
-                x = x.to(device=device).contiguous(memory_format=fmt)
-                cases = {
-                    v: _Case(m, x, "layer", device, precision, cfg.compile, _ortho(v, cfg.refs))
-                    for v, m in modules.items()
-                }
-                base = dict(
-                    common,
-                    part="layer",
-                    target=f"C{channels} {size}x{size}",
-                    input=f"{channels}x{size}x{size}",
-                    batch=batch,
-                )
-                new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
-                for r in new:
-                    r["params"], r["macs"] = counts[r["variant"]][0], counts[r["variant"]][1]
-                done(new)
-                del cases, x
+                target = f"C{channels} {size}x{size}"
+                measure("layer", target, (channels, size, size), modules, counts, batch)
 
     def run_models() -> None:
         for name in cfg.models:
@@ -756,25 +756,7 @@ def run_benchmark(
                     if budget.spent() or any(re.fullmatch(p, key) for p in cfg.skip):
                         _log(cfg, f"skipping model {key}")
                         continue
-                    gen = torch.Generator().manual_seed(cfg.seed)
-                    x = torch.randn(batch, 3, res, res, generator=gen)
-                    x = x.to(device=device).contiguous(memory_format=fmt)
-                    cases = {
-                        v: _Case(m, x, "model", device, precision, cfg.compile, _ortho(v, cfg.refs))
-                        for v, m in modules.items()
-                    }
-                    base = dict(
-                        common,
-                        part="model",
-                        target=f"{name} {stem}",
-                        input=f"3x{res}x{res}",
-                        batch=batch,
-                    )
-                    new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
-                    for r in new:
-                        r["params"], r["macs"] = counts[r["variant"]]
-                    done(new)
-                    del cases, x
+                    measure("model", f"{name} {stem}", (3, res, res), modules, counts, batch)
                 del modules
                 gc.collect()
 
