@@ -166,38 +166,16 @@ def load_data(
         raise DatasetError(f"{name}: data path {root_path} does not exist")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
-    if name == "digits":
-        xtr, ytr, xva, yva, classes = read_digits()
+    if name in ("digits", "cifar10", "cifar100"):  # small sets read whole into arrays
+        if name == "digits":
+            xtr, ytr, xva, yva, classes = read_digits()
+            augment = dict(hflip=False, crop_padding=2)
+            source = "sklearn.datasets.load_digits (8x8 -> 32x32)"
+        else:
+            xtr, ytr, xva, yva, classes = read_cifar(name, root_path, download)
+            augment, source = dict(hflip=True, crop_padding=4), str(root_path)
         mean, std = channel_stats(xtr)
-        return ArrayData(
-            name,
-            classes,
-            xtr,
-            ytr,
-            xva,
-            yva,
-            mean,
-            std,
-            hflip=False,
-            crop_padding=2,
-            source="sklearn.datasets.load_digits (8x8 -> 32x32)",
-        )
-    if name in ("cifar10", "cifar100"):
-        xtr, ytr, xva, yva, classes = read_cifar(name, root_path, download)
-        mean, std = channel_stats(xtr)
-        return ArrayData(
-            name,
-            classes,
-            xtr,
-            ytr,
-            xva,
-            yva,
-            mean,
-            std,
-            hflip=True,
-            crop_padding=4,
-            source=str(root_path),
-        )
+        return ArrayData(name, classes, xtr, ytr, xva, yva, mean, std, **augment, source=source)
 
     if name in ("tiny-imagenet", "imagenet"):
         reader = tiny_imagenet_samples if name == "tiny-imagenet" else imagenet_samples
