@@ -213,6 +213,37 @@ def test_mixer_stages_choose_the_units_that_get_the_mixer(name):
     assert [type(m) for m in every.modules()] == [type(m) for m in default.modules()]
 
 
+def test_identity_learned_layers_train_the_network_of_the_fixed_group_shuffle():
+    """A learned layer on its identity factors is the fixed shuffle over its G groups: the same
+    logits and, for every other weight, the same gradients (its logits take the regularizer's
+    gradient, not the trunk's). So it starts, and stays while no choice flips, the network of
+    mixer="shuffle" with groups="auto"; a dynamic layer differs in its descriptor's gradient."""
+    x = torch.randn(4, 3, 32, 32)
+    models = {}
+    for mixer, kwargs in (("learned", {}), ("shuffle", {"groups": "auto"}), ("dynamic", {})):
+        torch.manual_seed(0)
+        models[mixer] = create_model(
+            "shufflenet_v2_x0_5", stem="cifar", num_classes=10, mixer=mixer, **kwargs
+        ).train()
+    # the same trunk weights everywhere (the generators draw from the random stream too)
+    missing, unexpected = models["dynamic"].load_state_dict(
+        models["shuffle"].state_dict(), strict=False
+    )
+    assert not unexpected and all(".mixer." in k for k in missing)
+    grads = {}
+    for mixer, model in models.items():
+        logits = model(x)
+        loss = F.cross_entropy(logits, torch.arange(4)) + 0.1 * orthogonal_loss(model)
+        names = [n for n, _ in model.named_parameters() if ".mixer." not in n]
+        params = dict(model.named_parameters())
+        grads[mixer] = (logits, torch.autograd.grad(loss, [params[n] for n in names]), names)
+    learned, fixed, dynamic = grads["learned"], grads["shuffle"], grads["dynamic"]
+    assert learned[2] == fixed[2] == dynamic[2]  # the same trunk, mixers left out
+    assert torch.equal(learned[0], fixed[0]) and torch.equal(dynamic[0], fixed[0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(learned[1], fixed[1]))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(dynamic[1], fixed[1]))
+
+
 @pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
 def test_shufflenet_v1_mixer_after_first_pointwise(groups):
     model = create_model(f"shufflenet_v1_g{groups}_x1_0")
