@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 ASSIGNMENTS = ("auto", "exact", "greedy")
-#: largest joint index table (entries) a layer with shared factors keeps (8 MiB of int64)
+#: largest joint index table (entries) a layer with shared factors keeps (8 MiB of int64; the
+#: table of its rows' inverses, for the STE backward, is as large again)
 JOINT_TABLE_MAX = 2**20
 #: most factor pairs ``Na * Nb`` a layer with shared factors scores jointly (one product); above
 #: it scoring each factor on its own is cheaper (on the development CPU, 2 x 4 factors with 48
