@@ -92,8 +92,7 @@ def stage_mixers(
             chosen = set(mixer_stages)
         except TypeError:
             chosen = {mixer_stages}
-        bad = sorted(chosen - set(STAGES), key=repr)
-        if bad or not chosen:
+        if not chosen or not chosen <= set(STAGES):
             raise ValueError(
                 f"mixer_stages must be a non-empty list of stages among {list(STAGES)}, got "
                 f"{mixer_stages!r}"
