@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dyshuffle.layers import DynamicShuffle, StaticDynamicShuffle, permutation_mode
-from dyshuffle.macs import count_macs, count_params, mac_breakdown
+from dyshuffle.macs import count_macs, count_params, mac_breakdown, replaced_params
 from dyshuffle.models import create_model
 
 #: published MACs ("FLOPs") at 224x224: ShuffleNetV2 paper Table 8 / ShuffleNetV1 paper Table 2 /
@@ -157,3 +157,25 @@ def test_model_table_command(tmp_path):
     out.write_text(text.replace("1.367", "1.368"))
     assert main(["--models", "shufflenet_v2_x0_5", "--output", str(out), "--check"]) == 1
     assert main(["--models", "resnet*", "--output", str(out)]) == 2
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "mobilenet_v2"])
+def test_replaced_params_are_the_replaced_pointwise_layers(name):
+    conv = create_model(name, pointwise="conv")
+    sds = create_model(name, pointwise="sds")
+    before, after = replaced_params(conv, sds, StaticDynamicShuffle)
+    # the two models differ only in those layers
+    assert before - after == count_params(conv) - count_params(sds)
+    # before: every 1x1 convolution that has an SDS at its name (counted by hand here)
+    sds_names = {n for n, m in sds.named_modules() if isinstance(m, StaticDynamicShuffle)}
+    convs = {n: m for n, m in conv.named_modules() if n in sds_names}
+    assert all(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in convs.values())
+    assert before == sum(m.weight.numel() for m in convs.values())
+    assert 0 < after < before
+
+
+def test_replaced_params_names_a_module_without_counterpart():
+    original = nn.Sequential(nn.Conv2d(4, 4, 1))
+    variant = nn.Sequential(nn.Identity(), StaticDynamicShuffle(4, 4))
+    with pytest.raises(ValueError, match="'1'"):
+        replaced_params(original, variant, StaticDynamicShuffle)

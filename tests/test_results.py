@@ -114,3 +114,70 @@ def test_commit_named_in_the_environment_wins(monkeypatch):
     assert _git_commit() == "0123456+modified"
     monkeypatch.delenv("DYSHUFFLE_COMMIT")
     assert git_commit() != "0123456789abcdef"
+
+
+def _targets_section(text: str) -> str:
+    return text.split("### Targets of issue 6", 1)[1].split("Commands", 1)[0]
+
+
+def _target_cells(text: str, model: str = "shufflenet_v2_x1_0") -> list[str]:
+    row = next(line for line in _targets_section(text).splitlines() if f"| {model} |" in line)
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_targets_met_when_the_best_dynamic_gains_on_three_seeds():
+    rows = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
+    # soft within 0.1 of hard; the learned static permutation below the dynamic one
+    rows += [record("dynamic", s, v, top1_soft=v - 0.05) for s, v in enumerate([81.0, 81.2, 80.8])]
+    rows += [record("learned", s, v) for s, v in enumerate([80.1, 80.3, 79.9])]
+    # a better configuration with one seed only does not count as the best
+    rows.append(record("dynamic", 0, 90.0, options={"tau": 0.5}))
+    cells = _target_cells(render_results(rows))
+    assert cells[4] == "target" and cells[5] == "`-`"
+    assert cells[6].startswith("+1.00 ± ") and cells[6].endswith(": **met**")
+    assert cells[7] == "+0.05: **met**"
+    assert cells[8] == "-0.90: **met**"
+    assert "The accuracy gain is met at: shufflenet_v2_x1_0 at 24 epochs" in render_results(rows)
+
+
+def test_targets_not_met_and_too_few_seeds_are_said():
+    fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
+    small = fixed + [record("dynamic", s, v) for s, v in enumerate([80.2, 80.4, 80.0])]
+    cells = _target_cells(render_results(small))
+    assert cells[6].endswith(": not met") and cells[6].startswith("+0.20")
+    assert cells[8] == "not measured"  # no learned runs
+    assert "**The accuracy gain (+0.5 points) is not met**" in render_results(small)
+    # a gain on two seeds is reported, but it does not meet the target
+    two = fixed + [record("dynamic", s, 85.0) for s in range(2)]
+    cells = _target_cells(render_results(two))
+    assert cells[6].endswith("**met** on 2 seeds (the target needs 3)")
+    assert "is not met** by any recorded run" in render_results(two)
+
+
+def test_targets_label_other_models_and_schedules_as_proxies():
+    rows = [record("shuffle", 0, 80.0, model="shufflenet_v2_x0_5")]
+    rows += [record("shuffle", 0, 80.0, epochs=4), record("dynamic", 0, 81.0, epochs=4)]
+    text = render_results(rows)
+    assert _target_cells(text, "shufflenet_v2_x0_5")[4] == "proxy"
+    epochs4 = next(line for line in _targets_section(text).splitlines() if "| 4 |" in line)
+    assert "| proxy |" in epochs4
+    assert "is not met** by any recorded run of the target protocol" in text
+
+
+def test_sds_target_compares_with_the_replaced_convolutions():
+    model = "shufflenet_v2_x0_5"
+    rows = [record("shuffle", s, v, model=model) for s, v in enumerate([80.0, 80.2, 79.8])]
+    sds = [
+        record("shuffle", s, v, model=model, pointwise="sds", params=900)
+        for s, v in enumerate([79.5, 79.7, 79.3])
+    ]
+    cells = _target_cells(render_results(rows + sds), model)
+    # shufflenet_v2_x0_5: 28,771 SDS parameters in place of 127,296 (test_macs checks the count)
+    assert cells[9] == "-0.50 at 0.23x the parameters: **met**"
+    worse = [dict(r, top1_hard=r["top1_hard"] - 1.0) for r in sds]
+    assert _target_cells(render_results(rows + worse), model)[9].endswith(": not met")
+    other = [dict(r, model="resnet_x") for r in rows + sds]
+    assert (
+        "parameters of the replaced layers unknown"
+        in _target_cells(render_results(other), "resnet_x")[9]
+    )

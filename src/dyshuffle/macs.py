@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["count_macs", "count_params", "mac_breakdown"]
+__all__ = ["count_macs", "count_params", "mac_breakdown", "replaced_params"]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -26,6 +26,29 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
         trainable_only: count only parameters with ``requires_grad``.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def replaced_params(
+    original: nn.Module, variant: nn.Module, kind: type[nn.Module]
+) -> tuple[int, int]:
+    """Parameters of the modules that ``variant`` replaces by ``kind`` modules, before and after.
+
+    Every ``kind`` module of ``variant`` (outermost ones) is looked up by its qualified name in
+    ``original``; e.g. ``(1x1 convolutions, static-dynamic shuffles)`` for a model built with
+    ``pointwise="conv"`` and the same model with ``pointwise="sds"``.
+    """
+    modules = dict(original.named_modules())
+    before = after = 0
+    inside: list[str] = []
+    for name, module in variant.named_modules():
+        if not isinstance(module, kind) or any(name.startswith(p + ".") for p in inside):
+            continue
+        if name not in modules:
+            raise ValueError(f"{kind.__name__} module {name!r} has no counterpart in the original")
+        inside.append(name)
+        before += count_params(modules[name])
+        after += count_params(module)
+    return before, after
 
 
 def _conv_macs(module: nn.Conv2d, out: Tensor) -> int:
