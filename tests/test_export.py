@@ -69,7 +69,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
     def calibrate(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
         first, last = layer.generator[0], layer.generator[-1]
-        z = args[0].mean(dim=(2, 3))  # (N, C) descriptors
+        # (N, C) descriptors; the parts of a concatenation come as several inputs
+        z = torch.cat([a.mean(dim=(2, 3)) for a in args], dim=1)
         pre = (z - z.mean(0)) @ first.weight.T  # centered pre-activations
         first.weight.div_(pre.std(0, keepdim=True).T + 1e-6)
         first.bias.copy_(-(z.mean(0) @ first.weight.T))
@@ -116,8 +117,8 @@ def choices(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[int], float]:
     gaps: list[float] = [math.inf]
 
     def hook(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
-        counts.append(len(set(map(tuple, layer.permutation(args[0]).tolist()))))
-        for m in layer.factor_matrices(args[0]):
+        counts.append(len(set(map(tuple, layer.permutation(*args).tolist()))))
+        for m in layer.factor_matrices(*args):
             a = m.shape[-1]
             if 1 < a <= 6:  # exact assignment: scores of all a! permutations
                 scores = m.flatten(-2) @ permutation_table(a)[1].T

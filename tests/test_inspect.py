@@ -242,7 +242,7 @@ def test_cli_on_the_embedded_digits(tmp_path, capsys):
     first = model.eval().stage2[0].mixer
 
     def center(layer, args):  # centered, unit-spread hidden units: input-dependent logits
-        z = args[0].mean(dim=(2, 3))
+        z = torch.cat([a.mean(dim=(2, 3)) for a in args], dim=1)  # the parts of the input
         lin = layer.generator[0]
         lin.weight.div_(((z - z.mean(0)) @ lin.weight.T).std(0)[:, None] + 1e-6)
         lin.bias.copy_(-(z.mean(0) @ lin.weight.T))
@@ -273,7 +273,7 @@ def test_cli_on_the_embedded_digits(tmp_path, capsys):
     # the distinct permutations of the report equal a direct count on the same images
     seen: list[int] = []
     hook = first.register_forward_pre_hook(
-        lambda m, a: seen.append(len(set(map(tuple, m.permutation(a[0]).tolist()))))
+        lambda m, a: seen.append(len(set(map(tuple, m.permutation(*a).tolist()))))
     )
     with torch.no_grad():
         model(x)

@@ -747,3 +747,101 @@ def test_regularizer_value_and_gradient_equal_the_formula(cls, shared, groups, f
     params = list(layer.parameters())
     for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         assert torch.allclose(g, w, atol=1e-6)
+
+
+# --- parts of a channel concatenation (mix_concat) -----------------------------------------
+
+
+def _parts(sizes, layout, n=8, h=4, w=5, seed=0):
+    torch.manual_seed(seed)
+    whole = torch.randn(n, sum(sizes), h, w)
+    if layout == "channels_last":
+        whole = whole.to(memory_format=torch.channels_last)
+    # views into one tensor, like ShuffleNetV2's split halves
+    return list(whole.split(list(sizes), dim=1))
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(
+    "channels,groups,factors,sizes",
+    [
+        (24, 2, (3, 4), (12, 12)),
+        (24, 6, (2, 2), (5, 19)),
+        (116, None, None, (58, 58)),
+        (464, None, None, (200, 200, 64)),
+    ],
+)
+def test_parts_in_eval_are_the_gather_of_the_concatenation(
+    cls, layout, shared, channels, groups, factors, sizes
+):
+    """``layer(*parts)`` == one gather of the concatenation with ``layer.permutation(*parts)``."""
+    layer = cls(channels, groups=groups, factors=factors, shared=shared, init="random").eval()
+    if cls is DynamicShuffle:
+        randomize_generator(layer)
+    parts = _parts(sizes, layout)
+    x = torch.cat(parts, 1)
+    with torch.no_grad():
+        y = layer(*parts)
+    idx = layer.permutation(*parts)
+    assert is_permutation(idx)
+    if cls is DynamicShuffle:
+        assert len({tuple(r) for r in idx.tolist()}) > 1  # the samples differ
+    ref = x.gather(1, idx[:, :, None, None].expand_as(x))
+    assert torch.equal(y, ref)
+    # the layout the concatenation and the gather give
+    assert y.stride() == torch.cat(parts, 1).stride()
+    # with autograd (the gather of the concatenation itself): the same values
+    y_grad = layer(*[p.detach().requires_grad_(True) for p in parts])
+    assert torch.equal(y_grad, y)
+    # the same logits as pooling the concatenation, up to the order of the additions
+    assert torch.allclose(layer.logits(*parts), layer.logits(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_parts_in_training_match_the_concatenation(layout):
+    layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").train()
+    randomize_generator(layer, scale=1.0)
+    parts = [p.detach().requires_grad_(True) for p in _parts((10, 14), layout)]
+    x = torch.cat([p.detach() for p in parts], 1).requires_grad_(True)
+    y, ref = layer(*parts), layer(x)
+    assert torch.allclose(y, ref, atol=1e-6)
+    g = torch.randn_like(y)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(y, [*parts, *params], g)
+    ref_grads = torch.autograd.grad(ref, [x, *params], g)
+    assert torch.allclose(torch.cat(grads[:2], 1), ref_grads[0], atol=1e-5)
+    for got, want in zip(grads[2:], ref_grads[1:]):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_parts_are_checked_and_hooks_see_them():
+    from dyshuffle.layers import mix_concat
+
+    layer = DynamicShuffle(24).eval()
+    with pytest.raises(ValueError, match="built for 24 channels, got parts with 20"):
+        layer(torch.randn(1, 10, 2, 2), torch.randn(1, 10, 2, 2))
+    with pytest.raises(ValueError, match=r"same N, H and W.*\(1, 12, 2, 2\), \(1, 12, 3, 2\)"):
+        layer(torch.randn(1, 12, 2, 2), torch.randn(1, 12, 3, 2))
+    seen = []
+    layer.register_forward_pre_hook(lambda m, args: seen.append(len(args)))
+    parts = _parts((12, 12), "channels_last")
+    mix_concat(layer, parts)
+    assert seen == [2]
+    # a mixer without accepts_parts gets the concatenation
+    shuffle = ChannelShuffle(2)
+    shuffle.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    assert torch.equal(mix_concat(shuffle, parts), channel_shuffle(torch.cat(parts, 1), 2))
+    assert seen[-1] == (8, 24, 4, 5)
+
+
+def test_traced_graphs_keep_the_concatenation_and_one_gather():
+    layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").eval()
+    randomize_generator(layer)
+    parts = _parts((12, 12), "channels_last")
+    traced = torch.jit.trace(layer, tuple(parts))
+    graph = str(traced.graph)
+    assert "aten::gather" in graph and "scatter" not in graph
+    with torch.no_grad():
+        assert torch.equal(traced(*parts), layer(*parts))

@@ -213,6 +213,38 @@ def test_mixer_stages_choose_the_units_that_get_the_mixer(name):
     assert [type(m) for m in every.modules()] == [type(m) for m in default.modules()]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_shufflenet_v2_dynamic_inference_scatters_the_halves_exactly(layout, monkeypatch):
+    """In eager inference each dynamic layer writes the unit's halves straight to their permuted
+    channels (no concatenation); the logits equal the concatenate-then-gather path's exactly."""
+    import dyshuffle.layers.dynamic as dynamic_module
+
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", stem="cifar", num_classes=10, mixer="dynamic")
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    for m in layers:  # random generators: the samples choose different permutations
+        for p in m.generator.parameters():
+            nn.init.normal_(p, 0.0, 3.0 / p.shape[-1] ** 0.5)
+    model = model.eval().to(memory_format=layout)
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=layout)
+    calls = []
+    real = dynamic_module._scatter_channels
+    monkeypatch.setattr(
+        dynamic_module, "_scatter_channels", lambda p, inv: calls.append(len(p)) or real(p, inv)
+    )
+    with torch.no_grad():
+        fast = model(x)
+    with torch.enable_grad():  # autograd: the concatenation and one gather per layer
+        ref = model(x.clone().requires_grad_(True))
+    assert calls == ([2] * len(layers) if layout == torch.channels_last else [])
+    assert torch.equal(fast, ref.detach())
+    varied = [
+        len({tuple(r) for r in m.permutation(*[torch.randn(6, m.channels, 4, 4)]).tolist()})
+        for m in layers
+    ]
+    assert max(varied) > 1
+
+
 def test_identity_learned_layers_train_the_network_of_the_fixed_group_shuffle():
     """A learned layer on its identity factors is the fixed shuffle over its G groups: the same
     logits and, for every other weight, the same gradients (its logits take the regularizer's

@@ -257,9 +257,9 @@ def collect_statistics(
 
     def hook(name: str):
         def fn(module: DynamicShuffle, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            perms = module.permutation(x)  # (N, C)
-            a_mat, b_mat = module.factor_matrices(x)  # (N or 1, Gf, a, a), (N or 1, Gf, b, b)
+            # args: the input, or the parts of a channel concatenation (mix_concat)
+            perms = module.permutation(*args)  # (N, C)
+            a_mat, b_mat = module.factor_matrices(*args)  # (N or 1, Gf, a, a), (N or 1, Gf, b, b)
             stats[name].add(
                 perms.cpu().numpy(), state["labels"], orthogonality(a_mat), orthogonality(b_mat)
             )

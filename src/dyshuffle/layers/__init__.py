@@ -13,7 +13,7 @@ from .dynamic import (
     orthogonality,
     permutation_mode,
 )
-from .factory import create_mixer, get_mixer, list_mixers, register_mixer
+from .factory import create_mixer, get_mixer, list_mixers, mix_concat, register_mixer
 from .permutation import (
     all_permutations,
     choose_groups,
@@ -44,6 +44,7 @@ __all__ = [
     "invert_permutation",
     "kronecker_apply",
     "list_mixers",
+    "mix_concat",
     "orthogonal_loss",
     "orthogonality",
     "permutation_matrix",

@@ -21,6 +21,7 @@ from ._checks import FACTOR_GRADS, INITS, MODES, check_choice, check_input, chec
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
     _gather_channels,
+    _scatter_channels,
     choose_groups,
     closest_permutation,
     compose_index,
@@ -292,6 +293,26 @@ class _KroneckerSTE(torch.autograd.Function):
         return gx, ga, gb, None, None, None, None, None, None, None
 
 
+def _cat(parts: tuple[Tensor, ...]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _traced() -> bool:
+    """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or getattr(torch.compiler, "is_exporting", bool)()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _scatterable(parts: tuple[Tensor, ...]) -> bool:
+    """Eager, and channels_last parts (channels the innermost dimension)."""
+    return all(p.stride(1) == 1 for p in parts) and not _traced()
+
+
 def _pooled(x: Tensor, training: bool) -> Tensor:
     """The descriptor ``mean_{H,W}(x)``, ``(N, C)`` (with the light backward in training)."""
     if training and x.requires_grad and torch.is_grad_enabled():
@@ -478,17 +499,25 @@ class DynamicShuffle(nn.Module):
                 last.weight.mul_(0.1)
                 last.bias.copy_(self._identity_bias())
 
-    def logits(self, x: Tensor) -> Tensor:
-        """``(N, num_logits)`` logits from the pooled descriptor ``mean_{H,W}(x)``."""
-        return self.generator(_pooled(x, self.training))
+    def logits(self, x: Tensor, *parts: Tensor) -> Tensor:
+        """``(N, num_logits)`` logits from the pooled descriptor ``mean_{H,W}(x)``.
 
-    def factor_matrices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        With ``parts``, the input is the channel concatenation of ``x`` and ``parts``, and its
+        descriptor the concatenation of theirs (the same means; the additions in another order).
+        """
+        if not parts:
+            return self.generator(_pooled(x, self.training))
+        z = torch.cat([_pooled(p, self.training) for p in (x, *parts)], dim=1)
+        return self.generator(z)
+
+    def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
 
         ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
-        whose permutation does not depend on the input.
+        whose permutation does not depend on the input. ``parts``: as in :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self.logits(x))
+        self._check_parts((x, *parts))
+        a_mat, b_mat, _ = self._softmax_factors(self.logits(x, *parts))
         return a_mat, b_mat
 
     def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -534,13 +563,19 @@ class DynamicShuffle(nn.Module):
         return alpha, beta
 
     def _hard_index(
-        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None, inverses: bool = False
+        self,
+        a_mat: Tensor,
+        b_mat: Tensor,
+        both: Tensor | None = None,
+        inverses: bool = False,
+        index_inverse: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The composed ``(N, C)`` index, and the inverses of the factors when asked for.
 
         With ``a == b`` and tables the inverses come as one ``(N, Gf, 2, a)`` tensor (and
         ``None``), matching the ``both`` tensor of :meth:`_softmax_factors`. The last item is the
-        inverse of the index when asked for and a joint table row gives it, else ``None``.
+        inverse of the index when asked for (``inverses`` or ``index_inverse``) and a joint
+        table row gives it, else ``None``.
         """
         row = choice = None
         if self._score_t is not None:  # shared factors, few pairs: scored jointly
@@ -552,7 +587,7 @@ class DynamicShuffle(nn.Module):
         idx_inv = None
         if row is not None and self._index_ab is not None:  # shared factors: one table row
             idx = self._index_ab.index_select(0, row)
-            if inverses and self._index_ab_inv is not None:
+            if (inverses or index_inverse) and self._index_ab_inv is not None:
                 idx_inv = self._index_ab_inv.index_select(0, row)
         elif row is not None or (choice is not None and self._index_a is not None):
             # shared factors without the joint table (compact_index): TA[i] + TB[j]
@@ -569,7 +604,7 @@ class DynamicShuffle(nn.Module):
                 alpha, beta = self._hard_factors(a_mat, b_mat)
             idx = compose_index(alpha, beta, self.groups, self.cross_shuffle)
         if not inverses:
-            return idx, None, None, None
+            return idx, None, None, idx_inv
         if choice is None and row is not None:  # from the joint row: (N, 1, ...)
             ainv = self._inv_rows.index_select(0, row).unsqueeze(1)
             if self._inv_rows_b is None:  # (N, 1, 2, a)
@@ -599,19 +634,51 @@ class DynamicShuffle(nn.Module):
         return None if perms is None else (perms, getattr(self, f"_onehot_{name}"))
 
     @torch.no_grad()
-    def permutation(self, x: Tensor) -> Tensor:
+    def permutation(self, x: Tensor, *parts: Tensor) -> Tensor:
         """The hard permutation of each sample: ``(N, C)``, ``y[n, c] = x[n, idx[n, c]]``.
 
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
+        ``parts``: as in :meth:`forward`.
         """
-        check_input(x, self.channels, type(self).__name__)
-        idx = self._hard_index(*self._softmax_factors(self.logits(x)))[0]
+        self._check_parts((x, *parts))
+        idx = self._hard_index(*self._softmax_factors(self.logits(x, *parts)))[0]
         return idx.expand(x.shape[0], -1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.channels, type(self).__name__)
+    #: :func:`mix_concat` may pass the parts of a channel concatenation as separate inputs
+    accepts_parts = True
+
+    def _check_parts(self, parts: tuple[Tensor, ...]) -> None:
+        name = type(self).__name__
+        if len(parts) == 1:
+            check_input(parts[0], self.channels, name)
+            return
+        if torch.jit.is_tracing():  # shapes are traced values here; eager calls check them
+            return
+        for p in parts:
+            if p.dim() != 4 or p.shape[0] != parts[0].shape[0] or p.shape[2:] != parts[0].shape[2:]:
+                raise ValueError(
+                    f"{name} expects parts (N, C_i, H, W) with the same N, H and W, got shapes "
+                    f"{[tuple(q.shape) for q in parts]}"
+                )
+        total = sum(p.shape[1] for p in parts)
+        if total != self.channels:
+            raise ValueError(
+                f"{name} was built for {self.channels} channels, got parts with {total} "
+                f"(shapes {[tuple(q.shape) for q in parts]})"
+            )
+
+    def forward(self, x: Tensor, *parts: Tensor) -> Tensor:
+        """Permute the channels of ``x``, or of the channel concatenation of ``x`` and ``parts``.
+
+        ``layer(x1, x2)`` equals ``layer(torch.cat((x1, x2), 1))`` but for the descriptor, pooled
+        part by part (the same means, added in another order). In eager inference with hard
+        permutations and channels_last parts the concatenation is never made: every part is
+        scattered once to its permuted channels (:func:`mix_concat`).
+        """
+        inputs = (x, *parts)
+        self._check_parts(inputs)
         grad = torch.is_grad_enabled()
-        a_mat, b_mat, both = self._softmax_factors(self.logits(x))
+        a_mat, b_mat, both = self._softmax_factors(self.logits(x, *parts))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
                 both = _BalanceGradient.apply(both, self.balance)
@@ -630,18 +697,35 @@ class DynamicShuffle(nn.Module):
                 ) + _OrthogonalLoss.apply(b_mat, self._eye_b, scale)
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         if soft:
-            y = kronecker_apply(x, a_mat, b_mat, self.groups)
+            y = kronecker_apply(_cat(inputs), a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
         ste = self.training and grad and a_mat.requires_grad
-        idx, ainv, binv, idx_inv = self._hard_index(a_mat, b_mat, both, inverses=ste)
+        # the parts go straight to their places: eager only (traced and exported graphs keep
+        # the concatenation and the one gather)
+        scatter = not ste and parts and _scatterable(inputs)
+        idx, ainv, binv, idx_inv = self._hard_index(
+            a_mat, b_mat, both, inverses=ste, index_inverse=bool(scatter)
+        )
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
-                x, fa, fb, idx, idx_inv, ainv, binv, self.groups, self.cross_shuffle, self._gram
+                _cat(inputs),
+                fa,
+                fb,
+                idx,
+                idx_inv,
+                ainv,
+                binv,
+                self.groups,
+                self.cross_shuffle,
+                self._gram,
             )
-        if grad and x.requires_grad:
-            return permute_channels(x, idx)
-        return _gather_channels(x, idx)
+        if grad and any(p.requires_grad for p in inputs):
+            return permute_channels(_cat(inputs), idx)
+        if scatter:
+            inv = invert_permutation(idx) if idx_inv is None else idx_inv
+            return _scatter_channels(inputs, inv)
+        return _gather_channels(_cat(inputs), idx)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """MACs of this layer's work outside ``nn.Linear``/``nn.Conv2d`` modules, per batch.
@@ -685,7 +769,7 @@ class LearnedShuffle(DynamicShuffle):
             else:
                 self.logit_param.normal_(0.0, 1.0)
 
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor, *parts: Tensor) -> Tensor:
         return _as_dtype(self.logit_param, x.dtype)
 
     def extra_repr(self) -> str:

@@ -7,16 +7,24 @@ the network's fixed shuffle (2 in ShuffleNetV2, ``g`` in ShuffleNetV1); only ``"
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .dynamic import DynamicShuffle, LearnedShuffle
 from .permutation import choose_groups
 from .sds import StaticDynamicShuffle
 from .shuffle import ChannelShuffle, IdentityMixer
 
-__all__ = ["MixerBuilder", "create_mixer", "get_mixer", "list_mixers", "register_mixer"]
+__all__ = [
+    "MixerBuilder",
+    "create_mixer",
+    "get_mixer",
+    "list_mixers",
+    "mix_concat",
+    "register_mixer",
+]
 
 MixerBuilder = Callable[..., nn.Module]
 
@@ -53,6 +61,18 @@ def create_mixer(
     if isinstance(mixer, str):
         return builder(channels, shuffle_groups=shuffle_groups, **kwargs)
     return builder(channels, **kwargs)
+
+
+def mix_concat(mixer: nn.Module, parts: Sequence[Tensor]) -> Tensor:
+    """``mixer(torch.cat(parts, 1))``, the parts passed as they are to a mixer that takes them.
+
+    A mixer with ``accepts_parts = True`` (:class:`~dyshuffle.layers.DynamicShuffle`) is called
+    as ``mixer(*parts)`` and may skip the concatenation's copy; any other gets the
+    concatenation. Either way the module is called, so its hooks run.
+    """
+    if getattr(mixer, "accepts_parts", False):
+        return mixer(*parts)
+    return mixer(parts[0] if len(parts) == 1 else torch.cat(tuple(parts), dim=1))
 
 
 def _fixed(

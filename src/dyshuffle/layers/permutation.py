@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -250,6 +251,31 @@ def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
     # NCHW: copy whole (H, W) planes, one row per (sample, channel)
     flat = (idx + torch.arange(n, device=idx.device).unsqueeze(1) * c).reshape(-1)
     return x.contiguous().reshape(n * c, h, w).index_select(0, flat).reshape(n, c, h, w)
+
+
+def _scatter_channels(parts: Sequence[Tensor], inv: Tensor) -> Tensor:
+    """``_gather_channels(torch.cat(parts, 1), idx)`` for channels_last parts, without the
+    concatenation: channel ``c`` of the concatenation is written to ``inv[:, c]``.
+
+    Args:
+        parts: ``(N, C_i, H, W)`` tensors whose channels are the innermost dimension.
+        inv: ``(N or 1, C)`` inverse of ``idx`` (``inv[:, idx[:, c]] = c``).
+
+    Returns:
+        ``(N, C, H, W)`` channels_last: each part is read once and written once, where the
+        concatenation and the gather read and write every element twice.
+    """
+    n, _, h, w = parts[0].shape
+    c = inv.shape[-1]
+    inv = inv.expand(n, c)
+    y = parts[0].new_empty((n, h, w, c))
+    start = 0
+    for p in parts:
+        k = p.shape[1]
+        where = inv[:, None, None, start : start + k].expand(n, h, w, k)
+        y.scatter_(3, where, p.permute(0, 2, 3, 1))
+        start += k
+    return y.permute(0, 3, 1, 2)
 
 
 class _PermuteChannels(torch.autograd.Function):

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ..layers import create_mixer
+from ..layers import create_mixer, mix_concat
 from ._blocks import ClassifierModel, pointwise_conv
 from ._registry import check_model_args, finalize, register_model, stage_mixers
 
@@ -99,10 +98,11 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.stride == 1:
             x1, x2 = x.chunk(2, dim=1)  # two (N, C/2, H, W) halves
-            out = torch.cat((x1, self.branch2(x2)), dim=1)
+            parts = (x1, self.branch2(x2))
         else:
-            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return self.mixer(out)
+            parts = (self.branch1(x), self.branch2(x))
+        # the mixer of the concatenation (a dynamic shuffle takes the halves: no copy for it)
+        return mix_concat(self.mixer, parts)
 
 
 class ShuffleNetV2(ClassifierModel):
