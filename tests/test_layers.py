@@ -805,15 +805,27 @@ def test_parts_in_training_match_the_concatenation(layout):
     randomize_generator(layer, scale=1.0)
     parts = [p.detach().requires_grad_(True) for p in _parts((10, 14), layout)]
     x = torch.cat([p.detach() for p in parts], 1).requires_grad_(True)
-    y, ref = layer(*parts), layer(x)
-    assert torch.allclose(y, ref, atol=1e-6)
+    y, ref = layer(*parts), layer(x)  # training concatenates first: the same computation
+    assert torch.equal(y, ref)
     g = torch.randn_like(y)
     params = list(layer.parameters())
     grads = torch.autograd.grad(y, [*parts, *params], g)
     ref_grads = torch.autograd.grad(ref, [x, *params], g)
-    assert torch.allclose(torch.cat(grads[:2], 1), ref_grads[0], atol=1e-5)
-    for got, want in zip(grads[2:], ref_grads[1:]):
-        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(torch.cat(grads[:2], 1), ref_grads[0])
+    assert all(torch.equal(got, want) for got, want in zip(grads[2:], ref_grads[1:]))
+
+
+def test_parts_are_concatenated_first_off_the_parts_devices(monkeypatch):
+    import dyshuffle.layers.dynamic as dynamic_module
+
+    layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").eval()
+    randomize_generator(layer)
+    parts = _parts((12, 12), "channels_last")
+    x = torch.cat(parts, 1)
+    monkeypatch.setattr(dynamic_module, "PARTS_DEVICES", set())
+    with torch.no_grad():
+        assert torch.equal(layer(*parts), layer(x))
+    assert torch.equal(layer.logits(*layer._inputs(parts[0], tuple(parts[1:]))), layer.logits(x))
 
 
 def test_parts_are_checked_and_hooks_see_them():

@@ -34,3 +34,20 @@ def test_main_prints_one_row_per_mixer_and_rejects_bad_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--mixers", "dynamic:bogus=1"])
     assert e.value.code == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_accelerator_path_by_default_and_the_cpu_path_on_request(capsys):
+    import dyshuffle.layers.dynamic as dynamic_module
+
+    argv = ["--model", "shufflenet_v2_x0_5", "--batch", "2", "--mixers", "dynamic"]
+
+    def infer_ops(extra: list[str]) -> int:
+        assert main(argv + extra) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if "| dynamic |" in line)
+        return int(row.split("|")[3].split("(")[1].rstrip(") "))
+
+    accelerator, cpu = infer_ops([]), infer_ops(["--cpu-path"])
+    # the CPU path pools the two halves apart and writes them to their places: more, smaller
+    # operators than the concatenation and one gather
+    assert cpu > accelerator
+    assert dynamic_module.PARTS_DEVICES == {"cpu"}  # restored

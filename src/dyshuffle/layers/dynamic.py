@@ -51,6 +51,12 @@ JOINT_TABLE_MAX = 2**20
 #: it scoring each factor on its own is cheaper (on the development CPU, 2 x 4 factors with 48
 #: pairs were faster jointly, 4 x 4 with 576 pairs separately)
 JOINT_CHOICES_MAX = 256
+#: devices on which a layer given the parts of a channel concatenation keeps them apart in eager
+#: inference (pools them one by one and writes each to its permuted channels): on the CPU the
+#: concatenation's copy costs more than the few small operations this adds; an accelerator pays a
+#: launch for every operation, so there (and in training, and in traced or exported graphs) the
+#: layer concatenates first. ``dyshuffle.tools.op_count`` empties it to count what a GPU runs.
+PARTS_DEVICES = {"cpu"}
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -308,9 +314,9 @@ def _traced() -> bool:
     )
 
 
-def _scatterable(parts: tuple[Tensor, ...]) -> bool:
-    """Eager, and channels_last parts (channels the innermost dimension)."""
-    return all(p.stride(1) == 1 for p in parts) and not _traced()
+def _channels_last(parts: tuple[Tensor, ...]) -> bool:
+    """Channels the innermost dimension of every part."""
+    return all(p.stride(1) == 1 for p in parts)
 
 
 def _pooled(x: Tensor, training: bool) -> Tensor:
@@ -516,8 +522,7 @@ class DynamicShuffle(nn.Module):
         ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
         whose permutation does not depend on the input. ``parts``: as in :meth:`forward`.
         """
-        self._check_parts((x, *parts))
-        a_mat, b_mat, _ = self._softmax_factors(self.logits(x, *parts))
+        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
         return a_mat, b_mat
 
     def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -640,12 +645,21 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         ``parts``: as in :meth:`forward`.
         """
-        self._check_parts((x, *parts))
-        idx = self._hard_index(*self._softmax_factors(self.logits(x, *parts)))[0]
+        inputs = self._inputs(x, parts)
+        idx = self._hard_index(*self._softmax_factors(self.logits(*inputs)))[0]
         return idx.expand(x.shape[0], -1)
 
     #: :func:`mix_concat` may pass the parts of a channel concatenation as separate inputs
     accepts_parts = True
+
+    def _inputs(self, x: Tensor, parts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The checked inputs: the parts kept apart (``PARTS_DEVICES``), or their concatenation."""
+        inputs = (x, *parts)
+        self._check_parts(inputs)
+        if not parts:
+            return inputs
+        keep = x.device.type in PARTS_DEVICES and not self.training and not _traced()
+        return inputs if keep else (torch.cat(inputs, dim=1),)
 
     def _check_parts(self, parts: tuple[Tensor, ...]) -> None:
         name = type(self).__name__
@@ -670,15 +684,15 @@ class DynamicShuffle(nn.Module):
     def forward(self, x: Tensor, *parts: Tensor) -> Tensor:
         """Permute the channels of ``x``, or of the channel concatenation of ``x`` and ``parts``.
 
-        ``layer(x1, x2)`` equals ``layer(torch.cat((x1, x2), 1))`` but for the descriptor, pooled
-        part by part (the same means, added in another order). In eager inference with hard
-        permutations and channels_last parts the concatenation is never made: every part is
-        scattered once to its permuted channels (:func:`mix_concat`).
+        ``layer(x1, x2)`` is ``layer(torch.cat((x1, x2), 1))``. In eager inference on the CPU
+        (``PARTS_DEVICES``) the parts stay apart: the descriptor is pooled part by part (the same
+        means, added in another order) and, for hard permutations of channels_last parts, each
+        part is written once to its permuted channels, without the concatenation's copy
+        (:func:`mix_concat`). Elsewhere the layer concatenates first.
         """
-        inputs = (x, *parts)
-        self._check_parts(inputs)
+        inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
-        a_mat, b_mat, both = self._softmax_factors(self.logits(x, *parts))
+        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
                 both = _BalanceGradient.apply(both, self.balance)
@@ -700,9 +714,8 @@ class DynamicShuffle(nn.Module):
             y = kronecker_apply(_cat(inputs), a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
         ste = self.training and grad and a_mat.requires_grad
-        # the parts go straight to their places: eager only (traced and exported graphs keep
-        # the concatenation and the one gather)
-        scatter = not ste and parts and _scatterable(inputs)
+        # parts kept apart (eager CPU inference) go straight to their permuted channels
+        scatter = not ste and len(inputs) > 1 and _channels_last(inputs)
         idx, ainv, binv, idx_inv = self._hard_index(
             a_mat, b_mat, both, inverses=ste, index_inverse=bool(scatter)
         )

@@ -11,6 +11,9 @@ independent of the machine, so it can be compared on a CPU for what a GPU will p
 dispatches); "compute" leaves out the ones that only make views or metadata (no kernel). The
 optimizer step uses the multi-tensor (``foreach``) implementation, PyTorch's default for CUDA
 tensors (on the CPU its default is one set of operators per parameter, which a GPU does not pay).
+Likewise the dynamic layers run their accelerator path: in CPU inference they keep the halves of
+ShuffleNetV2's concatenation apart (``dyshuffle.layers.dynamic.PARTS_DEVICES``), which a GPU does
+not; ``--cpu-path`` counts that path instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from ..layers import DynamicShuffle, orthogonal_loss
+from ..layers import dynamic as dynamic_module
 from ..models import create_model
 
 __all__ = ["count_ops", "main"]
@@ -95,13 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--mixers", nargs="+", default=["shuffle", "dynamic"], help="NAME or NAME:key=value,..."
     )
+    p.add_argument(
+        "--cpu-path",
+        action="store_true",
+        help="count the dynamic layers' CPU inference path (parts of the concatenation kept "
+        "apart) instead of the accelerator path",
+    )
     args = p.parse_args(argv)
+    devices = dynamic_module.PARTS_DEVICES
+    dynamic_module.PARTS_DEVICES = devices if args.cpu_path else set()
+    try:
+        return _table(p, args)
+    finally:
+        dynamic_module.PARTS_DEVICES = devices
+
+
+def _table(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     size = 32 if args.stem == "cifar" else 224
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, size, size).to(memory_format=torch.channels_last)
+    path = "CPU path" if args.cpu_path else "accelerator path"
     print(
         f"{args.model}, {args.stem} stem, batch {args.batch}, channels_last, fp32, CPU, torch "
-        f"{torch.__version__}\n"
+        f"{torch.__version__}, {path} of the dynamic layers\n"
     )
     print(
         "| mixer | layers | infer ops (compute) | train-step ops (compute) "
