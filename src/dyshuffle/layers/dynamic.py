@@ -299,10 +299,6 @@ class _KroneckerSTE(torch.autograd.Function):
         return gx, ga, gb, None, None, None, None, None, None, None
 
 
-def _cat(parts: tuple[Tensor, ...]) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
 def _traced() -> bool:
     """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
     return (
@@ -710,35 +706,28 @@ class DynamicShuffle(nn.Module):
                     a_mat, self._eye_a, scale
                 ) + _OrthogonalLoss.apply(b_mat, self._eye_b, scale)
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
-        if soft:
-            y = kronecker_apply(_cat(inputs), a_mat, b_mat, self.groups)
-            return channel_shuffle(y, self.groups) if self.cross_shuffle else y
-        ste = self.training and grad and a_mat.requires_grad
+        ste = self.training and grad and a_mat.requires_grad  # (training concatenates first)
+        autograd = grad and any(p.requires_grad for p in inputs)
         # parts kept apart (eager CPU inference) go straight to their permuted channels
-        scatter = not ste and len(inputs) > 1 and _channels_last(inputs)
+        scatter = len(inputs) > 1 and not (soft or autograd) and _channels_last(inputs)
+        x = inputs[0] if len(inputs) == 1 or scatter else torch.cat(inputs, dim=1)
+        if soft:
+            y = kronecker_apply(x, a_mat, b_mat, self.groups)
+            return channel_shuffle(y, self.groups) if self.cross_shuffle else y
         idx, ainv, binv, idx_inv = self._hard_index(
-            a_mat, b_mat, both, inverses=ste, index_inverse=bool(scatter)
+            a_mat, b_mat, both, inverses=ste, index_inverse=scatter
         )
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
-                _cat(inputs),
-                fa,
-                fb,
-                idx,
-                idx_inv,
-                ainv,
-                binv,
-                self.groups,
-                self.cross_shuffle,
-                self._gram,
+                x, fa, fb, idx, idx_inv, ainv, binv, self.groups, self.cross_shuffle, self._gram
             )
-        if grad and any(p.requires_grad for p in inputs):
-            return permute_channels(_cat(inputs), idx)
+        if autograd:
+            return permute_channels(x, idx)
         if scatter:
             inv = invert_permutation(idx) if idx_inv is None else idx_inv
             return _scatter_channels(inputs, inv)
-        return _gather_channels(_cat(inputs), idx)
+        return _gather_channels(x, idx)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """MACs of this layer's work outside ``nn.Linear``/``nn.Conv2d`` modules, per batch.
