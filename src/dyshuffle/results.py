@@ -150,11 +150,15 @@ def _context(key: tuple) -> tuple:
     return key[0], key[1], key[3], key[5], key[6], key[7]
 
 
+def _fixed(g: Group) -> bool:
+    """The fixed shuffle with its default options (any pointwise layer)."""
+    return g.first["mixer"] == "shuffle" and g.key[4] == "-"
+
+
 def _baseline(groups: list[Group], g: Group) -> Group | None:
     """The fixed-shuffle group with the same data set, model, pointwise, schedule and device."""
     for other in groups:
-        fixed = other.first["mixer"] == "shuffle" and other.key[4] == "-"
-        if fixed and _context(other.key) == _context(g.key):
+        if _fixed(other) and _context(other.key) == _context(g.key):
             return other
     return None
 
@@ -232,14 +236,7 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
         ctx = _context(g.key)
         return ctx[:2] + ctx[3:]
 
-    sds = [
-        g
-        for g in groups
-        if g.first["mixer"] == "shuffle"
-        and g.key[4] == "-"
-        and g.key[3] == "sds"
-        and others(g) == others(base)
-    ]
+    sds = [g for g in groups if _fixed(g) and g.key[3] == "sds" and others(g) == others(base)]
     if not sds:
         return "not measured"
     g = sds[0]
@@ -255,14 +252,7 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
 
 def _targets(groups: list[Group], dataset: str) -> list[str]:
     """Issue 6's targets, checked against the records of one data set (one row per context)."""
-    bases = [
-        g
-        for g in groups
-        if g.key[0] == dataset
-        and g.first["mixer"] == "shuffle"
-        and g.key[4] == "-"
-        and g.key[3] == "conv"
-    ]
+    bases = [g for g in groups if g.key[0] == dataset and _fixed(g) and g.key[3] == "conv"]
     if not bases:
         return []
     lines = [
