@@ -799,6 +799,53 @@ def test_parts_in_eval_are_the_gather_of_the_concatenation(
     assert torch.allclose(layer.logits(*parts), layer.logits(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pooled_parts_are_the_means_of_the_parts_bit_for_bit(dtype, layout):
+    """Outside training the parts' sums are divided once: the numbers of ``mean``, exactly."""
+    from dyshuffle.layers.dynamic import _pooled_parts
+
+    parts = [p.to(dtype) for p in _parts((7, 13, 4), layout)]
+    parts = [p * 100 + 1 for p in parts]  # means far from 0: rounding shows
+    want = torch.cat([p.mean(dim=(2, 3)) for p in parts], dim=1)
+    got = _pooled_parts(tuple(parts), training=False)
+    assert got.dtype == dtype and torch.equal(got, want)
+    # training keeps the per-part means (with their light backward)
+    leaves = [p.detach().requires_grad_(True) for p in parts]
+    got = _pooled_parts(tuple(leaves), training=True)
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, leaves, g)
+    for p, gp, gz in zip(parts, grads, g.split([7, 13, 4], dim=1)):
+        assert torch.allclose(gp, (gz / (p.shape[2] * p.shape[3]))[:, :, None, None].expand_as(p))
+
+
+@pytest.mark.parametrize(
+    "channels,groups,factors,shared",
+    [
+        (116, None, None, True),
+        (232, None, None, True),
+        (464, None, None, True),
+        (24, 2, (3, 4), False),
+        (40, 1, (5, 8), True),
+    ],
+)
+def test_inverse_index_inverts_the_permutation(channels, groups, factors, shared):
+    """The scatter path looks up the inverse alone; it inverts the index the gather uses."""
+    torch.manual_seed(channels)
+    layer = DynamicShuffle(channels, groups=groups, factors=factors, shared=shared).eval()
+    randomize_generator(layer)
+    x = torch.randn(16, channels, 3, 3)
+    idx = layer.permutation(x)
+    assert len(torch.unique(idx, dim=0)) > 1
+    with torch.no_grad():
+        inv = layer._inverse_index(*layer._softmax_factors(layer.logits(x)))
+    assert torch.equal(inv.expand_as(idx), invert_permutation(idx))
+    with compact_index(layer), torch.no_grad():  # without the joint tables: inverted
+        inv = layer._inverse_index(*layer._softmax_factors(layer.logits(x)))
+    assert torch.equal(inv.expand_as(idx), invert_permutation(idx))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parts_in_training_match_the_concatenation(layout):
     layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").train()

@@ -322,6 +322,27 @@ def _pooled(x: Tensor, training: bool) -> Tensor:
     return x.mean(dim=(2, 3))
 
 
+#: dtypes whose CPU ``mean`` is ``sum`` then a division by the count (bf16 and fp16 are summed in
+#: fp32 and rounded once, so their means are left to ``mean``)
+_SUM_THEN_DIVIDE = (torch.float32, torch.float64)
+
+
+def _pooled_parts(parts: tuple[Tensor, ...], training: bool) -> Tensor:
+    """The descriptor of the channel concatenation of ``parts``: ``(N, C)`` means over H and W.
+
+    On the CPU, ``mean`` is ``sum`` followed by a division by ``H * W`` (float32 and float64),
+    so outside training the parts are summed and their concatenation divided once: the same
+    numbers, bit for bit, with one division instead of one per part.
+    """
+    if len(parts) == 1:
+        return _pooled(parts[0], training)
+    p0 = parts[0]
+    if training or p0.device.type != "cpu" or any(p.dtype not in _SUM_THEN_DIVIDE for p in parts):
+        return torch.cat([_pooled(p, training) for p in parts], dim=1)
+    sums = torch.cat([p.sum(dim=(2, 3)) for p in parts], dim=1)
+    return sums.div_(p0.shape[2] * p0.shape[3])
+
+
 def _table_argmax(m: Tensor, onehot_t: Tensor) -> Tensor:
     """Row of the table nearest to each matrix: ``argmax_k <m, P_k>`` (the first on ties).
 
@@ -507,10 +528,7 @@ class DynamicShuffle(nn.Module):
         With ``parts``, the input is the channel concatenation of ``x`` and ``parts``, and its
         descriptor the concatenation of theirs (the same means; the additions in another order).
         """
-        if not parts:
-            return self.generator(_pooled(x, self.training))
-        z = torch.cat([_pooled(p, self.training) for p in (x, *parts)], dim=1)
-        return self.generator(z)
+        return self.generator(_pooled_parts((x, *parts), self.training))
 
     def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
@@ -563,32 +581,45 @@ class DynamicShuffle(nn.Module):
         beta = closest_permutation(b_mat.detach(), self.assignment, self._table("b"))
         return alpha, beta
 
+    def _row_choice(
+        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The joint table row ``(N,)`` of the hard factors when they have one, and the rows
+        ``(N, Gf, 2)`` of each factor's table when they were scored apart (else ``None``)."""
+        if self._score_t is not None:  # shared factors, few pairs: scored jointly
+            return self._joint_row(a_mat, b_mat, both), None
+        choice = self._choices(a_mat, b_mat, both)  # (N, Gf, 2)
+        if choice is not None and self._index_ab is not None:
+            return (choice.flatten(1) * self._row_weights).sum(-1), choice  # ca * Nb + cb
+        return None, choice
+
+    def _inverse_index(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None) -> Tensor:
+        """The inverse of the composed index, ``(N, C)``: one lookup in the joint inverse table
+        when there is one (the forward index itself is not needed), else inverted."""
+        row, _ = self._row_choice(a_mat, b_mat, both)
+        if row is not None and self._index_ab_inv is not None:
+            return self._index_ab_inv.index_select(0, row)
+        return invert_permutation(self._hard_index(a_mat, b_mat, both)[0])
+
     def _hard_index(
         self,
         a_mat: Tensor,
         b_mat: Tensor,
         both: Tensor | None = None,
         inverses: bool = False,
-        index_inverse: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The composed ``(N, C)`` index, and the inverses of the factors when asked for.
 
         With ``a == b`` and tables the inverses come as one ``(N, Gf, 2, a)`` tensor (and
         ``None``), matching the ``both`` tensor of :meth:`_softmax_factors`. The last item is the
-        inverse of the index when asked for (``inverses`` or ``index_inverse``) and a joint
-        table row gives it, else ``None``.
+        inverse of the index when ``inverses`` are asked for and a joint table row gives it,
+        else ``None``.
         """
-        row = choice = None
-        if self._score_t is not None:  # shared factors, few pairs: scored jointly
-            row = self._joint_row(a_mat, b_mat, both)
-        else:
-            choice = self._choices(a_mat, b_mat, both)  # (N, Gf, 2)
-            if choice is not None and self._index_ab is not None:
-                row = (choice.flatten(1) * self._row_weights).sum(-1)  # choice_a * Nb + choice_b
+        row, choice = self._row_choice(a_mat, b_mat, both)
         idx_inv = None
         if row is not None and self._index_ab is not None:  # shared factors: one table row
             idx = self._index_ab.index_select(0, row)
-            if (inverses or index_inverse) and self._index_ab_inv is not None:
+            if inverses and self._index_ab_inv is not None:
                 idx_inv = self._index_ab_inv.index_select(0, row)
         elif row is not None or (choice is not None and self._index_a is not None):
             # shared factors without the joint table (compact_index): TA[i] + TB[j]
@@ -688,6 +719,10 @@ class DynamicShuffle(nn.Module):
         """
         inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
+        if len(inputs) > 1 and self._scatters(inputs, grad):
+            # parts kept apart (eager CPU inference) go straight to their permuted channels
+            a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
+            return _scatter_channels(inputs, self._inverse_index(a_mat, b_mat, both))
         a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
@@ -707,27 +742,26 @@ class DynamicShuffle(nn.Module):
                 ) + _OrthogonalLoss.apply(b_mat, self._eye_b, scale)
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         ste = self.training and grad and a_mat.requires_grad  # (training concatenates first)
-        autograd = grad and any(p.requires_grad for p in inputs)
-        # parts kept apart (eager CPU inference) go straight to their permuted channels
-        scatter = len(inputs) > 1 and not (soft or autograd) and _channels_last(inputs)
-        x = inputs[0] if len(inputs) == 1 or scatter else torch.cat(inputs, dim=1)
+        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         if soft:
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
-        idx, ainv, binv, idx_inv = self._hard_index(
-            a_mat, b_mat, both, inverses=ste, index_inverse=scatter
-        )
+        idx, ainv, binv, idx_inv = self._hard_index(a_mat, b_mat, both, inverses=ste)
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
                 x, fa, fb, idx, idx_inv, ainv, binv, self.groups, self.cross_shuffle, self._gram
             )
-        if autograd:
+        if grad and x.requires_grad:
             return permute_channels(x, idx)
-        if scatter:
-            inv = invert_permutation(idx) if idx_inv is None else idx_inv
-            return _scatter_channels(inputs, inv)
         return _gather_channels(x, idx)
+
+    def _scatters(self, inputs: tuple[Tensor, ...], grad: bool) -> bool:
+        """Parts kept apart (:meth:`_inputs`) are written to their permuted channels one by one:
+        hard permutations, no autograd, channels_last parts."""
+        if self.eval_permutation == "soft" or (grad and any(p.requires_grad for p in inputs)):
+            return False
+        return _channels_last(inputs)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """MACs of this layer's work outside ``nn.Linear``/``nn.Conv2d`` modules, per batch.
