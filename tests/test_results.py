@@ -140,6 +140,21 @@ def test_targets_met_when_the_best_dynamic_gains_on_three_seeds():
     assert "The accuracy gain is met at: shufflenet_v2_x1_0 at 24 epochs" in render_results(rows)
 
 
+def test_learned_control_takes_the_best_configurations_options():
+    fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
+    best = {"mixer_kwargs": {"shared": False}}
+    rows = fixed + [record("dynamic", s, 81.0, options=best) for s in range(3)]
+    rows += [record("learned", s, 79.0) for s in range(3)]  # default options: below
+    cells = _target_cells(render_results(rows))
+    assert cells[8] == "-2.00: **met**"
+    # the learned permutation with the same options is the control once it was run
+    rows += [record("learned", s, 81.5, options=best) for s in range(2)]
+    cells = _target_cells(render_results(rows))
+    assert cells[8] == (
+        "+0.50 (`mixer_kwargs={'shared': False}`): not met on 2 seeds (the target needs 3)"
+    )
+
+
 def test_targets_not_met_and_too_few_seeds_are_said():
     fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
     small = fixed + [record("dynamic", s, v) for s, v in enumerate([80.2, 80.4, 80.0])]
