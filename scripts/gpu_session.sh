@@ -25,9 +25,10 @@
 #   1. the benchmarks alone (EXPECT larger than what is left: the sweep starts no run):
 #      BENCH_BUDGET=100 COMPILE_BUDGET=120 SWEEP_MIN=0 SESSION_BUDGET=330 EXPECT=9999 \
 #        bash scripts/gpu_session.sh           (timeout 350; ends after about 300 s)
-#   2. at once, the sweep alone with what is left (a run that does not fit is not started):
+#   2. at once, the sweep alone with what is left (a run that does not fit is not started),
+#      first the runs that decide issue 6 at all three seeds (then sweeps/cifar10_gpu.yaml):
 #      BENCH_BUDGET=0 COMPILE_BUDGET=0 SESSION_BUDGET=460 EXPECT=300 \
-#        bash scripts/gpu_session.sh           (timeout 500)
+#        bash scripts/gpu_session.sh sweeps/cifar10_gpu_first.yaml     (timeout 500)
 #
 #   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)

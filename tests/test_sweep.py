@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
 from dyshuffle.sweep import load_spec, main, options_to_argv, run_label
@@ -154,3 +156,38 @@ def test_expected_run_length_keeps_a_run_that_would_not_fit_from_starting(
     out = capsys.readouterr().out
     assert "time budget 100s: stopping" in out and "dyshuffle train" not in out
     assert not (tmp_path / "r/t_runs.jsonl").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_resolve_to_valid_runs(path):
+    """Every run of every sweep file in the repository is a valid training config whose model
+    builds (a device session must not find a typo in its last minutes)."""
+    from dyshuffle.layers import DynamicShuffle, StaticDynamicShuffle
+    from dyshuffle.train.engine import build_model
+
+    spec = load_spec(path)
+    base = REPO / spec.base
+    assert base.is_file(), f"{path.name}: base {spec.base} does not exist"
+    labels = set()
+    for run in spec.runs:
+        cfg = resolve_config({**spec.common, **run}, str(base))
+        model = build_model(cfg, 10, (3, 32, 32))
+        sds = [m for m in model.modules() if isinstance(m, StaticDynamicShuffle)]
+        assert bool(sds) == (cfg.pointwise == "sds")
+        inner = {id(m) for layer in sds for m in layer.modules()}
+        mixers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+        layers = [m for m in mixers if id(m) not in inner]
+        if cfg.mixer in ("dynamic", "learned"):  # the options reach the layers
+            assert layers and {type(m).__name__ for m in layers} == {
+                {"dynamic": "DynamicShuffle", "learned": "LearnedShuffle"}[cfg.mixer]
+            }
+            for key in ("shared", "init", "mode", "noise", "reduction"):
+                if key in cfg.mixer_kwargs:
+                    assert {getattr(m, key) for m in layers} == {cfg.mixer_kwargs[key]}, key
+        else:
+            assert not layers
+        labels.add(json.dumps(run, sort_keys=True))
+    assert len(labels) == len(spec.runs), f"{path.name}: a run is listed twice"
