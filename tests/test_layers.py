@@ -846,6 +846,29 @@ def test_inverse_index_inverts_the_permutation(channels, groups, factors, shared
     assert torch.equal(inv.expand_as(idx), invert_permutation(idx))
 
 
+def test_detached_descriptor_leaves_the_input_only_the_permutations_gradient():
+    torch.manual_seed(0)
+    kwargs = dict(groups=6, factors=(2, 2), init="random")
+    layer = DynamicShuffle(24, **kwargs, descriptor_grad=False).train()
+    randomize_generator(layer, scale=1.0)
+    attached = DynamicShuffle(24, **kwargs).train()
+    attached.load_state_dict(layer.state_dict())
+    x = torch.randn(8, 24, 3, 3, requires_grad=True)
+    g = torch.randn(8, 24, 3, 3)
+    y = layer(x)
+    assert torch.equal(y, attached(x))  # the same forward
+    params = list(layer.parameters())
+    gx, *gp = torch.autograd.grad(y, [x, *params], g)
+    idx = layer.permutation(x)
+    # the input's gradient: the output's, permuted back, and nothing else
+    assert torch.equal(gx, permute_channels(g, invert_permutation(idx)))
+    assert all(p.abs().sum() > 0 for p in gp)  # the generator still learns
+    gx_attached, *gp_attached = torch.autograd.grad(attached(x), [x, *attached.parameters()], g)
+    assert not torch.allclose(gx_attached, gx)  # the descriptor's path, when attached
+    assert all(torch.allclose(a, b) for a, b in zip(gp, gp_attached))
+    assert "descriptor_grad=False" in repr(layer)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parts_in_training_match_the_concatenation(layout):
     layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").train()

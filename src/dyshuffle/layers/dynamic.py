@@ -397,6 +397,11 @@ class DynamicShuffle(nn.Module):
             its choices over the permutations (:func:`balance_term` of each factor, averaged over
             the two; added to the gradient of the soft factors, not to the trainer's loss). 0 (the
             default): none. Needs an input-dependent layer (not :class:`LearnedShuffle`).
+        descriptor_grad: let the generator's gradient reach the input through the pooled
+            descriptor (``True``, the default). ``False`` detaches the descriptor: the input's
+            gradient is then the inverse permutation of the output's alone, as for a fixed
+            shuffle, while the generator still learns from the factors' gradients (an ablation:
+            does a gain come from the permutations or from that extra path into the network?).
     """
 
     def __init__(
@@ -417,6 +422,7 @@ class DynamicShuffle(nn.Module):
         factor_grad: str = "auto",
         noise: float = 0.0,
         balance: float = 0.0,
+        descriptor_grad: bool = True,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -434,6 +440,7 @@ class DynamicShuffle(nn.Module):
         if not balance >= 0:
             raise ValueError(f"balance must be a non-negative weight, got {balance!r}")
         self.balance = float(balance)
+        self.descriptor_grad = bool(descriptor_grad)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -528,7 +535,8 @@ class DynamicShuffle(nn.Module):
         With ``parts``, the input is the channel concatenation of ``x`` and ``parts``, and its
         descriptor the concatenation of theirs (the same means; the additions in another order).
         """
-        return self.generator(_pooled_parts((x, *parts), self.training))
+        inputs = (x, *parts) if self.descriptor_grad else tuple(p.detach() for p in (x, *parts))
+        return self.generator(_pooled_parts(inputs, self.training))
 
     def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
@@ -779,6 +787,7 @@ class DynamicShuffle(nn.Module):
             f"init={self.init!r}, cross_shuffle={self.cross_shuffle}"
             + (f", noise={self.noise:g}" if self.noise else "")
             + (f", balance={self.balance:g}" if self.balance else "")
+            + ("" if self.descriptor_grad else ", descriptor_grad=False")
         )
 
 
