@@ -604,9 +604,10 @@ class DynamicShuffle(nn.Module):
     def _inverse_index(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None) -> Tensor:
         """The inverse of the composed index, ``(N, C)``: one lookup in the joint inverse table
         when there is one (the forward index itself is not needed), else inverted."""
-        row, _ = self._row_choice(a_mat, b_mat, both)
-        if row is not None and self._index_ab_inv is not None:
-            return self._index_ab_inv.index_select(0, row)
+        if self._index_ab_inv is not None:  # (without it, _hard_index makes the choice once)
+            row, _ = self._row_choice(a_mat, b_mat, both)
+            if row is not None:
+                return self._index_ab_inv.index_select(0, row)
         return invert_permutation(self._hard_index(a_mat, b_mat, both)[0])
 
     def _hard_index(
