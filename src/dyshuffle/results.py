@@ -227,8 +227,8 @@ def _target_row(groups: list[Group], base: Group) -> tuple[list[str], bool]:
     if control is not None:
         diff = _mean(control, "top1_hard") - hard
         which = "" if control.key[4] == "-" else f" (`{control.key[4]}`)"
-        seeds = min(n, len(control.records))
-        cells.append(f"{diff:+.2f}{which}: {_verdict(diff < 0, seeds)}")
+        control_seeds = min(n, len(control.records))
+        cells.append(f"{diff:+.2f}{which}: {_verdict(diff < 0, control_seeds)}")
     else:
         cells.append("not measured")
     return cells, ok and seeds >= TARGET_SEEDS
