@@ -728,11 +728,10 @@ class DynamicShuffle(nn.Module):
         """
         inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
+        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
         if len(inputs) > 1 and self._scatters(inputs, grad):
             # parts kept apart (eager CPU inference) go straight to their permuted channels
-            a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
             return _scatter_channels(inputs, self._inverse_index(a_mat, b_mat, both))
-        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
                 both = _BalanceGradient.apply(both, self.balance)
