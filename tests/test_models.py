@@ -295,6 +295,21 @@ def test_shufflenet_v1_mixer_after_first_pointwise(groups):
     assert [m.channels for m in mixers] == [base // 4] * 4 + [base // 2] * 8 + [base] * 4
 
 
+def test_shufflenet_v1_passes_the_mixers_groups_to_the_mixer():
+    """``groups`` is the mixer's keyword; the model's own grouping is ``conv_groups``."""
+    model = create_model("shufflenet_v1_g3_x0_5", stem="cifar", mixer="dynamic", groups=3)
+    units = [m for m in model.modules() if isinstance(m, ShuffleV1Unit)]
+    assert model.conv_groups == 3 and all(u.conv3[0].groups == 3 for u in units)
+    assert [u.mixer.groups for u in units] == [3] * 16
+    assert [u.mixer.a * u.mixer.b for u in units] == [10] * 4 + [20] * 8 + [40] * 4
+    auto = create_model("shufflenet_v1_g3_x0_5", mixer="shuffle", groups="auto")
+    assert [u.mixer.groups for u in auto.modules() if isinstance(u, ShuffleV1Unit)] == (
+        [2] * 4 + [4] * 8 + [8] * 4
+    )  # a DynamicShuffle's G for 30, 60 and 120 channels at max_group_size 16
+    with pytest.raises(ValueError, match="conv_groups must be a positive integer, got 0"):
+        ShuffleNetV1(conv_groups=0, stage_channels=(24, 120, 240, 480))
+
+
 @pytest.mark.parametrize("groups", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("width", [0.5, 1.0, 1.5, 2.0])
 def test_shufflenet_v1_channels_divide_their_groups(groups, width):

@@ -116,7 +116,8 @@ class ShuffleNetV1(ClassifierModel):
     """ShuffleNetV1 with the channel mixer as an argument.
 
     Args:
-        groups: groups of the grouped 1x1 convolutions (1, 2, 3, 4 or 8 in the paper).
+        conv_groups: groups of the grouped 1x1 convolutions (1, 2, 3, 4 or 8 in the paper);
+            not called ``groups``, which is the mixer's keyword (in ``**mixer_kwargs``).
         stage_channels: output channels of the stem and of the three stages.
         stage_repeats: units per stage.
         num_classes: classifier outputs (0: none).
@@ -133,7 +134,7 @@ class ShuffleNetV1(ClassifierModel):
 
     def __init__(
         self,
-        groups: int = 3,
+        conv_groups: int = 3,
         stage_channels: Sequence[int] | None = None,
         stage_repeats: Sequence[int] = SHUFFLENET_V1_REPEATS,
         num_classes: int = 1000,
@@ -153,16 +154,16 @@ class ShuffleNetV1(ClassifierModel):
                 f"ShuffleNetV1 supports pointwise='conv' only (its 1x1 convolutions are grouped), "
                 f"got pointwise={pointwise!r}, pointwise_kwargs={pointwise_kwargs!r}"
             )
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if not isinstance(conv_groups, int) or conv_groups < 1:
+            raise ValueError(f"conv_groups must be a positive integer, got {conv_groups!r}")
         if stage_channels is None:
-            stage_channels = shufflenet_v1_channels(groups, 1.0)
+            stage_channels = shufflenet_v1_channels(conv_groups, 1.0)
         if len(stage_repeats) != 3 or len(stage_channels) != 4:
             raise ValueError(
                 f"need 3 stage repeats and 4 stage channels, got {tuple(stage_repeats)} and "
                 f"{tuple(stage_channels)}"
             )
-        self.groups = groups
+        self.conv_groups = conv_groups
         self.stage_repeats, self.stage_channels = tuple(stage_repeats), tuple(stage_channels)
         self.conv1 = ConvBNAct(in_chans, stage_channels[0], 3, 2 if stem == "imagenet" else 1)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
@@ -173,7 +174,7 @@ class ShuffleNetV1(ClassifierModel):
                     cin if j == 0 else cout,
                     cout,
                     2 if j == 0 else 1,
-                    groups,
+                    conv_groups,
                     grouped_first=not (i == 2 and j == 0),
                     mixer=mixers[i][0],
                     mixer_kwargs=mixers[i][1],
@@ -189,16 +190,18 @@ class ShuffleNetV1(ClassifierModel):
         return self.stage4(self.stage3(self.stage2(x)))
 
 
-def _create_shufflenet_v1(groups: int, width: float, **kwargs: Any) -> ShuffleNetV1:
-    """ShuffleNetV1 with ``groups`` in (1, 2, 3, 4, 8) at ``width`` in (0.5, 1.0, 1.5, 2.0)."""
+def _create_shufflenet_v1(conv_groups: int, width: float, **kwargs: Any) -> ShuffleNetV1:
+    """ShuffleNetV1 with ``conv_groups`` in (1, 2, 3, 4, 8) at ``width`` in (0.5, 1.0, 1.5, 2.0).
+
+    ``kwargs`` may hold the mixer's own ``groups`` (e.g. ``mixer="dynamic", groups=3``)."""
     if width not in SHUFFLENET_V1_WIDTHS:
         valid = ", ".join(map(str, SHUFFLENET_V1_WIDTHS))
         raise ValueError(f"unknown ShuffleNetV1 width {width!r}; valid: {valid}")
-    channels = shufflenet_v1_channels(groups, width)
-    name = f"shufflenet_v1_g{groups}_x{width:.1f}".replace(".", "_")
+    channels = shufflenet_v1_channels(conv_groups, width)
+    name = f"shufflenet_v1_g{conv_groups}_x{width:.1f}".replace(".", "_")
     args = dict(num_classes=1000, stem="imagenet", mixer="shuffle", pointwise="conv", in_chans=3)
     args.update(kwargs)
-    model = ShuffleNetV1(groups, channels, SHUFFLENET_V1_REPEATS, **args)
+    model = ShuffleNetV1(conv_groups, channels, SHUFFLENET_V1_REPEATS, **args)
     return finalize(model, name, args)
 
 
