@@ -869,6 +869,45 @@ def test_detached_descriptor_leaves_the_input_only_the_permutations_gradient():
     assert "descriptor_grad=False" in repr(layer)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])  # a != b, a == b
+def test_hard_identity_is_the_cross_group_shuffle_with_the_ste_gradient(shared, groups, factors):
+    """``hard_identity``: the forward is the fixed G-group shuffle for every input, the gradient
+    the straight-through one of identity factors (so the generator and, through the descriptor,
+    the input get the dynamic layer's extra gradient)."""
+    torch.manual_seed(0)
+    kwargs = dict(groups=groups, factors=factors, shared=shared, init="random")
+    layer = DynamicShuffle(24, **kwargs, hard_identity=True).train()
+    randomize_generator(layer)
+    x = torch.randn(6, 24, 3, 2, requires_grad=True)
+    nearest = DynamicShuffle(24, **kwargs)
+    nearest.load_state_dict(layer.state_dict())
+    assert len({tuple(r) for r in nearest.permutation(x).tolist()}) > 1  # they would differ
+    y = layer(x)
+    assert torch.equal(y, channel_shuffle(x, groups))  # no input is permuted by its factors
+    a_mat, b_mat = layer.factor_matrices(x)
+    a_st = torch.eye(factors[0]) + a_mat - a_mat.detach()
+    b_st = torch.eye(factors[1]) + b_mat - b_mat.detach()
+    ref = dense_reference(layer, a_st, b_st, x)
+    g = torch.randn_like(y)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(y, [x, *params], g)
+    ref_grads = torch.autograd.grad(ref, [x, *params], g)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert all(p.abs().sum() > 0 for p in grads[1:])  # the generator learns
+    assert not torch.allclose(grads[0], channel_shuffle(g, 24 // groups))  # the descriptor's path
+    # eval: the fixed shuffle too, on every path (the parts of a channels_last input scatter)
+    layer.eval()
+    xe = x.detach().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(layer(xe), channel_shuffle(xe, groups))
+        assert torch.equal(layer(xe[:, :12], xe[:, 12:]), channel_shuffle(xe, groups))
+    want_idx = channel_shuffle(torch.arange(24).view(1, 24, 1, 1), groups).view(1, 24)
+    assert torch.equal(layer.permutation(xe), want_idx.expand(6, -1))
+    assert "hard_identity=True" in repr(layer)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parts_in_training_match_the_concatenation(layout):
     layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").train()

@@ -402,6 +402,13 @@ class DynamicShuffle(nn.Module):
             gradient is then the inverse permutation of the output's alone, as for a fixed
             shuffle, while the generator still learns from the factors' gradients (an ablation:
             does a gain come from the permutations or from that extra path into the network?).
+        hard_identity: apply the identity factors to every input (the layer is then the fixed
+            cross-group shuffle in the forward pass and in ``eval()``), while ``"ste"`` training
+            passes the gradient to the softmax factors as if they had been chosen: the generator
+            learns, and its gradient reaches the input through the descriptor, but no input is
+            ever permuted by its own factors. ``False`` (the default): the nearest permutations.
+            An ablation, the converse of ``descriptor_grad=False``: that extra gradient path
+            without data-dependent permutations.
     """
 
     def __init__(
@@ -423,6 +430,7 @@ class DynamicShuffle(nn.Module):
         noise: float = 0.0,
         balance: float = 0.0,
         descriptor_grad: bool = True,
+        hard_identity: bool = False,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -441,6 +449,7 @@ class DynamicShuffle(nn.Module):
             raise ValueError(f"balance must be a non-negative weight, got {balance!r}")
         self.balance = float(balance)
         self.descriptor_grad = bool(descriptor_grad)
+        self.hard_identity = bool(hard_identity)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -682,8 +691,19 @@ class DynamicShuffle(nn.Module):
         ``parts``: as in :meth:`forward`.
         """
         inputs = self._inputs(x, parts)
-        idx = self._hard_index(*self._softmax_factors(self.logits(*inputs)))[0]
+        idx = self._hard_index(*self._chosen(*self._softmax_factors(self.logits(*inputs))))[0]
         return idx.expand(x.shape[0], -1)
+
+    def _chosen(
+        self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The matrices the hard permutation is chosen from: the factors, or identity matrices
+        of their shapes with ``hard_identity``."""
+        if not self.hard_identity:
+            return a_mat, b_mat, both
+        a_eye = self._eye_a.to(a_mat.dtype).expand(a_mat.shape)
+        b_eye = self._eye_b.to(b_mat.dtype).expand(b_mat.shape)
+        return a_eye, b_eye, None if both is None else torch.stack([a_eye, b_eye], dim=2)
 
     #: :func:`mix_concat` may pass the parts of a channel concatenation as separate inputs
     accepts_parts = True
@@ -731,7 +751,7 @@ class DynamicShuffle(nn.Module):
         a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
         if len(inputs) > 1 and self._scatters(inputs, grad):
             # parts kept apart (eager CPU inference) go straight to their permuted channels
-            return _scatter_channels(inputs, self._inverse_index(a_mat, b_mat, both))
+            return _scatter_channels(inputs, self._inverse_index(*self._chosen(a_mat, b_mat, both)))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
                 both = _BalanceGradient.apply(both, self.balance)
@@ -754,7 +774,7 @@ class DynamicShuffle(nn.Module):
         if soft:
             y = kronecker_apply(x, a_mat, b_mat, self.groups)
             return channel_shuffle(y, self.groups) if self.cross_shuffle else y
-        idx, ainv, binv, idx_inv = self._hard_index(a_mat, b_mat, both, inverses=ste)
+        idx, ainv, binv, idx_inv = self._hard_index(*self._chosen(a_mat, b_mat, both), inverses=ste)
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
             return _KroneckerSTE.apply(
@@ -788,6 +808,7 @@ class DynamicShuffle(nn.Module):
             + (f", noise={self.noise:g}" if self.noise else "")
             + (f", balance={self.balance:g}" if self.balance else "")
             + ("" if self.descriptor_grad else ", descriptor_grad=False")
+            + (", hard_identity=True" if self.hard_identity else "")
         )
 
 
