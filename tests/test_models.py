@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import warnings
@@ -293,6 +294,16 @@ def test_shufflenet_v1_mixer_after_first_pointwise(groups):
     mixers = [u.mixer for u in learned.modules() if isinstance(u, ShuffleV1Unit)]
     assert all(type(m) is LearnedShuffle for m in mixers)
     assert [m.channels for m in mixers] == [base // 4] * 4 + [base // 2] * 8 + [base] * 4
+
+
+@pytest.mark.parametrize("cls", [ShuffleNetV1, ShuffleNetV2, MobileNetV2])
+def test_no_model_argument_shadows_a_mixer_option(cls):
+    """Mixer options arrive as ``**mixer_kwargs``: a model argument of the same name would take
+    them (ShuffleNetV1's ``groups`` did)."""
+    options = set(inspect.signature(DynamicShuffle).parameters)
+    options |= set(inspect.signature(StaticDynamicShuffle).parameters)
+    model_args = set(inspect.signature(cls).parameters) - {"mixer_kwargs", "pointwise_kwargs"}
+    assert not model_args & options
 
 
 def test_shufflenet_v1_passes_the_mixers_groups_to_the_mixer():
