@@ -184,7 +184,16 @@ def test_shipped_sweep_files_resolve_to_valid_runs(path):
             assert layers and {type(m).__name__ for m in layers} == {
                 {"dynamic": "DynamicShuffle", "learned": "LearnedShuffle"}[cfg.mixer]
             }
-            for key in ("shared", "init", "mode", "noise", "reduction", "descriptor_grad"):
+            keys = (
+                "shared",
+                "init",
+                "mode",
+                "noise",
+                "reduction",
+                "descriptor_grad",
+                "hard_identity",
+            )
+            for key in keys:
                 if key in cfg.mixer_kwargs:
                     assert {getattr(m, key) for m in layers} == {cfg.mixer_kwargs[key]}, key
         else:
