@@ -157,6 +157,30 @@ def test_learned_control_takes_the_best_configurations_options():
     assert "The accuracy gain is met at: shufflenet_v2_x1_0 at 24 epochs" in render_results(rows)
 
 
+def test_forced_identity_control_is_the_best_configuration_with_hard_identity():
+    fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
+    best = {"mixer.shared": False}
+    rows = fixed + [record("dynamic", s, 81.0, options=best) for s in range(3)]
+    assert _target_cells(render_results(rows))[9] == "not measured"
+    # the same layer with the identity factors forced: as good, so the gain is not the
+    # permutations'; better, it is still a control and not the best dynamic configuration
+    forced = {**best, "mixer.hard_identity": True}
+    same = rows + [record("dynamic", s, 81.0, options=forced) for s in range(3)]
+    cells = _target_cells(render_results(same))
+    assert cells[5] == "`mixer.shared=False`" and cells[9] == "+0.00: not met"
+    better = rows + [record("dynamic", s, 81.5, options=forced) for s in range(2)]
+    cells = _target_cells(render_results(better))
+    assert cells[5] == "`mixer.shared=False`"
+    assert cells[9] == "+0.50: not met on 2 seeds (the target needs 3)"
+    below = rows + [record("dynamic", s, 80.0, options=forced) for s in range(3)]
+    assert _target_cells(render_results(below))[9] == "-1.00: **met**"
+    # a forced run of other options is not this configuration's control
+    other = rows + [
+        record("dynamic", s, 80.0, options={"mixer.hard_identity": True}) for s in range(3)
+    ]
+    assert _target_cells(render_results(other))[9] == "not measured"
+
+
 def test_targets_not_met_and_too_few_seeds_are_said():
     fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
     small = fixed + [record("dynamic", s, v) for s, v in enumerate([80.2, 80.4, 80.0])]
@@ -190,11 +214,11 @@ def test_sds_target_compares_with_the_replaced_convolutions():
     ]
     cells = _target_cells(render_results(rows + sds), model)
     # shufflenet_v2_x0_5: 28,771 SDS parameters in place of 127,296 (test_macs checks the count)
-    assert cells[9] == "-0.50 at 0.23x the parameters: **met**"
+    assert cells[10] == "-0.50 at 0.23x the parameters: **met**"
     worse = [dict(r, top1_hard=r["top1_hard"] - 1.0) for r in sds]
-    assert _target_cells(render_results(rows + worse), model)[9].endswith(": not met")
+    assert _target_cells(render_results(rows + worse), model)[10].endswith(": not met")
     other = [dict(r, model="resnet_x") for r in rows + sds]
     assert (
         "parameters of the replaced layers unknown"
-        in _target_cells(render_results(other), "resnet_x")[9]
+        in _target_cells(render_results(other), "resnet_x")[10]
     )
