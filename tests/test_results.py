@@ -174,6 +174,13 @@ def test_forced_identity_control_is_the_best_configuration_with_hard_identity():
     assert cells[9] == "+0.50: not met on 2 seeds (the target needs 3)"
     below = rows + [record("dynamic", s, 80.0, options=forced) for s in range(3)]
     assert _target_cells(render_results(below))[9] == "-1.00: **met**"
+    # compared on the seeds both have: two more seeds of the best row do not move it
+    more = same + [record("dynamic", s, 85.0, options=best) for s in (3, 4)]
+    cells = _target_cells(render_results(more))
+    assert cells[6].startswith("+2.60") and cells[9] == "+0.00: not met"
+    # with no seed in common, their means
+    apart = rows + [record("dynamic", s, 81.5, options=forced) for s in (7, 8, 9)]
+    assert _target_cells(render_results(apart))[9] == "+0.50: not met"
     # a forced run of other options is not this configuration's control
     other = rows + [
         record("dynamic", s, 80.0, options={"mixer.hard_identity": True}) for s in range(3)
