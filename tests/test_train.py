@@ -193,6 +193,25 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 # -- a full run on a fake CIFAR-10 -----------------------------------------------------------
 
 
+def test_results_name_the_commit_of_the_start(tmp_path, capsys, monkeypatch):
+    """A checkout that moves on while a run trains must not give the run its new commit."""
+    import dyshuffle.train.engine as engine
+
+    out = tmp_path / "run"
+
+    # the checkout's commit is "a..." until the first epoch is written, "b..." after
+    def commit(*args, **kwargs):
+        return ("b" if (out / "metrics.csv").exists() else "a") * 40
+
+    monkeypatch.setattr(engine, "git_commit", commit)
+    make_cifar(tmp_path / "data", "cifar10", per_file=4, test=8)
+    argv = ["--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--output", str(out),
+            "--epochs", "1", "--batch-size", "8", *FAST]  # fmt: skip
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0, stdout
+    assert json.loads((out / "results.json").read_text())["commit"] == "a" * 40
+
+
 def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
     make_cifar(tmp_path / "data", "cifar10", per_file=20, test=40)
     out = tmp_path / "run"

@@ -344,6 +344,9 @@ class _Run:
         self.main = info.is_main
         self.device = info.device
         self.t_start = time.time()
+        # the code that trains is the code at the start: a checkout that moves on during the run
+        # (a pull beside a long run) must not name its commit in the results
+        self.commit = git_commit()
         self._last_plot = time.time()
         try:
             self._setup(resume)
@@ -792,7 +795,7 @@ class _Run:
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             **environment(self.device),
-            commit=git_commit(),
+            commit=self.commit,
             command=self.command,
             run_dir=str(self.run_dir),
         )
