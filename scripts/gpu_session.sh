@@ -11,7 +11,7 @@
 #      SESSION_BUDGET seconds after the start. The dynamic model's training is bound by Python and
 #      kernel-launch overhead, so more concurrent runs fill the GPU better. Each worker's record
 #      file $OUT/worker<k>/cifar10_runs.jsonl starts as a copy of $RECORDS, so a run recorded there
-#      (same sweep name, run and seed) is skipped;
+#      (same sweep name, run, seed and device: the card's name) is skipped;
 #   3. $OUT/cifar10_runs.jsonl: only the new records of all workers (also appended to
 #      MACHINE_RECORDS, so a second call on the same warm machine skips them); $OUT/RESULTS.md:
 #      the report of $RECORDS plus the machine's new records;

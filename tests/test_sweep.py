@@ -77,8 +77,20 @@ def test_sweep_records_runs_and_skips_recorded_ones(tmp_path, monkeypatch, capsy
     # a second call finds both runs recorded and trains nothing
     capsys.readouterr()
     assert main(["sweep.yaml"]) == 0
-    assert "already recorded" in capsys.readouterr().out
+    assert "already recorded on cpu" in capsys.readouterr().out
     assert len((tmp_path / "results/digits_runs.jsonl").read_text().splitlines()) == 2
+    # runs recorded on another device are not this device's: the shuffle is run again here
+    path = tmp_path / "results/digits_runs.jsonl"
+    other = dict(records[0], device="NVIDIA H200")
+    path.write_text(json.dumps(other) + "\n" + lines[1] + "\n")
+    assert main(["sweep.yaml"]) == 0
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["mixer"], r["device"]) for r in again] == [
+        ("shuffle", "NVIDIA H200"),
+        ("dynamic", "cpu"),
+        ("shuffle", "cpu"),
+    ]
+    report = (tmp_path / "RESULTS.md").read_text()  # of these three records
     # the report alone is regenerated from the records
     (tmp_path / "RESULTS.md").unlink()
     assert main(["--report"]) == 0

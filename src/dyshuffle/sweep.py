@@ -14,8 +14,9 @@ A sweep file (YAML) names a training recipe, the seeds and the runs; each run is
       - {mixer: dynamic, mixer_kwargs: {shared: false}}
 
 Every finished run is appended to ``records`` at once (a crash loses no finished run), and a run
-already recorded for the same sweep, run and seed is skipped, so an interrupted sweep continues
-where it stopped. ``RESULTS.md`` is regenerated from all record files after each run.
+already recorded for the same sweep, run, seed and device (the CUDA card's name, or ``cpu``) is
+skipped, so an interrupted sweep continues where it stopped, and a machine of another kind runs
+its own baselines. ``RESULTS.md`` is regenerated from all record files after each run.
 
 The jobs of a sweep are its (seed, run) pairs, seeds outer, runs inner; ``--shard K/W`` runs only
 the jobs at positions ``i`` with ``i % W == K``, so ``W`` processes (``--shard 0/W`` ...
@@ -143,14 +144,25 @@ def _check_shard(shard: tuple[int, int]) -> None:
         raise ValueError(f"--shard '{k}/{w}' needs 0 <= K < W; valid: {valid}")
 
 
-def _done(records_path: Path, sweep: str) -> set[tuple[str, int]]:
+def _done(records_path: Path, sweep: str) -> set[tuple[str, int, str]]:
+    """``(run, seed, device)`` of the runs of ``sweep`` recorded in ``records_path``."""
     if not records_path.exists():
         return set()
     return {
-        (r.get("run"), int(r["seed"]))
+        (r.get("run"), int(r["seed"]), r.get("device"))
         for r in read_records([records_path])
         if r.get("sweep") == sweep
     }
+
+
+def device_name(choice: str) -> str:
+    """The device a run's record names (``train.report.environment``) for a config's ``device``
+    (``auto``, ``cpu`` or ``cuda``): the CUDA card's name, or ``cpu``."""
+    import torch
+
+    if choice in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return "cpu"
 
 
 def write_report(report: str | Path, record_files: list[Path]) -> Path:
@@ -210,19 +222,23 @@ def run_sweep(
         if time_budget and not dry_run and elapsed + longest > time_budget:
             print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
             return new
-        if (label, seed) in done:
-            print(f"[sweep] {spec.name}: {label} seed {seed} already recorded, skipped")
+        options = {**spec.common, **(extra or {}), **run, "seed": seed}
+        cfg = resolve_config({k: v for k, v in options.items() if v is not None}, spec.base)
+        # a run is done on the device it ran on: RESULTS.md compares runs of one device only
+        device = device_name(cfg.device)
+        if (label, seed, device) in done:
+            print(f"[sweep] {spec.name}: {label} seed {seed} already recorded on {device}, skipped")
             continue
         folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
         out = Path(output_root) / spec.name / folder / f"seed{seed}"
-        options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
+        options["output"] = str(out)
         argv = ["--config", spec.base, *options_to_argv(options)]
         command = shlex.join(["dyshuffle", "train", *argv])
         print(f"[sweep] {command}", flush=True)
         if dry_run:
             continue
         cli = {k: v for k, v in options.items() if v is not None}
-        cfg = resolve_config(cli, spec.base)
+        cfg = resolve_config(cli, spec.base)  # with the output folder
         resume = None
         if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
             print(f"[sweep] resuming {out}", flush=True)
