@@ -156,13 +156,18 @@ def _done(records_path: Path, sweep: str) -> set[tuple[str, int, str]]:
 
 
 def device_name(choice: str) -> str:
-    """The device a run's record names (``train.report.environment``) for a config's ``device``
-    (``auto``, ``cpu`` or ``cuda``): the CUDA card's name, or ``cpu``."""
+    """The device a run's record names for a config's ``device`` (``auto``, ``cpu`` or ``cuda``):
+    the CUDA card's name, or ``cpu``."""
     import torch
 
-    if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.cuda.current_device())
-    return "cpu"
+    from .train.distributed import resolve_device
+    from .train.report import environment
+
+    try:
+        device = resolve_device(choice)
+    except ValueError:  # CUDA asked for where there is none: training says so, not the skip check
+        device = torch.device("cpu")
+    return environment(device)["device"]
 
 
 def write_report(report: str | Path, record_files: list[Path]) -> Path:
