@@ -227,23 +227,20 @@ def run_sweep(
         if time_budget and not dry_run and elapsed + longest > time_budget:
             print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
             return new
-        options = {**spec.common, **(extra or {}), **run, "seed": seed}
+        folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
+        out = Path(output_root) / spec.name / folder / f"seed{seed}"
+        options = {**spec.common, **(extra or {}), **run, "seed": seed, "output": str(out)}
         cfg = resolve_config({k: v for k, v in options.items() if v is not None}, spec.base)
         # a run is done on the device it ran on: RESULTS.md compares runs of one device only
         device = device_name(cfg.device)
         if (label, seed, device) in done:
             print(f"[sweep] {spec.name}: {label} seed {seed} already recorded on {device}, skipped")
             continue
-        folder = re.sub(r"[^A-Za-z0-9_.=,+-]+", "", label)[:120] or "base"
-        out = Path(output_root) / spec.name / folder / f"seed{seed}"
-        options["output"] = str(out)
         argv = ["--config", spec.base, *options_to_argv(options)]
         command = shlex.join(["dyshuffle", "train", *argv])
         print(f"[sweep] {command}", flush=True)
         if dry_run:
             continue
-        cli = {k: v for k, v in options.items() if v is not None}
-        cfg = resolve_config(cli, spec.base)  # with the output folder
         resume = None
         if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
             print(f"[sweep] resuming {out}", flush=True)
