@@ -65,6 +65,24 @@ def dense_reference(layer: DynamicShuffle, a_mat: torch.Tensor, b_mat: torch.Ten
     return torch.einsum("nij,njhw->nihw", mats, x)
 
 
+def check_ste_reference(layer: DynamicShuffle, x, y, a_hard, b_hard):
+    """``y`` and its gradients (input and every parameter) equal those of the dense product with
+    the straight-through factors ``hard + soft - soft.detach()``; returns the output gradient
+    used and the gradients."""
+    a_mat, b_mat = layer.factor_matrices(x)
+    a_st = a_hard.to(a_mat) + a_mat - a_mat.detach()
+    b_st = b_hard.to(b_mat) + b_mat - b_mat.detach()
+    ref = dense_reference(layer, a_st, b_st, x)
+    assert torch.allclose(y, ref, atol=1e-6)  # a + (1 - a) is 1 only up to rounding
+    g = torch.randn_like(y)
+    params = list(layer.parameters())
+    grads = torch.autograd.grad(y, [x, *params], g)
+    ref_grads = torch.autograd.grad(ref, [x, *params], g)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    return g, grads
+
+
 # --- fixed shuffle ------------------------------------------------------------------------
 
 
@@ -356,20 +374,12 @@ def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad,
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
     y = layer(x)
-    a_mat, b_mat = layer.factor_matrices(x)
-    alpha, beta = layer._hard_factors(a_mat, b_mat)
-    a_hard = torch.nn.functional.one_hot(alpha, factors[0]).to(a_mat)
-    b_hard = torch.nn.functional.one_hot(beta, factors[1]).to(b_mat)
-    a_st = a_hard + a_mat - a_mat.detach()
-    b_st = b_hard + b_mat - b_mat.detach()
-    ref = dense_reference(layer, a_st, b_st, x)
-    assert torch.allclose(y, ref, atol=1e-6)  # a + (1 - a) is 1 only up to rounding
-    g = torch.randn_like(y)
+    alpha, beta = layer._hard_factors(*layer.factor_matrices(x))
+    one_hot = torch.nn.functional.one_hot
+    g, grads = check_ste_reference(
+        layer, x, y, one_hot(alpha, factors[0]), one_hot(beta, factors[1])
+    )
     params = list(layer.parameters())
-    grads = torch.autograd.grad(y, [x, *params], g)
-    ref_grads = torch.autograd.grad(ref, [x, *params], g)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     # without the joint tables (the backward inverts the index itself): the same values
     with compact_index(layer):
         y2 = layer(x)
@@ -885,16 +895,7 @@ def test_hard_identity_is_the_cross_group_shuffle_with_the_ste_gradient(shared, 
     assert len({tuple(r) for r in nearest.permutation(x).tolist()}) > 1  # they would differ
     y = layer(x)
     assert torch.equal(y, channel_shuffle(x, groups))  # no input is permuted by its factors
-    a_mat, b_mat = layer.factor_matrices(x)
-    a_st = torch.eye(factors[0]) + a_mat - a_mat.detach()
-    b_st = torch.eye(factors[1]) + b_mat - b_mat.detach()
-    ref = dense_reference(layer, a_st, b_st, x)
-    g = torch.randn_like(y)
-    params = list(layer.parameters())
-    grads = torch.autograd.grad(y, [x, *params], g)
-    ref_grads = torch.autograd.grad(ref, [x, *params], g)
-    for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    g, grads = check_ste_reference(layer, x, y, torch.eye(factors[0]), torch.eye(factors[1]))
     assert all(p.abs().sum() > 0 for p in grads[1:])  # the generator learns
     assert not torch.allclose(grads[0], channel_shuffle(g, 24 // groups))  # the descriptor's path
     # eval: the fixed shuffle too, on every path (the parts of a channels_last input scatter)
