@@ -967,3 +967,54 @@ def test_traced_graphs_keep_the_concatenation_and_one_gather():
     assert "aten::gather" in graph and "scatter" not in graph
     with torch.no_grad():
         assert torch.equal(traced(*parts), layer(*parts))
+
+
+def brute_force_margin(a_mat: torch.Tensor, b_mat: torch.Tensor) -> torch.Tensor:
+    """Per sample, the smallest gap between the best and second best ``<M, P>`` over all
+    permutations ``P`` of each factor matrix ``M`` (every group, both factors)."""
+    gaps = []
+    for m in (a_mat, b_mat):
+        n = m.shape[-1]
+        scores = torch.stack(
+            [m[..., torch.arange(n), list(p)].sum(-1) for p in itertools.permutations(range(n))],
+            dim=-1,
+        )  # (N, Gf, n!)
+        top = scores.sort(dim=-1, descending=True).values
+        gaps.append((top[..., 0] - top[..., 1]).amin(-1))
+    return torch.stack(gaps).amin(0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (3, (2, 2))])
+def test_decision_margin_is_the_score_gap_to_the_next_permutation(shared, groups, factors):
+    a, b = factors
+    layer = DynamicShuffle(groups * a * b, groups=groups, factors=factors, shared=shared).eval()
+    randomize_generator(layer, scale=3.0)
+    x = torch.randn(32, groups * a * b, 3, 3)
+    margin = layer.decision_margin(x)
+    a_mat, b_mat = layer.factor_matrices(x)
+    assert margin.shape == (32,)
+    assert torch.allclose(margin, brute_force_margin(a_mat, b_mat), atol=1e-6)
+    assert (margin >= 0).all() and (margin <= 2 + 1e-6).all()
+    assert margin.std() > 0  # the inputs move it
+    # factors that are permutation matrices (saturated identity logits): the largest gap, 2
+    nn.init.zeros_(layer.generator[-1].weight)
+    layer.generator[-1].bias.data.copy_(20.0 * layer._identity_bias())
+    assert torch.allclose(layer.decision_margin(x), torch.full((32,), 2.0), atol=1e-5)
+
+
+def test_decision_margin_edge_cases():
+    # uniform softmax factors (zero logits): every permutation ties
+    layer = DynamicShuffle(24, groups=2, factors=(3, 4)).eval()
+    nn.init.zeros_(layer.generator[-1].weight)
+    nn.init.zeros_(layer.generator[-1].bias)
+    x = torch.randn(5, 24, 2, 2)
+    assert torch.equal(layer.decision_margin(x), torch.zeros(5))
+    # the learned static permutation: one margin for every input
+    learned = LearnedShuffle(24, groups=2, factors=(3, 4), init="random").eval()
+    m = learned.decision_margin(x)
+    assert m.shape == (5,) and (m == m[0]).all() and 0 < m[0] <= 2
+    # factors of size 1 only: nothing to decide; without tables (greedy): unknown
+    assert torch.isinf(DynamicShuffle(4, groups=4, factors=(1, 1)).decision_margin(x[:, :4])).all()
+    greedy = DynamicShuffle(24, groups=2, factors=(3, 4), assignment="greedy")
+    assert torch.isnan(greedy.decision_margin(x)).all()

@@ -694,6 +694,35 @@ class DynamicShuffle(nn.Module):
         idx = self._hard_index(*self._chosen(*self._softmax_factors(self.logits(*inputs))))[0]
         return idx.expand(x.shape[0], -1)
 
+    @torch.no_grad()
+    def decision_margin(self, x: Tensor, *parts: Tensor) -> Tensor:
+        """How firmly the hard permutation of each sample is chosen: ``(N,)``, at most 2.
+
+        For each factor matrix ``M`` of a sample (``A`` and ``B`` of every factor group), the gap
+        ``<M, P_1> - <M, P_2>`` between the scores of its nearest permutation ``P_1`` (the one the
+        hard forward applies) and of the next nearest ``P_2``; the margin is the smallest gap
+        over the sample's factors, i.e. how much the soft factors must change before the hard
+        permutation does. For row-stochastic (softmax) factors it lies in ``[0, 2]``: 2 when
+        every factor is a permutation matrix, 0 on a tie. Factors of size 1 have one permutation
+        and no gap (``inf`` when all factors are of size 1); a factor without a permutation table
+        (``assignment`` other than exact enumeration) gives ``nan``. With ``hard_identity`` the
+        margin is that of the softmax factors, not of the identities the layer applies.
+        ``parts``: as in :meth:`forward`.
+        """
+        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        gaps = []
+        for m, table in ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b)):
+            if m.shape[-1] == 1:
+                continue
+            if table is None:
+                gaps.append(torch.full(m.shape[:1], float("nan"), device=m.device))
+                continue
+            top = (m.float().flatten(-2) @ table.float()).topk(2, dim=-1).values  # (N, Gf, 2)
+            gaps.append((top[..., 0] - top[..., 1]).amin(dim=-1))
+        if not gaps:
+            return torch.full((x.shape[0],), float("inf"), device=x.device)
+        return torch.stack(gaps).amin(dim=0).expand(x.shape[0])
+
     def _chosen(
         self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
