@@ -173,6 +173,21 @@ def test_orthogonality_errors_in_closed_form(collected):
     assert first.ortho_hist.sum() == first.ortho_count == 2 * stats.num_samples
 
 
+def test_decision_margins_in_closed_form(collected):
+    _, stats, _, _, z = collected
+    first, second = stats.layer("first"), stats.layer("second")
+    # a 2 x 2 factor with p on its chosen entries scores 2p against 2(1 - p): gap
+    # 2 |2p - 1| = 2 tanh(logit / 2); the margin is the smaller gap of the two factors
+    a_gap = 2 * np.tanh(SIGN_SCALE * np.abs(z.numpy().astype(np.float64)) / 2)
+    b_gap = 2 * np.tanh(B_LOGIT / 2)
+    np.testing.assert_allclose(first.margins, np.minimum(a_gap, b_gap), rtol=1e-5)
+    assert first.margin_summary() == pytest.approx(
+        (np.minimum(a_gap, b_gap).min(), np.median(np.minimum(a_gap, b_gap)), b_gap), rel=1e-5
+    )
+    # second: A is 1 x 1 (no choice), B has logits 2 * I for every sample
+    np.testing.assert_allclose(second.margins, np.full(stats.num_samples, 2 * np.tanh(1.0)))
+
+
 def test_examples_keep_their_permutations(collected):
     _, stats, x, y, z = collected
     assert [e.label for e in stats.examples] == list(dict.fromkeys(y.tolist()))[:2]
@@ -210,7 +225,13 @@ def test_report_and_figures(collected, tmp_path):
         stats, tmp_path / "out", context=["unit test"], mean=(0.0,) * 4, std=(1.0,) * 4
     )
     text = report.read_text()
-    names = ["permutation_counts.png", "class_dependence.png", "orthogonality.png", "examples.png"]
+    names = [
+        "permutation_counts.png",
+        "class_dependence.png",
+        "orthogonality.png",
+        "decision_margins.png",
+        "examples.png",
+    ]
     for name in names:
         path = tmp_path / "out" / name
         assert path.is_file(), name
@@ -222,6 +243,7 @@ def test_report_and_figures(collected, tmp_path):
     assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% | 100.0% |" in text
     assert f"{mutual_information(COUNTS):.3f}" in text
     assert "KL(p(perm | class) || p(perm))" in text
+    assert f"| {2 * np.tanh(1.0):.3g} / {2 * np.tanh(1.0):.3g} |" in text  # second's margins
 
 
 def test_cli_on_the_embedded_digits(tmp_path, capsys):

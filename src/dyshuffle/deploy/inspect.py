@@ -9,6 +9,9 @@ For every :class:`~dyshuffle.layers.DynamicShuffle` of a model (the mixers ``dyn
   frequencies it sums to the mutual information between permutation and class);
 - the orthogonality error ``||A A^T - I||_F^2`` of the soft (softmax) factor matrices, which is 0
   exactly when the soft matrix already is a permutation (Gong et al., arXiv 2310.02776);
+- the decision margin of every sample (:meth:`~dyshuffle.layers.DynamicShuffle.decision_margin`):
+  how far its soft factors are from choosing another permutation (0: a tie, 2: permutation
+  matrices), which tells a layer that could switch from one that cannot;
 - for a few images, the chosen ``C x C`` permutation matrices.
 
 :func:`collect_statistics` takes a model and any iterable of ``(images, labels)`` batches;
@@ -64,6 +67,8 @@ class LayerStats:
         ortho_sum, ortho_min, ortho_max, ortho_count: exact summary of the same errors.
         reference: the permutation of the identity factors (what the layer applies when ``A`` and
             ``B`` are identities: its fixed cross-group shuffle), or ``None`` when unknown.
+        margins: the decision margin of every sample, in order (``float64``; ``inf`` for a layer
+            with nothing to choose, ``nan`` where the layer has no permutation tables).
     """
 
     name: str
@@ -81,14 +86,25 @@ class LayerStats:
     ortho_count: int = 0
     reference: tuple[int, ...] | None = None
     _ids: dict[bytes, int] = field(default_factory=dict, repr=False)
+    _margins: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.counts.size == 0:
             self.counts = np.zeros((0, self.num_classes), dtype=np.int64)
 
     # -- accumulation ------------------------------------------------------------------------
-    def add(self, perms: np.ndarray, labels: np.ndarray, a_err: Tensor, b_err: Tensor) -> None:
-        """Count one batch: ``perms`` ``(N, C)``, ``labels`` ``(N,)``, errors ``(N or 1, Gf)``."""
+    def add(
+        self,
+        perms: np.ndarray,
+        labels: np.ndarray,
+        a_err: Tensor,
+        b_err: Tensor,
+        margins: Tensor | None = None,
+    ) -> None:
+        """Count one batch: ``perms`` ``(N, C)``, ``labels`` ``(N,)``, errors ``(N or 1, Gf)``,
+        decision margins ``(N,)`` (optional)."""
+        if margins is not None:
+            self._margins.append(margins.detach().double().cpu().numpy().reshape(-1))
         uniq, inverse = np.unique(perms, axis=0, return_inverse=True)
         ids = np.empty(len(uniq), dtype=np.int64)
         for i, row in enumerate(uniq):
@@ -178,6 +194,17 @@ class LayerStats:
     def ortho_mean(self) -> float:
         return self.ortho_sum / self.ortho_count if self.ortho_count else math.nan
 
+    @property
+    def margins(self) -> np.ndarray:
+        return np.concatenate(self._margins) if self._margins else np.zeros(0)
+
+    def margin_summary(self) -> tuple[float, float, float]:
+        """``(min, median, max)`` of the decision margins (NaN when none were recorded)."""
+        m = self.margins
+        if not m.size or np.isnan(m).all():
+            return math.nan, math.nan, math.nan
+        return float(np.nanmin(m)), float(np.nanmedian(m)), float(np.nanmax(m))
+
 
 @dataclass
 class Example:
@@ -261,7 +288,11 @@ def collect_statistics(
             perms = module.permutation(*args)  # (N, C)
             a_mat, b_mat = module.factor_matrices(*args)  # (N or 1, Gf, a, a), (N or 1, Gf, b, b)
             stats[name].add(
-                perms.cpu().numpy(), state["labels"], orthogonality(a_mat), orthogonality(b_mat)
+                perms.cpu().numpy(),
+                state["labels"],
+                orthogonality(a_mat),
+                orthogonality(b_mat),
+                module.decision_margin(*args),
             )
             state["perms"][name] = perms.cpu()
 
@@ -407,6 +438,38 @@ def plot_orthogonality(stats: InspectionStats, path: Path) -> Path:
     return path
 
 
+def plot_margins(stats: InspectionStats, path: Path) -> Path:
+    """Per layer, the distribution of the samples' decision margins (box: quartiles, whiskers:
+    minimum and maximum), on the margin's whole range 0-2."""
+    layers = stats.layers
+    fig = _figure(9.0, 1.4 + 0.35 * len(layers))
+    ax = fig.add_subplot()
+    data = [s.margins[np.isfinite(s.margins)] for s in layers]
+    rows = [i for i, d in enumerate(data) if d.size]
+    if rows:
+        ax.boxplot(
+            [data[i] for i in rows],
+            positions=rows,
+            orientation="horizontal",
+            whis=(0, 100),
+            widths=0.6,
+            showfliers=False,
+            medianprops={"color": "tab:red"},
+        )
+    ax.set_yticks(range(len(layers)), [_short(s.name) for s in layers], fontsize=7)
+    ax.set_ylim(len(layers) - 0.5, -0.5)
+    ax.set_xlim(0, 2.05)
+    ax.axvline(2.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_xlabel(
+        f"decision margin over {stats.num_samples} samples: score gap between the chosen "
+        "permutation and the next one\n(0: a tie, the choice can flip; 2: every factor is a "
+        "permutation matrix)"
+    )
+    ax.set_title("How far each layer's soft factors are from choosing another permutation")
+    fig.savefig(path)
+    return path
+
+
 def _image_for_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     c = image.shape[0]
     m = torch.tensor(list(mean)[:c], dtype=image.dtype).view(-1, 1, 1)
@@ -457,6 +520,11 @@ def _fmt_freq(s: LayerStats, top: int = 3) -> str:
     return ", ".join(f"{100 * f:.1f}%" for f in fr[:top])
 
 
+def _fmt_margin(s: LayerStats) -> str:
+    lo, med, _ = s.margin_summary()
+    return "-" if math.isnan(med) else f"{lo:.3g} / {med:.3g}"
+
+
 def _fmt_share(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
@@ -485,6 +553,7 @@ def write_report(
         "counts": plot_permutation_counts(stats, out / "permutation_counts.png"),
         "class": plot_class_dependence(stats, out / "class_dependence.png"),
         "ortho": plot_orthogonality(stats, out / "orthogonality.png"),
+        "margins": plot_margins(stats, out / "decision_margins.png"),
     }
     if stats.examples:
         figs["examples"] = plot_examples(stats, out / "examples.png", mean, std)
@@ -503,14 +572,15 @@ def write_report(
         "## Per layer",
         "",
         "| layer | C | G x (a x b) | distinct permutations | top frequencies "
-        "| identity factors | H(perm) bits | I(perm; class) bits | mean orthogonality error |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|",
+        "| identity factors | H(perm) bits | I(perm; class) bits | mean orthogonality error "
+        "| decision margin min / median |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in stats.layers:
         lines.append(
             f"| `{s.name}` | {s.channels} | {s.groups} x ({s.a} x {s.b}) | {s.distinct} | "
             f"{_fmt_freq(s)} | {_fmt_share(s.identity_share)} | {s.entropy():.3f} | "
-            f"{s.mutual_information():.3f} | {s.ortho_mean:.3g} |"
+            f"{s.mutual_information():.3f} | {s.ortho_mean:.3g} | {_fmt_margin(s)} |"
         )
     lines += [
         "",
@@ -536,6 +606,12 @@ def write_report(
         "value per matrix and sample; it is 0 exactly when the soft matrix is a permutation, so "
         "small values mean soft and hard forwards agree. `orthogonality.png` shows its "
         "distribution.",
+        "- *decision margin*: for each sample, the smallest gap, over the layer's factor "
+        "matrices M, between the score <M, P> of the permutation chosen and of the next best "
+        "one: how much the soft factors would have to change before the hard permutation does "
+        "(0: a tie; 2: every factor is a permutation matrix). A layer whose margins are all "
+        "large and nearly equal keeps its choice whatever the input; `decision_margins.png` "
+        "shows their spread per layer.",
         "- `examples.png`: images with the permutation matrices chosen for them (row c has its "
         "1 in column idx[c]).",
         "",
@@ -546,6 +622,7 @@ def write_report(
         ("counts", "Permutation frequencies per layer"),
         ("class", "Class dependence"),
         ("ortho", "Orthogonality error of the soft matrices"),
+        ("margins", "Decision margins per layer"),
         ("examples", "Permutation matrices of example images"),
     ):
         if key in figs:
@@ -694,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {s.name}: {s.distinct} distinct permutations, identity factors "
             f"{_fmt_share(s.identity_share)}, I(perm; class) = "
-            f"{s.mutual_information():.3f} bits, mean orthogonality error {s.ortho_mean:.3g}"
+            f"{s.mutual_information():.3f} bits, mean orthogonality error {s.ortho_mean:.3g}, "
+            f"decision margin min / median {_fmt_margin(s)}"
         )
     return 0
 
