@@ -10,15 +10,23 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from dyshuffle.models import create_model
 from dyshuffle.train import cli
 from dyshuffle.train import evaluate as evaluate_cli
-from dyshuffle.train.checkpoint import REQUIRED_KEYS, load_checkpoint, model_from_checkpoint
+from dyshuffle.train.checkpoint import (
+    REQUIRED_KEYS,
+    layer_defaults,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from dyshuffle.train.config import ConfigError, TrainConfig, load_yaml, resolve_config
 from dyshuffle.train.optim import create_optimizer, lr_factor, param_groups, tau_at
 from test_data import CIFAR10_NAMES, make_cifar
@@ -272,6 +280,7 @@ def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
     assert state["class_names"] == CIFAR10_NAMES and state["input_size"] == [3, 32, 32]
     assert state["model_args"]["mixer"] == "dynamic" and state["model_args"]["stem"] == "cifar"
     assert state["epoch"] == 3 and state["tau"] == pytest.approx(0.5)
+    assert state["layer_defaults"] == layer_defaults()
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     model, _ = model_from_checkpoint(out / "last.pt")
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
@@ -391,3 +400,62 @@ def test_real_cifar10_jpeg_trains_well_above_chance(tmp_path, capsys):
         and res["model_args"]["mixer"] == "dynamic"
     )
     assert res["top1"] > 30.0, res  # chance is 10%
+
+
+def _checkpoint_of(model: torch.nn.Module, path, **extra) -> None:
+    state = {
+        "model": model.state_dict(),
+        "model_args": dict(model.model_args),
+        "class_names": [str(i) for i in range(10)],
+        "input_size": [3, 32, 32],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "epoch": 1,
+        "config": {},
+        **extra,
+    }
+    save_checkpoint(path, state)
+
+
+@pytest.mark.parametrize("pointwise", ["conv", "sds"])
+def test_checkpoints_rebuild_their_model_when_layer_defaults_change(tmp_path, pointwise):
+    """A checkpoint keeps the dynamic layers' defaults of its time: written with a generator
+    width that is no longer the default, it rebuilds the same model (and says which arguments);
+    one written before the defaults were saved loads with the earlier defaults, with a warning."""
+    torch.manual_seed(0)
+    # every dynamic layer with the generator width of a version whose default was 4
+    kw = {"reduction": 4}
+    if pointwise == "sds":
+        kw["pointwise_kwargs"] = {"reduction": 4}
+    model = create_model(
+        "shufflenet_v2_x0_5",
+        num_classes=10,
+        stem="cifar",
+        mixer="dynamic",
+        pointwise=pointwise,
+        **kw,
+    ).eval()
+    # the arguments as a version whose default reduction was 4 recorded them: without it
+    args = {k: v for k, v in model.model_args.items() if k != "reduction"}
+    if pointwise == "sds":
+        args.pop("pointwise_kwargs")
+    model.model_args = args
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    saved = {**layer_defaults(), "reduction": 4}
+    _checkpoint_of(model, tmp_path / "with.pt", layer_defaults=saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the saved defaults need no guess
+        got, state = model_from_checkpoint(tmp_path / "with.pt")
+    assert torch.equal(got(x), want)
+    assert create_model(**state["model_args"]).state_dict().keys() == got.state_dict().keys()
+    # written before layer_defaults existed: the earlier defaults, with a warning
+    _checkpoint_of(model, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="earlier defaults"):
+        got, _ = model_from_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(got(x), want)
+    # nothing fits: the error of the current defaults, naming the mismatch
+    model.model_args = {**args, "mixer": "dynamic", "max_group_size": 4}
+    _checkpoint_of(model, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model_from_checkpoint(tmp_path / "bad.pt")

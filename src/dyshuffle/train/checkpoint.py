@@ -9,14 +9,18 @@ A checkpoint is a ``dict`` saved with :func:`torch.save`. It holds at least
 * ``epoch`` (completed epochs) and ``config`` (the resolved run configuration);
 
 and, written by ``dyshuffle train``: ``ema`` (the EMA weights, when enabled), ``tau`` (the
-temperature of the dynamic layers), ``optimizer``, ``scheduler``, ``scaler``, ``rng``,
+temperature of the dynamic layers), ``layer_defaults`` (:func:`layer_defaults` when it was
+written, so that a later change of a default, such as the generator width, does not change the
+model a checkpoint rebuilds), ``optimizer``, ``scheduler``, ``scaler``, ``rng``,
 ``step_in_epoch``, ``global_step``, ``best_top1``, ``metrics``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "EARLIER_LAYER_DEFAULTS",
     "REQUIRED_KEYS",
+    "layer_defaults",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",
@@ -41,6 +47,38 @@ REQUIRED_KEYS = (
     "epoch",
     "config",
 )
+
+#: mixers whose layers take :class:`~dyshuffle.layers.DynamicShuffle`'s keywords
+_DYNAMIC_MIXERS = ("dynamic", "learned", "static_dynamic")
+
+#: defaults of :class:`~dyshuffle.layers.DynamicShuffle` that earlier versions had, newest first:
+#: tried, with a warning, on checkpoints written before ``layer_defaults`` was saved with them
+#: whose weights do not fit the current defaults (``reduction`` was 4 until commit 0d13c4c)
+EARLIER_LAYER_DEFAULTS: tuple[dict[str, Any], ...] = ({"reduction": 4},)
+
+
+def layer_defaults() -> dict[str, Any]:
+    """The keyword defaults of :class:`~dyshuffle.layers.DynamicShuffle` (``dyshuffle train``
+    saves them with each checkpoint)."""
+    from dyshuffle.layers import DynamicShuffle
+
+    params = inspect.signature(DynamicShuffle.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _with_layer_defaults(model_args: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` with ``defaults`` added to the dynamic layers' keywords wherever the
+    arguments do not set them (the mixer's, and ``pointwise_kwargs`` for ``pointwise="sds"``)."""
+    args = dict(model_args)
+    if not defaults:
+        return args
+    if args.get("mixer") in _DYNAMIC_MIXERS:
+        args.update({k: v for k, v in defaults.items() if k not in args})
+    if args.get("pointwise") == "sds":
+        kw = dict(args.get("pointwise_kwargs") or {})
+        kw.update({k: v for k, v in defaults.items() if k not in kw})
+        args["pointwise_kwargs"] = kw
+    return args
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -135,8 +173,41 @@ def model_from_checkpoint(
     if weights == "ema" and state.get("ema") is None:
         raise ValueError(f"checkpoint {path} holds no EMA weights")
     use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
-    model = create_model(**state["model_args"])
-    model.load_state_dict(state["ema"] if use_ema else state["model"])
+    # the dynamic layers' defaults when the checkpoint was written, where they differ from now
+    saved = state.get("layer_defaults")
+    now = layer_defaults()
+    changed = {k: v for k, v in (saved or {}).items() if k in now and now[k] != v}
+    candidates = [_with_layer_defaults(state["model_args"], changed)]
+    if saved is None:  # older checkpoints: the earlier defaults, if the current ones do not fit
+        for earlier in EARLIER_LAYER_DEFAULTS:
+            args = _with_layer_defaults(candidates[0], earlier)
+            if args not in candidates:
+                candidates.append(args)
+    weights_ = state["ema"] if use_ema else state["model"]
+    loaded, first_error = None, None
+    for args in candidates:
+        model = create_model(**args)
+        try:
+            model.load_state_dict(weights_)
+        except RuntimeError as e:
+            first_error = first_error or e
+            if "size mismatch" in str(e):  # shapes: the next defaults may fit
+                continue
+            break
+        loaded = args
+        break
+    if loaded is None:
+        raise first_error  # the error with the defaults of the checkpoint (or of now)
+    if loaded is not candidates[0]:
+        earlier = {k: v for k, v in loaded.items() if candidates[0].get(k) != v}
+        warnings.warn(
+            f"checkpoint {path} was written before the dynamic layers' defaults were saved with "
+            f"it and does not fit the current ones; it loads with the earlier defaults "
+            f"{earlier} (EARLIER_LAYER_DEFAULTS)",
+            stacklevel=2,
+        )
+    if loaded != state["model_args"]:
+        state = {**state, "model_args": loaded}
     if state.get("tau") is not None:
         set_tau(model, state["tau"])
     return model.eval(), state

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from .checkpoint import save_checkpoint, set_tau
+from .checkpoint import layer_defaults, save_checkpoint, set_tau
 from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
@@ -501,6 +501,7 @@ class _Run:
         return {
             "model": self.model.state_dict(),
             "model_args": dict(self.model.model_args),
+            "layer_defaults": layer_defaults(),
             "class_names": self.class_names,
             "input_size": list(self.input_size),
             "mean": list(data.mean),
