@@ -909,6 +909,61 @@ def test_hard_identity_is_the_cross_group_shuffle_with_the_ste_gradient(shared, 
     assert "hard_identity=True" in repr(layer)
 
 
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+@pytest.mark.parametrize("shared,groups,factors", [(True, 2, (3, 4)), (False, 6, (2, 2))])
+def test_logit_cap_bounds_the_softmax_rows_and_keeps_the_ste_gradient(cls, shared, groups, factors):
+    """``logit_cap=c``: the factors are ``softmax(c tanh(logits / c) / tau)``, so no row puts more
+    than ``1 / (1 + (n - 1) exp(-2 c / tau))`` on one entry however large the logits; the layer
+    stays an exact permutation with the straight-through gradient of those factors."""
+    torch.manual_seed(0)
+    cap, tau = 1.5, 0.5
+    kwargs = dict(groups=groups, factors=factors, shared=shared, tau=tau, init="random")
+    free, capped = cls(24, **kwargs), cls(24, **kwargs, logit_cap=cap)
+    if cls is DynamicShuffle:
+        randomize_generator(free, scale=1.0)
+    capped.load_state_dict(free.state_dict())
+    assert f"logit_cap={cap:g}" in repr(capped) and "logit_cap" not in repr(free)
+    x = torch.randn(5, 24, 3, 2)
+    # the capped factors are the softmax of the capped logits
+    logits = free.logits(x).reshape(-1, capped.factor_groups, sum(n * n for n in factors))
+    la, lb = (cap * torch.tanh(logits / cap) / tau).split([n * n for n in factors], dim=-1)
+    got = capped.factor_matrices(x)
+    for m, lg, n in zip(got, (la, lb), factors):
+        assert torch.allclose(m, torch.softmax(lg.unflatten(-1, (n, n)), -1), atol=1e-6)
+    # logits scaled far up: the free softmax saturates, the capped one stays under its bound
+    with torch.no_grad():
+        for p in free.parameters():
+            p.mul_(100.0)
+    capped.load_state_dict(free.state_dict())
+    for m_free, m_cap, n in zip(free.factor_matrices(x), capped.factor_matrices(x), factors):
+        bound = 1.0 / (1.0 + (n - 1) * torch.exp(torch.tensor(-2.0 * cap / tau)))
+        assert m_cap.max() <= bound + 1e-6
+        assert m_free.max() > bound + 1e-3
+    # moderate logits: an exact permutation of each sample, gradients as the dense STE reference
+    capped.load_state_dict(cls(24, **kwargs).state_dict())
+    if cls is DynamicShuffle:
+        randomize_generator(capped, scale=1.0)
+    capped.train()
+    xg = x.clone().requires_grad_(True)
+    y = capped(xg)
+    alpha, beta = capped._hard_factors(*capped.factor_matrices(xg))
+    one_hot = torch.nn.functional.one_hot
+    _, grads = check_ste_reference(
+        capped, xg, y, one_hot(alpha, factors[0]), one_hot(beta, factors[1])
+    )
+    assert all(g.abs().sum() > 0 for g in grads)
+    capped.eval()
+    idx = capped.permutation(x)
+    assert is_permutation(idx)
+    assert torch.equal(capped(x), x.gather(1, idx[..., None, None].expand_as(x)))
+
+
+@pytest.mark.parametrize("cap", [0, -1.0, float("inf"), float("nan")])
+def test_logit_cap_rejects_non_positive_or_infinite_values(cap):
+    with pytest.raises(ValueError, match=f"logit_cap must be a positive finite number.*{cap!r}"):
+        DynamicShuffle(24, logit_cap=cap)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_parts_in_training_match_the_concatenation(layout):
     layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").train()

@@ -11,6 +11,7 @@ between groups. Both are composed into one index and applied as one gather.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -409,6 +410,11 @@ class DynamicShuffle(nn.Module):
             ever permuted by its own factors. ``False`` (the default): the nearest permutations.
             An ablation, the converse of ``descriptor_grad=False``: that extra gradient path
             without data-dependent permutations.
+        logit_cap: soft cap ``c`` on the generator's logits, ``c * tanh(logits / c)`` before the
+            noise and the temperature, so that a softmax row can never put more than
+            ``1 / (1 + (n - 1) exp(-2 c / tau))`` on one of its ``n`` entries: the factors cannot
+            saturate on a permutation (or on a degenerate matrix) so far that the gradient stops
+            reaching the logits. ``None`` (the default): no cap.
     """
 
     def __init__(
@@ -431,6 +437,7 @@ class DynamicShuffle(nn.Module):
         balance: float = 0.0,
         descriptor_grad: bool = True,
         hard_identity: bool = False,
+        logit_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -450,6 +457,11 @@ class DynamicShuffle(nn.Module):
         self.balance = float(balance)
         self.descriptor_grad = bool(descriptor_grad)
         self.hard_identity = bool(hard_identity)
+        if logit_cap is not None and not (logit_cap > 0 and math.isfinite(logit_cap)):
+            raise ValueError(
+                f"logit_cap must be a positive finite number or None, got {logit_cap!r}"
+            )
+        self.logit_cap = None if logit_cap is None else float(logit_cap)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -560,6 +572,8 @@ class DynamicShuffle(nn.Module):
         """``A``, ``B`` and, when ``a == b``, the ``(N, Gf, 2, a, a)`` tensor they are views of."""
         a, b = self.a, self.b
         logits = logits.reshape(logits.shape[0], self.factor_groups, -1)  # (N, Gf, a*a + b*b)
+        if self.logit_cap is not None:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         if self.noise and self.training:  # Gumbel(0, 1) samples, scaled
             u = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-20)
             logits = logits + self.noise * -torch.log(-torch.log(u)).to(logits.dtype)
@@ -838,6 +852,7 @@ class DynamicShuffle(nn.Module):
             + (f", balance={self.balance:g}" if self.balance else "")
             + ("" if self.descriptor_grad else ", descriptor_grad=False")
             + (", hard_identity=True" if self.hard_identity else "")
+            + (f", logit_cap={self.logit_cap:g}" if self.logit_cap is not None else "")
         )
 
 
@@ -873,6 +888,7 @@ class LearnedShuffle(DynamicShuffle):
             f"shared={self.shared}, mode={self.mode!r}, tau={self.tau:g}, init={self.init!r}"
             + (f", noise={self.noise:g}" if self.noise else "")
             + (f", balance={self.balance:g}" if self.balance else "")
+            + (f", logit_cap={self.logit_cap:g}" if self.logit_cap is not None else "")
         )
 
 
