@@ -1073,3 +1073,23 @@ def test_decision_margin_edge_cases():
     assert torch.isinf(DynamicShuffle(4, groups=4, factors=(1, 1)).decision_margin(x[:, :4])).all()
     greedy = DynamicShuffle(24, groups=2, factors=(3, 4), assignment="greedy")
     assert torch.isnan(greedy.decision_margin(x)).all()
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
+@pytest.mark.parametrize("shared", [True, False])
+def test_decide_gives_the_applied_permutation_factors_and_margins_at_once(cls, shared):
+    layer = cls(24, groups=2, factors=(3, 4), shared=shared, init="random").eval()
+    if cls is DynamicShuffle:
+        randomize_generator(layer, scale=3.0)
+    parts = _parts((12, 12), "channels_last")
+    x = torch.cat(parts, 1)
+    got = layer.decide(*parts)
+    a_mat, b_mat = layer.factor_matrices(x)
+    assert torch.equal(got.a, a_mat) and torch.equal(got.b, b_mat)
+    assert got.permutation.shape == (8, 24) and is_permutation(got.permutation)
+    with torch.no_grad():  # the permutation the layer applies, to the parts or the whole
+        want = x.gather(1, got.permutation[..., None, None].expand_as(x))
+        assert torch.equal(layer(*parts), want) and torch.equal(layer(x), want)
+    assert torch.allclose(got.margin, brute_force_margin(a_mat, b_mat).expand(8), atol=1e-6)
+    if cls is DynamicShuffle:
+        assert len({tuple(r) for r in got.permutation.tolist()}) > 1  # inputs choose apart

@@ -285,14 +285,15 @@ def collect_statistics(
     def hook(name: str):
         def fn(module: DynamicShuffle, args: tuple[Tensor, ...]) -> None:
             # args: the input, or the parts of a channel concatenation (mix_concat)
-            perms = module.permutation(*args)  # (N, C)
-            a_mat, b_mat = module.factor_matrices(*args)  # (N or 1, Gf, a, a), (N or 1, Gf, b, b)
+            # one evaluation of the generator: (N, C) permutations, (N or 1, Gf, a, a) and
+            # (N or 1, Gf, b, b) softmax factors, (N,) margins
+            perms, a_mat, b_mat, margins = module.decide(*args)
             stats[name].add(
                 perms.cpu().numpy(),
                 state["labels"],
                 orthogonality(a_mat),
                 orthogonality(b_mat),
-                module.decision_margin(*args),
+                margins,
             )
             state["perms"][name] = perms.cpu()
 

@@ -4,6 +4,7 @@ This package imports nothing else of ``dyshuffle``.
 """
 
 from .dynamic import (
+    Decision,
     DynamicShuffle,
     LearnedShuffle,
     balance_term,
@@ -28,6 +29,7 @@ from .shuffle import ChannelShuffle, IdentityMixer, channel_shuffle
 
 __all__ = [
     "ChannelShuffle",
+    "Decision",
     "DynamicShuffle",
     "IdentityMixer",
     "LearnedShuffle",

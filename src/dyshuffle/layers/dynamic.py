@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -356,6 +357,20 @@ def _table_argmax(m: Tensor, onehot_t: Tensor) -> Tensor:
         ``(...)`` LongTensor of candidate rows.
     """
     return (m.detach().flatten(-2) @ _as_dtype(onehot_t, m.dtype)).argmax(dim=-1)  # (..., K)
+
+
+class Decision(NamedTuple):
+    """What a dynamic layer decides for a batch, from one evaluation of its generator (see
+    :meth:`DynamicShuffle.decide`)."""
+
+    #: ``(N, C)`` hard permutation of each sample, ``y[n, c] = x[n, permutation[n, c]]``
+    permutation: Tensor
+    #: ``(N or 1, Gf, a, a)`` softmax factor matrices ``A``
+    a: Tensor
+    #: ``(N or 1, Gf, b, b)`` softmax factor matrices ``B``
+    b: Tensor
+    #: ``(N,)`` decision margin of each sample (:meth:`DynamicShuffle.decision_margin`)
+    margin: Tensor
 
 
 class DynamicShuffle(nn.Module):
@@ -704,9 +719,7 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         ``parts``: as in :meth:`forward`.
         """
-        inputs = self._inputs(x, parts)
-        idx = self._hard_index(*self._chosen(*self._softmax_factors(self.logits(*inputs))))[0]
-        return idx.expand(x.shape[0], -1)
+        return self.decide(x, *parts).permutation
 
     @torch.no_grad()
     def decision_margin(self, x: Tensor, *parts: Tensor) -> Tensor:
@@ -723,7 +736,20 @@ class DynamicShuffle(nn.Module):
         margin is that of the softmax factors, not of the identities the layer applies.
         ``parts``: as in :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        return self.decide(x, *parts).margin
+
+    @torch.no_grad()
+    def decide(self, x: Tensor, *parts: Tensor) -> Decision:
+        """The hard permutation, the softmax factors and the decision margin of each sample, from
+        one evaluation of the generator: what :meth:`permutation`, :meth:`factor_matrices` and
+        :meth:`decision_margin` give one by one (for an inspection of what the layer chooses).
+        ``parts``: as in :meth:`forward`."""
+        a_mat, b_mat, both = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
+        return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]))
+
+    def _margin(self, a_mat: Tensor, b_mat: Tensor, n: int) -> Tensor:
+        """:meth:`decision_margin` of ``n`` samples from their softmax factors."""
         gaps = []
         for m, table in ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b)):
             if m.shape[-1] == 1:
@@ -734,8 +760,8 @@ class DynamicShuffle(nn.Module):
             top = (m.float().flatten(-2) @ table.float()).topk(2, dim=-1).values  # (N, Gf, 2)
             gaps.append((top[..., 0] - top[..., 1]).amin(dim=-1))
         if not gaps:
-            return torch.full((x.shape[0],), float("inf"), device=x.device)
-        return torch.stack(gaps).amin(dim=0).expand(x.shape[0])
+            return torch.full((n,), float("inf"), device=a_mat.device)
+        return torch.stack(gaps).amin(dim=0).expand(n)
 
     def _chosen(
         self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None
