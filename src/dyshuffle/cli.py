@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dyshuffle: unknown command {name!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    # warnings read as the command's own lines, not as Python's (file and line of the source)
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: (
+        f"dyshuffle {name}: warning: {message}\n"
+    )
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        warnings.formatwarning = before
 
 
 if __name__ == "__main__":
