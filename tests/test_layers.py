@@ -958,6 +958,45 @@ def test_logit_cap_bounds_the_softmax_rows_and_keeps_the_ste_gradient(cls, share
     assert torch.equal(capped(x), x.gather(1, idx[..., None, None].expand_as(x)))
 
 
+@pytest.mark.parametrize("shared,groups,factors", [(True, 2, (3, 4)), (False, 6, (2, 2))])
+def test_descriptor_norm_standardizes_the_generator_input_over_the_batch(shared, groups, factors):
+    """``descriptor_norm``: in training the generator sees the channel means standardized over the
+    batch (and the STE gradient is that of the dense reference through them); in ``eval()`` the
+    running statistics, so each sample's permutation is the one it gets alone."""
+    torch.manual_seed(0)
+    layer = DynamicShuffle(24, groups=groups, factors=factors, shared=shared, descriptor_norm=True)
+    randomize_generator(layer, scale=1.0)
+    assert "descriptor_norm=True" in repr(layer)
+    seen = []
+    layer.generator.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    # channel means far from zero that vary little across images, as after a ReLU
+    x = (3.0 + 0.3 * torch.randn(16, 24, 1, 1) + 0.1 * torch.randn(16, 24, 3, 2)).requires_grad_()
+    layer.train()
+    y = layer(x)
+    d = seen[-1]
+    assert torch.allclose(d.mean(0), torch.zeros(24), atol=1e-5)
+    assert torch.allclose(d.var(0, unbiased=False), torch.ones(24), atol=1e-3)
+    alpha, beta = layer._hard_factors(*layer.factor_matrices(x))
+    one_hot = torch.nn.functional.one_hot
+    _, grads = check_ste_reference(
+        layer, x, y, one_hot(alpha, factors[0]), one_hot(beta, factors[1])
+    )
+    assert all(g.abs().sum() > 0 for g in grads)
+    # eval: running statistics; a sample's permutation does not depend on its batch
+    for _ in range(50):
+        layer(x)
+    layer.eval()
+    xe = x.detach()
+    idx = layer.permutation(xe)
+    assert is_permutation(idx) and len({tuple(r) for r in idx.tolist()}) > 1
+    alone = torch.cat([layer.permutation(xe[i : i + 1]) for i in range(16)])
+    assert torch.equal(idx, alone)
+    with torch.no_grad():
+        assert torch.equal(layer(xe), xe.gather(1, idx[..., None, None].expand_as(xe)))
+    with pytest.raises(ValueError, match="descriptor_norm=True .*LearnedShuffle"):
+        LearnedShuffle(24, descriptor_norm=True)
+
+
 @pytest.mark.parametrize("cap", [0, -1.0, float("inf"), float("nan")])
 def test_logit_cap_rejects_non_positive_or_infinite_values(cap):
     with pytest.raises(ValueError, match=f"logit_cap must be a positive finite number.*{cap!r}"):

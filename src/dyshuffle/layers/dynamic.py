@@ -430,6 +430,12 @@ class DynamicShuffle(nn.Module):
             ``1 / (1 + (n - 1) exp(-2 c / tau))`` on one of its ``n`` entries: the factors cannot
             saturate on a permutation (or on a degenerate matrix) so far that the gradient stops
             reaching the logits. ``None`` (the default): no cap.
+        descriptor_norm: standardize the pooled descriptor over the batch before the generator
+            (a :class:`~torch.nn.BatchNorm1d` without affine parameters: batch statistics in
+            training, running ones in ``eval()``, so a sample's permutation does not depend on the
+            rest of its batch). The channel means vary across images by a fraction of their
+            size, so without it the generator's input is mostly the same for every image.
+            ``False`` (the default): the raw means.
     """
 
     def __init__(
@@ -453,6 +459,7 @@ class DynamicShuffle(nn.Module):
         descriptor_grad: bool = True,
         hard_identity: bool = False,
         logit_cap: float | None = None,
+        descriptor_norm: bool = False,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -477,6 +484,7 @@ class DynamicShuffle(nn.Module):
                 f"logit_cap must be a positive finite number or None, got {logit_cap!r}"
             )
         self.logit_cap = None if logit_cap is None else float(logit_cap)
+        self.descriptor_norm = bool(descriptor_norm)
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -546,6 +554,10 @@ class DynamicShuffle(nn.Module):
 
     # -- the generator ---------------------------------------------------------------------
     def _build_logits(self) -> None:
+        #: standardizes the descriptor over the batch (``descriptor_norm``), or ``None``
+        self.descriptor_bn = (
+            nn.BatchNorm1d(self.channels, affine=False) if self.descriptor_norm else None
+        )
         self.generator = nn.Sequential(
             nn.Linear(self.channels, self.hidden),
             nn.ReLU(inplace=True),
@@ -572,7 +584,10 @@ class DynamicShuffle(nn.Module):
         descriptor the concatenation of theirs (the same means; the additions in another order).
         """
         inputs = (x, *parts) if self.descriptor_grad else tuple(p.detach() for p in (x, *parts))
-        return self.generator(_pooled_parts(inputs, self.training))
+        pooled = _pooled_parts(inputs, self.training)
+        if self.descriptor_bn is not None:
+            pooled = self.descriptor_bn(pooled)
+        return self.generator(pooled)
 
     def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
@@ -879,6 +894,7 @@ class DynamicShuffle(nn.Module):
             + ("" if self.descriptor_grad else ", descriptor_grad=False")
             + (", hard_identity=True" if self.hard_identity else "")
             + (f", logit_cap={self.logit_cap:g}" if self.logit_cap is not None else "")
+            + (", descriptor_norm=True" if self.descriptor_norm else "")
         )
 
 
@@ -891,6 +907,11 @@ class LearnedShuffle(DynamicShuffle):
     """
 
     def _build_logits(self) -> None:
+        if self.descriptor_norm:
+            raise ValueError(
+                f"descriptor_norm={self.descriptor_norm!r} normalizes a descriptor that "
+                f"{type(self).__name__} does not use; use DynamicShuffle or descriptor_norm=False"
+            )
         if self.balance:
             raise ValueError(
                 f"balance={self.balance!r} asks for input-dependent choices, which "
