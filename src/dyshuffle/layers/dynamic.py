@@ -433,9 +433,10 @@ class DynamicShuffle(nn.Module):
         descriptor_norm: standardize the pooled descriptor over the batch before the generator
             (a :class:`~torch.nn.BatchNorm1d` without affine parameters: batch statistics in
             training, running ones in ``eval()``, so a sample's permutation does not depend on the
-            rest of its batch). The channel means vary across images by a fraction of their
-            size, so without it the generator's input is mostly the same for every image.
-            ``False`` (the default): the raw means.
+            rest of its batch). The channel means have a large part common to all images,
+            which says nothing about the image; standardizing removes it and gives each
+            channel's variation across images unit scale. ``False`` (the default): the raw
+            means.
     """
 
     def __init__(
