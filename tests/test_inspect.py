@@ -188,6 +188,22 @@ def test_decision_margins_in_closed_form(collected):
     np.testing.assert_allclose(second.margins, np.full(stats.num_samples, 2 * np.tanh(1.0)))
 
 
+def test_logit_spread_in_closed_form(collected):
+    _, stats, _, _, z = collected
+    first, second = stats.layer("first"), stats.layer("second")
+    # first: A logits [s|z|, 0, 0, s|z|] for z > 0, [0, s|z|, s|z|, 0] below; B fixed [5, 0, 0, 5]
+    zs = z.numpy().astype(np.float64)
+    big = SIGN_SCALE * np.abs(zs)
+    a_logits = np.stack([big * (zs > 0), big * (zs < 0), big * (zs < 0), big * (zs > 0)], 1)
+    want_std = (a_logits.std(axis=0).sum() + 0.0) / 8  # the 4 B logits do not move
+    assert first.logit_std == pytest.approx(want_std, rel=1e-5)
+    # rows: each A row spans s|z|, each B row 5
+    assert first.logit_range == pytest.approx(((2 * big + 2 * B_LOGIT) / 4).mean(), rel=1e-5)
+    # second: input-independent logits; A is 1 x 1 (no row to range over), B rows [2, 0]
+    assert second.logit_std == pytest.approx(0.0, abs=1e-9)
+    assert second.logit_range == pytest.approx(2.0)
+
+
 def test_examples_keep_their_permutations(collected):
     _, stats, x, y, z = collected
     assert [e.label for e in stats.examples] == list(dict.fromkeys(y.tolist()))[:2]
@@ -243,7 +259,8 @@ def test_report_and_figures(collected, tmp_path):
     assert "| `second` | 4 | 2 x (1 x 2) | 1 | 100.0% | 100.0% |" in text
     assert f"{mutual_information(COUNTS):.3f}" in text
     assert "KL(p(perm | class) || p(perm))" in text
-    assert f"| {2 * np.tanh(1.0):.3g} / {2 * np.tanh(1.0):.3g} |" in text  # second's margins
+    # second's margins, then its logits (std over samples 0, range 2)
+    assert f"| {2 * np.tanh(1.0):.3g} / {2 * np.tanh(1.0):.3g} | 0 / 2 |" in text
 
 
 def test_cli_on_the_embedded_digits(tmp_path, capsys):

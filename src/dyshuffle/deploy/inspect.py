@@ -69,6 +69,12 @@ class LayerStats:
             ``B`` are identities: its fixed cross-group shuffle), or ``None`` when unknown.
         margins: the decision margin of every sample, in order (``float64``; ``inf`` for a layer
             with nothing to choose, ``nan`` where the layer has no permutation tables).
+        logit_std: standard deviation over the samples of each logit of the softmax factors
+            (capped, over ``tau``), averaged over the logits: how much the input moves them
+            (0 for a layer that ignores its input).
+        logit_range: the range (largest minus smallest) of the logits of one row of a factor,
+            averaged over the rows of factors larger than 1 x 1 and over the samples: how far
+            apart the logits the input has to move are.
     """
 
     name: str
@@ -87,6 +93,10 @@ class LayerStats:
     reference: tuple[int, ...] | None = None
     _ids: dict[bytes, int] = field(default_factory=dict, repr=False)
     _margins: list[np.ndarray] = field(default_factory=list, repr=False)
+    _logit_sum: np.ndarray | None = field(default=None, repr=False)
+    _logit_sq: np.ndarray | None = field(default=None, repr=False)
+    _logit_n: int = field(default=0, repr=False)
+    _range_sum: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if self.counts.size == 0:
@@ -100,11 +110,15 @@ class LayerStats:
         a_err: Tensor,
         b_err: Tensor,
         margins: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> None:
         """Count one batch: ``perms`` ``(N, C)``, ``labels`` ``(N,)``, errors ``(N or 1, Gf)``,
-        decision margins ``(N,)`` (optional)."""
+        decision margins ``(N,)`` and the softmax factors' logits ``(N or 1, Gf, a*a + b*b)``
+        (both optional)."""
         if margins is not None:
             self._margins.append(margins.detach().double().cpu().numpy().reshape(-1))
+        if logits is not None:
+            self._add_logits(logits.detach().double().cpu().expand(len(perms), -1, -1))
         uniq, inverse = np.unique(perms, axis=0, return_inverse=True)
         ids = np.empty(len(uniq), dtype=np.int64)
         for i, row in enumerate(uniq):
@@ -127,7 +141,39 @@ class LayerStats:
         self.ortho_max = max(self.ortho_max, float(errs.max()))
         self.ortho_count += errs.size
 
+    def _add_logits(self, logits: Tensor) -> None:
+        flat = logits.flatten(1).numpy()  # (N, Gf * (a*a + b*b))
+        if self._logit_sum is None:
+            self._logit_sum, self._logit_sq = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+        self._logit_sum += flat.sum(axis=0)
+        self._logit_sq += (flat**2).sum(axis=0)
+        self._logit_n += flat.shape[0]
+        la, lb = logits.split([self.a * self.a, self.b * self.b], dim=-1)
+        ranges = [
+            (m.unflatten(-1, (n, n)).amax(-1) - m.unflatten(-1, (n, n)).amin(-1)).flatten(1)
+            for m, n in ((la, self.a), (lb, self.b))
+            if n > 1
+        ]
+        if ranges:
+            self._range_sum += float(torch.cat(ranges, dim=1).mean(dim=1).sum())
+
     # -- summaries ---------------------------------------------------------------------------
+    @property
+    def logit_std(self) -> float:
+        """Std over the samples of each logit, averaged over the logits (NaN: none recorded)."""
+        if not self._logit_n:
+            return math.nan
+        mean = self._logit_sum / self._logit_n
+        var = np.maximum(self._logit_sq / self._logit_n - mean**2, 0.0)
+        return float(np.sqrt(var).mean())
+
+    @property
+    def logit_range(self) -> float:
+        """Mean range of the logits in a factor row (NaN: none recorded, or 1 x 1 factors)."""
+        if not self._logit_n or max(self.a, self.b) == 1:
+            return math.nan
+        return self._range_sum / self._logit_n
+
     @property
     def num_samples(self) -> int:
         return int(self.counts.sum())
@@ -286,14 +332,15 @@ def collect_statistics(
         def fn(module: DynamicShuffle, args: tuple[Tensor, ...]) -> None:
             # args: the input, or the parts of a channel concatenation (mix_concat)
             # one evaluation of the generator: (N, C) permutations, (N or 1, Gf, a, a) and
-            # (N or 1, Gf, b, b) softmax factors, (N,) margins
-            perms, a_mat, b_mat, margins = module.decide(*args)
+            # (N or 1, Gf, b, b) softmax factors, (N,) margins, (N or 1, Gf, a*a + b*b) logits
+            perms, a_mat, b_mat, margins, logits = module.decide(*args)
             stats[name].add(
                 perms.cpu().numpy(),
                 state["labels"],
                 orthogonality(a_mat),
                 orthogonality(b_mat),
                 margins,
+                logits,
             )
             state["perms"][name] = perms.cpu()
 
@@ -526,6 +573,11 @@ def _fmt_margin(s: LayerStats) -> str:
     return "-" if math.isnan(med) else f"{lo:.3g} / {med:.3g}"
 
 
+def _fmt_logits(s: LayerStats) -> str:
+    std, rng = s.logit_std, s.logit_range
+    return "-" if math.isnan(std) else f"{std:.3g} / {rng:.3g}"
+
+
 def _fmt_share(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
@@ -574,14 +626,15 @@ def write_report(
         "",
         "| layer | C | G x (a x b) | distinct permutations | top frequencies "
         "| identity factors | H(perm) bits | I(perm; class) bits | mean orthogonality error "
-        "| decision margin min / median |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "| decision margin min / median | logits: std over samples / range in a row |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats.layers:
         lines.append(
             f"| `{s.name}` | {s.channels} | {s.groups} x ({s.a} x {s.b}) | {s.distinct} | "
             f"{_fmt_freq(s)} | {_fmt_share(s.identity_share)} | {s.entropy():.3f} | "
-            f"{s.mutual_information():.3f} | {s.ortho_mean:.3g} | {_fmt_margin(s)} |"
+            f"{s.mutual_information():.3f} | {s.ortho_mean:.3g} | {_fmt_margin(s)} | "
+            f"{_fmt_logits(s)} |"
         )
     lines += [
         "",
@@ -613,6 +666,12 @@ def write_report(
         "(0: a tie; 2: every factor is a permutation matrix). A layer whose margins are all "
         "large and nearly equal keeps its choice whatever the input; `decision_margins.png` "
         "shows their spread per layer.",
+        "- *logits*: the standard deviation over the samples of each logit of the softmax "
+        "factors (after `logit_cap` and the temperature), averaged over the logits, next to the "
+        "range of the logits within a factor row (largest minus smallest, averaged over rows "
+        "and samples). For the input to change a layer's choice, it has to move the logits by "
+        "a sizeable part of that range; a standard deviation that is a small fraction of it "
+        "means the generator gives nearly the same logits to every input.",
         "- `examples.png`: images with the permutation matrices chosen for them (row c has its "
         "1 in column idx[c]).",
         "",
@@ -773,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  {s.name}: {s.distinct} distinct permutations, identity factors "
             f"{_fmt_share(s.identity_share)}, I(perm; class) = "
             f"{s.mutual_information():.3f} bits, mean orthogonality error {s.ortho_mean:.3g}, "
-            f"decision margin min / median {_fmt_margin(s)}"
+            f"decision margin min / median {_fmt_margin(s)}, "
+            f"logits std over samples / range in a row {_fmt_logits(s)}"
         )
     return 0
 

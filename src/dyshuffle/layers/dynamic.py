@@ -371,6 +371,9 @@ class Decision(NamedTuple):
     b: Tensor
     #: ``(N,)`` decision margin of each sample (:meth:`DynamicShuffle.decision_margin`)
     margin: Tensor
+    #: ``(N or 1, Gf, a * a + b * b)`` logits of the softmax factors (capped, over ``tau``): row
+    #: ``i`` of ``A`` is ``softmax(logits[..., i * a : (i + 1) * a])``, ``B`` follows ``A``
+    logits: Tensor
 
 
 class DynamicShuffle(nn.Module):
@@ -601,15 +604,11 @@ class DynamicShuffle(nn.Module):
 
     def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``A``, ``B`` and, when ``a == b``, the ``(N, Gf, 2, a, a)`` tensor they are views of."""
+        return self._softmax_of(self._softmax_logits(logits))
+
+    def _softmax_of(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_softmax_factors` of logits that :meth:`_softmax_logits` prepared."""
         a, b = self.a, self.b
-        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)  # (N, Gf, a*a + b*b)
-        if self.logit_cap is not None:
-            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
-        if self.noise and self.training:  # Gumbel(0, 1) samples, scaled
-            u = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-20)
-            logits = logits + self.noise * -torch.log(-torch.log(u)).to(logits.dtype)
-        if self.tau != 1.0:
-            logits = logits / self.tau
         if a == b:  # one softmax for both factors
             both = F.softmax(logits.unflatten(-1, (2, a, a)), dim=-1)
             return both[:, :, 0], both[:, :, 1], both
@@ -618,6 +617,19 @@ class DynamicShuffle(nn.Module):
         la, lb = logits.split([a * a, b * b], dim=-1)
         la, lb = la.unflatten(-1, (a, a)), lb.unflatten(-1, (b, b))
         return F.softmax(la, dim=-1), F.softmax(lb, dim=-1), None
+
+    def _softmax_logits(self, logits: Tensor) -> Tensor:
+        """The generator's ``(N, num_logits)`` output as the softmax takes it: ``(N, Gf, a*a +
+        b*b)``, capped (``logit_cap``), with noise in training (``noise``), over ``tau``."""
+        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)
+        if self.logit_cap is not None:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        if self.noise and self.training:  # Gumbel(0, 1) samples, scaled
+            u = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-20)
+            logits = logits + self.noise * -torch.log(-torch.log(u)).to(logits.dtype)
+        if self.tau != 1.0:
+            logits = logits / self.tau
+        return logits
 
     def _choices(self, a_mat: Tensor, b_mat: Tensor, both: Tensor | None = None) -> Tensor | None:
         """Rows of the permutation tables nearest to ``A`` and ``B``: ``(N, Gf, 2)``.
@@ -756,13 +768,15 @@ class DynamicShuffle(nn.Module):
 
     @torch.no_grad()
     def decide(self, x: Tensor, *parts: Tensor) -> Decision:
-        """The hard permutation, the softmax factors and the decision margin of each sample, from
-        one evaluation of the generator: what :meth:`permutation`, :meth:`factor_matrices` and
-        :meth:`decision_margin` give one by one (for an inspection of what the layer chooses).
+        """The hard permutation, the softmax factors, the decision margin and the logits of each
+        sample, from one evaluation of the generator: what :meth:`permutation`,
+        :meth:`factor_matrices` and :meth:`decision_margin` give one by one (for an inspection
+        of what the layer chooses).
         ``parts``: as in :meth:`forward`."""
-        a_mat, b_mat, both = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        logits = self._softmax_logits(self.logits(*self._inputs(x, parts)))
+        a_mat, b_mat, both = self._softmax_of(logits)
         idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
-        return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]))
+        return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]), logits)
 
     def _margin(self, a_mat: Tensor, b_mat: Tensor, n: int) -> Tensor:
         """:meth:`decision_margin` of ``n`` samples from their softmax factors."""
