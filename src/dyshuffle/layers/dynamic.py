@@ -430,9 +430,10 @@ class DynamicShuffle(nn.Module):
             without data-dependent permutations.
         logit_cap: soft cap ``c`` on the generator's logits, ``c * tanh(logits / c)`` before the
             noise and the temperature, so that a softmax row can never put more than
-            ``1 / (1 + (n - 1) exp(-2 c / tau))`` on one of its ``n`` entries: the factors cannot
-            saturate on a permutation (or on a degenerate matrix) so far that the gradient stops
-            reaching the logits. ``None`` (the default): no cap.
+            ``1 / (1 + (n - 1) exp(-2 c / tau))`` on one of its ``n`` entries: the softmax
+            cannot saturate on a permutation (or on a degenerate matrix). The ``tanh`` can: on
+            the CIFAR proxy the capped logits ended at the bound (docs/ACCURACY.md, session 9).
+            ``None`` (the default): no cap.
         descriptor_norm: standardize the pooled descriptor over the batch before the generator
             (a :class:`~torch.nn.BatchNorm1d` without affine parameters: batch statistics in
             training, running ones in ``eval()``, so a sample's permutation does not depend on the
@@ -747,7 +748,9 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         ``parts``: as in :meth:`forward`.
         """
-        return self.decide(x, *parts).permutation
+        inputs = self._inputs(x, parts)
+        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
+        return self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
 
     @torch.no_grad()
     def decision_margin(self, x: Tensor, *parts: Tensor) -> Tensor:
@@ -764,7 +767,8 @@ class DynamicShuffle(nn.Module):
         margin is that of the softmax factors, not of the identities the layer applies.
         ``parts``: as in :meth:`forward`.
         """
-        return self.decide(x, *parts).margin
+        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        return self._margin(a_mat, b_mat, x.shape[0])
 
     @torch.no_grad()
     def decide(self, x: Tensor, *parts: Tensor) -> Decision:
