@@ -151,6 +151,48 @@ def test_shards_split_the_jobs_disjointly_in_sweep_order(tmp_path, monkeypatch, 
     assert _dry_run_commands([*argv, "--shard", "6/7"], capsys) == []
 
 
+def test_a_runs_own_seeds_replace_the_files_and_keep_its_label(tmp_path, monkeypatch, capsys):
+    """A run with ``seeds`` runs at those only; its label (what the records match) is the same as
+    without them; ``--seeds`` on the command line applies to every run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(dict(data="digits", epochs=1)))
+    runs = [
+        {"mixer": "shuffle"},
+        {"mixer": "dynamic", "seeds": [0]},
+        {"mixer": "none", "seeds": [5, 1]},
+    ]
+    spec = dict(name="own", base="base.yaml", records="r/o_runs.jsonl", seeds=[1, 0], runs=runs)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_spec("s.yaml")
+    assert loaded.runs == [{"mixer": "shuffle"}, {"mixer": "dynamic"}, {"mixer": "none"}]
+    assert loaded.run_seeds == [None, [0], [5, 1]]
+    jobs = [(seed, run["mixer"]) for seed, run in loaded.jobs()]
+    # the file's seeds in its order, then the runs' own (5), runs inner
+    assert jobs == [(1, "shuffle"), (1, "none"), (0, "shuffle"), (0, "dynamic"), (5, "none")]
+    commands = _dry_run_commands(["s.yaml"], capsys)
+    assert [
+        (c.split("--seed ")[1].split()[0], c.split("--mixer ")[1].split()[0]) for c in commands
+    ] == [(str(seed), mixer) for seed, mixer in jobs]
+    assert all("seeds" not in c for c in commands)  # not a training option
+    assert [run_label(run) for run in loaded.runs] == [
+        run_label({"mixer": m}) for m in ("shuffle", "dynamic", "none")
+    ]
+    # --seeds: every run at the seeds given
+    assert [(s, r["mixer"]) for s, r in loaded.jobs([7])] == [
+        (7, "shuffle"),
+        (7, "dynamic"),
+        (7, "none"),
+    ]
+    assert len(_dry_run_commands(["s.yaml", "--seeds", "7"], capsys)) == 3
+    # a bad list names the run and the value
+    for bad in ([], "0", [0.5], [True]):
+        runs[1]["seeds"] = bad
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(dict(spec, runs=runs)))
+        assert main(["s.yaml", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert 'run 1 (mixer="dynamic")' in err and f"got {bad!r}" in err
+
+
 def test_bad_shard_names_the_value(capsys):
     for bad in ("2/2", "x", "1/0"):
         assert main(["unused.yaml", "--dry-run", "--shard", bad]) == 2

@@ -12,11 +12,15 @@ A sweep file (YAML) names a training recipe, the seeds and the runs; each run is
     runs:
       - {mixer: shuffle}
       - {mixer: dynamic, mixer_kwargs: {shared: false}}
+      - {mixer: dynamic, mixer_kwargs: {noise: 1.0}, seeds: [0]}   # this run's own seeds
 
 Every finished run is appended to ``records`` at once (a crash loses no finished run), and a run
 already recorded for the same sweep, run, seed and device (the CUDA card's name, or ``cpu``) is
 skipped, so an interrupted sweep continues where it stopped, and a machine of another kind runs
 its own baselines. ``RESULTS.md`` is regenerated from all record files after each run.
+
+A run's own ``seeds`` replace the file's for that run (a question answered on one seed stays on
+one seed when the file is run again); ``--seeds`` on the command line replaces both.
 
 The jobs of a sweep are its (seed, run) pairs, seeds outer, runs inner; ``--shard K/W`` runs only
 the jobs at positions ``i`` with ``i % W == K``, so ``W`` processes (``--shard 0/W`` ...
@@ -54,7 +58,9 @@ PLUMBING_KEYS = ("data_dir", "output", "progress", "tensorboard", "cache_dir", "
 
 
 class SweepSpec:
-    """A parsed sweep file: ``name``, ``base``, ``dataset``, ``records``, ``seeds``, ``runs``."""
+    """A parsed sweep file: ``name``, ``base``, ``dataset``, ``records``, ``seeds``, ``runs``
+    (the option mappings, without their own ``seeds``, which are ``run_seeds``: a list per run,
+    or ``None`` for the file's)."""
 
     def __init__(self, raw: dict[str, Any], path: Path) -> None:
         unknown = sorted(set(raw) - set(SPEC_KEYS))
@@ -74,7 +80,36 @@ class SweepSpec:
         runs = raw["runs"]
         if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
             raise ValueError(f"{path}: 'runs' must be a list of option mappings")
-        self.runs = [dict(r) for r in runs]
+        self.runs = [{k: v for k, v in r.items() if k != "seeds"} for r in runs]
+        self.run_seeds = [_run_seeds(r, i, path) for i, r in enumerate(runs)]
+
+    def jobs(self, seeds: list[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """The (seed, run) pairs of the sweep, seeds outer and runs inner: each run at its own
+        seeds or else the file's, or every run at ``seeds`` when given. The seeds are taken in
+        the file's order, then those that only some runs have, in increasing order."""
+        if seeds is not None:
+            return [(seed, run) for seed in seeds for run in self.runs]
+        own = sorted({s for rs in self.run_seeds if rs for s in rs} - set(self.seeds))
+        return [
+            (seed, run)
+            for seed in [*self.seeds, *own]
+            for run, rs in zip(self.runs, self.run_seeds)
+            if seed in (self.seeds if rs is None else rs)
+        ]
+
+
+def _run_seeds(run: dict[str, Any], i: int, path: Path) -> list[int] | None:
+    """A run's own ``seeds`` (``None`` when it has none), checked."""
+    if "seeds" not in run:
+        return None
+    seeds = run["seeds"]
+    ok = isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)
+    if not ok:
+        raise ValueError(
+            f"{path}: run {i} ({run_label({k: v for k, v in run.items() if k != 'seeds'})}): "
+            f"'seeds' must be a non-empty list of integers, got {seeds!r}"
+        )
+    return list(seeds)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -216,7 +251,7 @@ def run_sweep(
     new: list[dict[str, Any]] = []
     start, longest = time.monotonic(), float(expect)
     # the jobs in sweep order: seeds outer, runs inner
-    jobs = [(seed, run) for seed in (spec.seeds if seeds is None else seeds) for run in spec.runs]
+    jobs = spec.jobs(seeds)
     if shard is not None:
         k, w = shard
         jobs = jobs[k::w]  # positions i with i % w == k
@@ -300,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         "the results report.",
     )
     parser.add_argument("spec", nargs="?", help="sweep file (YAML), e.g. sweeps/cifar10_cpu.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every run at these seeds (the file's and the runs' own are ignored)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
