@@ -81,7 +81,10 @@ class SweepSpec:
         if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
             raise ValueError(f"{path}: 'runs' must be a list of option mappings")
         self.runs = [{k: v for k, v in r.items() if k != "seeds"} for r in runs]
-        self.run_seeds = [_run_seeds(r, i, path) for i, r in enumerate(runs)]
+        self.run_seeds = [
+            _run_seeds(raw_run["seeds"], run, i, path) if "seeds" in raw_run else None
+            for i, (raw_run, run) in enumerate(zip(runs, self.runs))
+        ]
 
     def jobs(self, seeds: list[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
         """The (seed, run) pairs of the sweep, seeds outer and runs inner: each run at its own
@@ -98,16 +101,12 @@ class SweepSpec:
         ]
 
 
-def _run_seeds(run: dict[str, Any], i: int, path: Path) -> list[int] | None:
-    """A run's own ``seeds`` (``None`` when it has none), checked."""
-    if "seeds" not in run:
-        return None
-    seeds = run["seeds"]
-    ok = isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)
-    if not ok:
+def _run_seeds(seeds: Any, run: dict[str, Any], i: int, path: Path) -> list[int]:
+    """The own ``seeds`` of run ``i`` (its options ``run``), checked."""
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
         raise ValueError(
-            f"{path}: run {i} ({run_label({k: v for k, v in run.items() if k != 'seeds'})}): "
-            f"'seeds' must be a non-empty list of integers, got {seeds!r}"
+            f"{path}: run {i} ({run_label(run)}): 'seeds' must be a non-empty list of integers, "
+            f"got {seeds!r}"
         )
     return list(seeds)
 
