@@ -467,17 +467,23 @@ def test_kronecker_apply_rectangular():
 
 
 def sds_reference_weight(sds: StaticDynamicShuffle) -> torch.Tensor:
-    """Block-diagonal Kronecker weight with the cross-group shuffle on its rows."""
+    """Block-diagonal weight (Kronecker products, or the dense blocks) with the cross-group
+    shuffle on its rows."""
     g = sds.groups
-    w = torch.block_diag(*[torch.kron(sds.static_a[j], sds.static_b[j]) for j in range(g)])
+    if sds.static == "dense":
+        blocks = sds.static_w.reshape(g, sds.out_channels // g, -1).unbind(0)
+    else:
+        blocks = [torch.kron(sds.static_a[j], sds.static_b[j]) for j in range(g)]
+    w = torch.block_diag(*blocks)
     order = channel_shuffle(torch.arange(sds.out_channels).view(1, -1, 1, 1), g).flatten()
     return w[order]
 
 
+@pytest.mark.parametrize("static", ["kron", "dense"])
 @pytest.mark.parametrize("cin,cout", [(116, None), (24, 48), (32, 16)])
-def test_sds_without_dynamic_part_is_a_conv(cin, cout):
+def test_sds_without_dynamic_part_is_a_conv(cin, cout, static):
     torch.manual_seed(0)
-    sds = StaticDynamicShuffle(cin, cout, dynamic=False)
+    sds = StaticDynamicShuffle(cin, cout, dynamic=False, static=static)
     weight = sds_reference_weight(sds).detach()
     assert torch.allclose(sds.equivalent_weight(), weight)
     conv = nn.Conv2d(cin, sds.out_channels, 1, bias=False)
@@ -493,9 +499,10 @@ def test_sds_without_dynamic_part_is_a_conv(cin, cout):
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
 
 
-def test_sds_square_is_permutation_plus_static():
+@pytest.mark.parametrize("static", ["kron", "dense"])
+def test_sds_square_is_permutation_plus_static(static):
     torch.manual_seed(0)
-    sds = StaticDynamicShuffle(48).eval()
+    sds = StaticDynamicShuffle(48, static=static).eval()
     randomize_generator(sds.permute)
     x = torch.randn(3, 48, 2, 2)
     idx = sds.permute.permutation(x)  # within-group permutation, no cross shuffle
@@ -505,9 +512,10 @@ def test_sds_square_is_permutation_plus_static():
     assert torch.allclose(sds(x), expected, atol=1e-5)
 
 
-def test_sds_rectangular_permutes_then_mixes():
+@pytest.mark.parametrize("static", ["kron", "dense"])
+def test_sds_rectangular_permutes_then_mixes(static):
     torch.manual_seed(0)
-    sds = StaticDynamicShuffle(16, 96).eval()
+    sds = StaticDynamicShuffle(16, 96, static=static).eval()
     randomize_generator(sds.permute)
     x = torch.randn(2, 16, 3, 3)
     idx = sds.permute.permutation(x)
@@ -516,9 +524,10 @@ def test_sds_rectangular_permutes_then_mixes():
     assert torch.allclose(sds(x), expected, atol=1e-5)
 
 
-def test_sds_gradients_reach_every_parameter():
+@pytest.mark.parametrize("static", ["kron", "dense"])
+def test_sds_gradients_reach_every_parameter(static):
     for cout in (None, 96):
-        sds = StaticDynamicShuffle(48, cout).train()
+        sds = StaticDynamicShuffle(48, cout, static=static).train()
         x = torch.randn(2, 48, 3, 3)
         (sds(x) * torch.randn_like(sds(x))).sum().add(orthogonal_loss(sds)).backward()
         for name, p in sds.named_parameters():
@@ -529,6 +538,10 @@ def test_sds_parameters_are_a_fraction_of_the_conv():
     sds = StaticDynamicShuffle(464, dynamic=False)
     assert sum(p.numel() for p in sds.parameters()) == 29 * (16 + 16)
     assert 29 * 32 < 464 * 464 // 100
+    # dense blocks: C_out * n_in, the 1x1 convolution's parameters over G
+    dense = StaticDynamicShuffle(464, dynamic=False, static="dense")
+    assert sum(p.numel() for p in dense.parameters()) == 464 * 464 // 29
+    assert dense.static_weight().shape == (464, 16, 1, 1)
 
 
 def test_sds_bad_arguments():
@@ -536,6 +549,8 @@ def test_sds_bad_arguments():
         StaticDynamicShuffle(48, 50, groups=3)
     with pytest.raises(ValueError, match=r"out_factors=\(2, 2\)"):
         StaticDynamicShuffle(48, 96, groups=3, out_factors=(2, 2))
+    with pytest.raises(ValueError, match="'full'"):
+        StaticDynamicShuffle(48, static="full")
 
 
 # --- factory -------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ Square form (C -> C): ``y = cross_shuffle(blockdiag_g(P_g(x) + S_g) x)`` with ``
 Kronecker permutation of group ``g`` and ``S_g = As_g kron Bs_g`` a learnable static matrix.
 Rectangular form (C_in -> C_out): ``y = cross_shuffle(blockdiag_g(S_g) P(x) x)`` with rectangular
 static factors ``As_g`` (a_out x a_in) and ``Bs_g`` (b_out x b_in).
+
+``static="dense"`` leaves ``S_g`` unstructured (any ``n_out x n_in`` matrix, ``C_out * n_in``
+parameters, a grouped 1x1 convolution): more parameters than the Kronecker factors and still a
+fraction ``1 / G`` of the dense 1x1 convolution's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from .dynamic import DynamicShuffle
 from .permutation import _divisors, choose_groups, factor_pair
 from .shuffle import channel_shuffle
 
-__all__ = ["StaticDynamicShuffle", "sds_groups"]
+__all__ = ["STATIC_FORMS", "StaticDynamicShuffle", "sds_groups"]
+
+#: forms of the static matrix ``S_g``: Kronecker factors ``As_g kron Bs_g`` or any matrix
+STATIC_FORMS = ("kron", "dense")
 
 
 def sds_groups(in_channels: int, out_channels: int, max_group_size: int = 16) -> int:
@@ -47,6 +54,9 @@ class StaticDynamicShuffle(nn.Module):
         dynamic: include the data-dependent permutation (``False`` leaves a Kronecker-structured
             grouped 1x1 convolution followed by the cross-group shuffle).
         max_group_size: bound on the group size when ``groups`` and ``factors`` are omitted.
+        static: ``"kron"`` (``S_g = As_g kron Bs_g``, ``G * (a_out a_in + b_out b_in)``
+            parameters) or ``"dense"`` (``S_g`` any ``n_out x n_in`` matrix, ``C_out * n_in``
+            parameters).
         **dynamic_kwargs: passed to :class:`DynamicShuffle` (``shared``, ``mode``, ``tau``,
             ``reduction``, ``init``, ...).
     """
@@ -61,9 +71,13 @@ class StaticDynamicShuffle(nn.Module):
         *,
         dynamic: bool = True,
         max_group_size: int = 16,
+        static: str = "kron",
         **dynamic_kwargs,
     ) -> None:
         super().__init__()
+        if static not in STATIC_FORMS:
+            raise ValueError(f"unknown static form {static!r}; valid: {', '.join(STATIC_FORMS)}")
+        self.static = static
         out_channels = in_channels if out_channels is None else out_channels
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
@@ -94,18 +108,27 @@ class StaticDynamicShuffle(nn.Module):
             if self.dynamic
             else None
         )
-        # static Kronecker factors, one pair per group: S_g = As_g kron Bs_g
-        self.static_a = nn.Parameter(torch.empty(g, a_out, a_in))
-        self.static_b = nn.Parameter(torch.empty(g, b_out, b_in))
+        if static == "kron":  # one pair of factors per group: S_g = As_g kron Bs_g
+            self.static_a = nn.Parameter(torch.empty(g, a_out, a_in))
+            self.static_b = nn.Parameter(torch.empty(g, b_out, b_in))
+        else:  # the grouped 1x1 convolution's own weight
+            self.static_w = nn.Parameter(torch.empty(out_channels, a_in * b_in, 1, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kronecker factors with ``Var(S) = 1 / n_in``, the variance of a fan-in initialization."""
+        """``Var(S) = 1 / n_in``, the variance of a fan-in initialization (for Kronecker factors
+        the product of theirs)."""
+        if self.static == "dense":
+            nn.init.normal_(self.static_w, 0.0, 1.0 / math.sqrt(self.static_w.shape[1]))
+            return
         nn.init.normal_(self.static_a, 0.0, 1.0 / math.sqrt(self.factors[0]))
         nn.init.normal_(self.static_b, 0.0, 1.0 / math.sqrt(self.factors[1]))
 
     def static_weight(self) -> Tensor:
-        """Grouped-convolution weight ``(C_out, n_in, 1, 1)`` holding ``As_g kron Bs_g``."""
+        """Grouped-convolution weight ``(C_out, n_in, 1, 1)`` holding ``S_g`` (``As_g kron Bs_g``
+        for Kronecker factors)."""
+        if self.static == "dense":
+            return self.static_w
         g, (a_out, a_in), (b_out, b_in) = (
             self.groups,
             self.static_a.shape[1:],
@@ -144,5 +167,6 @@ class StaticDynamicShuffle(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
-            f"factors={self.factors}, out_factors={self.out_factors}, dynamic={self.dynamic}"
+            f"factors={self.factors}, out_factors={self.out_factors}, dynamic={self.dynamic}, "
+            f"static={self.static!r}"
         )
