@@ -229,3 +229,29 @@ def test_sds_target_compares_with_the_replaced_convolutions():
         "parameters of the replaced layers unknown"
         in _target_cells(render_results(other), "resnet_x")[10]
     )
+
+
+def test_sds_target_takes_the_best_configuration_within_the_parameter_bound():
+    model = "shufflenet_v2_x0_5"
+    rows = [record("shuffle", s, v, model=model) for s, v in enumerate([80.0, 80.2, 79.8])]
+
+    def sds(top1: float, kwargs: dict | None) -> list[dict]:
+        options = {"mixer.pointwise_kwargs": kwargs} if kwargs else {}
+        return [
+            record("shuffle", s, top1, model=model, pointwise="sds", options=options)
+            for s in range(3)
+        ]
+
+    default = sds(75.0, None)
+    dense = sds(79.5, {"static": "dense"})  # 54,433 parameters in place of 127,296: 0.43x
+    wide = sds(80.5, {"static": "dense", "max_group_size": 32})  # 0.68x: above the bound
+    cell = _target_cells(render_results(rows + default + dense + wide), model)[10]
+    assert cell == (
+        "-0.50 at 0.43x the parameters (`mixer.pointwise_kwargs={'static': 'dense'}`): **met**"
+    )
+    # nothing within the bound: the best of all, not met
+    cell = _target_cells(render_results(rows + wide), model)[10]
+    assert cell.startswith("+0.50 at 0.68x the parameters") and cell.endswith(": not met")
+    # with fewer seeds than the target, a configuration is taken only when none has enough
+    cell = _target_cells(render_results(rows + default + dense[:2]), model)[10]
+    assert cell == "-5.00 at 0.23x the parameters: not met"
