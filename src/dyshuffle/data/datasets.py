@@ -209,18 +209,7 @@ def load_data(
             )
 
         arrays, meta = _cached_decode(key, cache, make, size, workers, verbose)
-        mean, std = channel_stats(arrays["train_images"])
-        return ArrayData(
-            name,
-            meta["class_names"],
-            **arrays,
-            mean=mean,
-            std=std,
-            hflip=True,
-            crop_padding=max(1, size // 8),
-            source=str(root_path),
-            extra={"wnids": meta.get("wnids", [])},
-        )
+        return _decoded_data(name, arrays, meta, root_path, {"wnids": meta.get("wnids", [])})
 
     # imagefolder: a folder or an archive of one
     split_args = (train_split, val_split, val_fraction)
@@ -274,6 +263,15 @@ def load_data(
             )
 
     arrays, meta = _cached_decode(key, cache, make, image_size, workers, verbose)
+    extra = {k: meta.get(k) for k in ("train_dir", "val_dir")}
+    return _decoded_data(name, arrays, meta, root_path, extra)
+
+
+def _decoded_data(
+    name: str, arrays: dict[str, Tensor], meta: dict, root: Path, extra: dict
+) -> ArrayData:
+    """Decoded images as :class:`ArrayData`: normalized by the training set's channel statistics,
+    flipped and padded-cropped by an eighth of their size (at least one pixel) in training."""
     mean, std = channel_stats(arrays["train_images"])
     size = arrays["train_images"].shape[-1]
     return ArrayData(
@@ -284,8 +282,8 @@ def load_data(
         std=std,
         hflip=True,
         crop_padding=max(1, size // 8),
-        source=str(root_path),
-        extra={k: meta.get(k) for k in ("train_dir", "val_dir")},
+        source=str(root),
+        extra=extra,
     )
 
 
