@@ -245,7 +245,9 @@ def test_sds_target_takes_the_best_configuration_within_the_parameter_bound():
     default = sds(75.0, None)
     dense = sds(79.5, {"static": "dense"})  # 54,433 parameters in place of 127,296: 0.43x
     wide = sds(80.5, {"static": "dense", "max_group_size": 32})  # 0.68x: above the bound
-    cell = _target_cells(render_results(rows + default + dense + wide), model)[10]
+    # no dynamic part: a grouped 1x1 convolution (a control), never the SDS of the target
+    control = sds(81.0, {"static": "dense", "dynamic": False})
+    cell = _target_cells(render_results(rows + default + dense + wide + control), model)[10]
     assert cell == (
         "-0.50 at 0.43x the parameters (`mixer.pointwise_kwargs={'static': 'dense'}`): **met**"
     )

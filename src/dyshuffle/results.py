@@ -284,8 +284,16 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
         ctx = _context(g.key)
         return ctx[:2] + ctx[3:]
 
-    def sds_only(g: Group) -> bool:  # the fixed shuffle, options of the SDS layers at most
-        return g.first["mixer"] == "shuffle" and set(g.first.get("options") or {}) <= {SDS_OPTIONS}
+    def sds_only(g: Group) -> bool:
+        """The fixed shuffle, options of the SDS layers at most, and their dynamic part kept
+        (``dynamic=False`` leaves a grouped 1x1 convolution: a control, not a candidate)."""
+        options = g.first.get("options") or {}
+        kwargs = options.get(SDS_OPTIONS) or {}
+        return (
+            g.first["mixer"] == "shuffle"
+            and set(options) <= {SDS_OPTIONS}
+            and kwargs.get("dynamic", True) is not False
+        )
 
     sds = [
         g
@@ -336,7 +344,9 @@ def _targets(groups: list[Group], dataset: str) -> list[str]:
         f"on the seeds both have, "
         f"and SDS (with the fixed shuffle) within {TARGET_SDS_LOSS:g} point of the 1x1 "
         f"convolutions with at most {TARGET_SDS_PARAMS:g}x their parameters (of the replaced "
-        f"layers). Each needs {TARGET_SEEDS} seeds on both sides. The targets are defined for "
+        f"layers; the best SDS configuration within that bound, named when not the default, "
+        f"its runs without a dynamic part being controls). Each needs {TARGET_SEEDS} seeds on "
+        f"both sides. The targets are defined for "
         f"`{TARGET_MODEL}` at {TARGET_EPOCHS} epochs or more; other rows are proxies.",
         "",
         "| model | epochs | recipe | device | protocol | best dynamic (options) | dynamic - fixed "
