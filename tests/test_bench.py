@@ -169,6 +169,16 @@ def test_variant_options():
         None,
         {"reduction": 16, "tau": 0.5, "init": "random"},
     )
+    # true / false / none are values, not strings (bool("false") would be True)
+    assert bench.split_variant("static_dynamic:dynamic=false,static=dense")[2] == {
+        "dynamic": False,
+        "static": "dense",
+    }
+    assert bench.split_variant("dynamic:shared=True,logit_cap=none")[2] == {
+        "shared": True,
+        "logit_cap": None,
+    }
+    assert not bench._build_layer("static_dynamic:dynamic=false", 64).dynamic
     layer = bench._build_layer("dynamic:reduction=8", 64)
     assert layer.hidden == 8
     with pytest.raises(ValueError, match="not loaded"):

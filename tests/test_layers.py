@@ -137,6 +137,13 @@ def test_choose_groups_errors_name_the_value():
         DynamicShuffle(116, tau=0.0)
     with pytest.raises(ValueError, match="factor_grad 'gram'.*'channels'"):
         DynamicShuffle(116, factor_grad="gram")
+    # a flag given as text (a command line's "false") is refused, not taken as True
+    for flag in ("shared", "cross_shuffle", "descriptor_grad", "hard_identity", "descriptor_norm"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'false'"):
+            DynamicShuffle(116, **{flag: "false"})
+    with pytest.raises(ValueError, match="dynamic must be True or False, got 'false'"):
+        StaticDynamicShuffle(116, dynamic="false")
+    assert not DynamicShuffle(116, shared=0).shared  # 0 and 1 are flags
 
 
 def test_wrong_input_rank_and_channels():

@@ -374,7 +374,13 @@ def load_ref_layers(commit: str) -> Any:
         sys.path.remove(str(folder))
 
 
-def _option_value(text: str) -> int | float | str:
+#: option words that are not strings: ``dynamic=false``, ``logit_cap=none``
+_OPTION_WORDS = {"true": True, "false": False, "none": None}
+
+
+def _option_value(text: str) -> bool | int | float | str | None:
+    if text.lower() in _OPTION_WORDS:
+        return _OPTION_WORDS[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)
@@ -388,7 +394,8 @@ def split_variant(variant: str, refs: dict[str, Any] | None = None) -> tuple[str
 
     ``"dynamic@abc123"`` is the dynamic shuffle of the layers at commit ``abc123`` (loaded with
     ``--ref abc123``); ``"dynamic:reduction=16,max_group_size=8"`` passes keywords to the dynamic
-    (or static-dynamic) layer; values are integers, floats or strings.
+    (or static-dynamic) layer; values are ``true``/``false``/``none``, integers, floats or
+    strings.
 
     Returns:
         ``(name, layers package or None, keywords)``.

@@ -31,3 +31,11 @@ def check_positive(value: float, what: str) -> float:
     if not value > 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return value
+
+
+def check_flag(value: object, what: str) -> bool:
+    """``value`` as a ``bool``; anything but ``True``/``False`` (or 1/0) raises naming it (the
+    string ``"false"`` is no flag: ``bool("false")`` would be ``True``)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{what} must be True or False, got {value!r}")

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import FACTOR_GRADS, INITS, MODES, check_choice, check_input, check_positive
+from ._checks import (
+    FACTOR_GRADS,
+    INITS,
+    MODES,
+    check_choice,
+    check_flag,
+    check_input,
+    check_positive,
+)
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
     _gather_channels,
@@ -469,12 +477,12 @@ class DynamicShuffle(nn.Module):
         super().__init__()
         self.channels = channels
         self.groups, self.a, self.b = choose_groups(channels, groups, factors, max_group_size)
-        self.shared = bool(shared)
+        self.shared = check_flag(shared, "shared")
         self.mode = check_choice(mode, MODES, "mode")
         self.tau = float(check_positive(tau, "tau"))
         self.init = check_choice(init, INITS, "init")
         self.assignment = check_choice(assignment, ASSIGNMENTS, "assignment")
-        self.cross_shuffle = bool(cross_shuffle)
+        self.cross_shuffle = check_flag(cross_shuffle, "cross_shuffle")
         self.factor_grad = check_choice(factor_grad, FACTOR_GRADS, "factor_grad")
         if not noise >= 0:
             raise ValueError(f"noise must be a non-negative scale, got {noise!r}")
@@ -482,14 +490,14 @@ class DynamicShuffle(nn.Module):
         if not balance >= 0:
             raise ValueError(f"balance must be a non-negative weight, got {balance!r}")
         self.balance = float(balance)
-        self.descriptor_grad = bool(descriptor_grad)
-        self.hard_identity = bool(hard_identity)
+        self.descriptor_grad = check_flag(descriptor_grad, "descriptor_grad")
+        self.hard_identity = check_flag(hard_identity, "hard_identity")
         if logit_cap is not None and not (logit_cap > 0 and math.isfinite(logit_cap)):
             raise ValueError(
                 f"logit_cap must be a positive finite number or None, got {logit_cap!r}"
             )
         self.logit_cap = None if logit_cap is None else float(logit_cap)
-        self.descriptor_norm = bool(descriptor_norm)
+        self.descriptor_norm = check_flag(descriptor_norm, "descriptor_norm")
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction

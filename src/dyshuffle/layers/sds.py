@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_input
+from ._checks import check_flag, check_input
 from .dynamic import DynamicShuffle
 from .permutation import _divisors, choose_groups, factor_pair
 from .shuffle import channel_shuffle
@@ -102,7 +102,7 @@ class StaticDynamicShuffle(nn.Module):
                 f"out_channels={out_channels} with groups={g} need {n_out}"
             )
         self.groups, self.factors, self.out_factors = g, (a_in, b_in), (a_out, b_out)
-        self.dynamic = bool(dynamic)
+        self.dynamic = check_flag(dynamic, "dynamic")
         self.permute = (
             DynamicShuffle(in_channels, g, (a_in, b_in), cross_shuffle=False, **dynamic_kwargs)
             if self.dynamic
