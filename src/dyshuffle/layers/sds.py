@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_flag, check_input
+from ._checks import check_choice, check_flag, check_input
 from .dynamic import DynamicShuffle
 from .permutation import _divisors, choose_groups, factor_pair
 from .shuffle import channel_shuffle
@@ -51,8 +51,8 @@ class StaticDynamicShuffle(nn.Module):
         groups: number of groups ``G``; must divide both channel counts.
         factors: ``(a_in, b_in)`` of the input group size.
         out_factors: ``(a_out, b_out)`` of the output group size (rectangular form).
-        dynamic: include the data-dependent permutation (``False`` leaves a Kronecker-structured
-            grouped 1x1 convolution followed by the cross-group shuffle).
+        dynamic: include the data-dependent permutation (``False`` leaves the static part, a
+            grouped 1x1 convolution, followed by the cross-group shuffle).
         max_group_size: bound on the group size when ``groups`` and ``factors`` are omitted.
         static: ``"kron"`` (``S_g = As_g kron Bs_g``, ``G * (a_out a_in + b_out b_in)``
             parameters) or ``"dense"`` (``S_g`` any ``n_out x n_in`` matrix, ``C_out * n_in``
@@ -75,9 +75,7 @@ class StaticDynamicShuffle(nn.Module):
         **dynamic_kwargs,
     ) -> None:
         super().__init__()
-        if static not in STATIC_FORMS:
-            raise ValueError(f"unknown static form {static!r}; valid: {', '.join(STATIC_FORMS)}")
-        self.static = static
+        self.static = check_choice(static, STATIC_FORMS, "static form")
         out_channels = in_channels if out_channels is None else out_channels
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
