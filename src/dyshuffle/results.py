@@ -284,16 +284,24 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
         ctx = _context(g.key)
         return ctx[:2] + ctx[3:]
 
+    def sds_kwargs(g: Group) -> dict:
+        return (g.first.get("options") or {}).get(SDS_OPTIONS) or {}
+
     def sds_only(g: Group) -> bool:
         """The fixed shuffle, options of the SDS layers at most, and their dynamic part kept
         (``dynamic=False`` leaves a grouped 1x1 convolution: a control, not a candidate)."""
-        options = g.first.get("options") or {}
-        kwargs = options.get(SDS_OPTIONS) or {}
         return (
             g.first["mixer"] == "shuffle"
-            and set(options) <= {SDS_OPTIONS}
-            and kwargs.get("dynamic", True) is not False
+            and set(g.first.get("options") or {}) <= {SDS_OPTIONS}
+            and sds_kwargs(g).get("dynamic", True) is not False
         )
+
+    def counts(g: Group) -> tuple[int, int] | None:  # (1x1 convolutions, SDS layers), cached
+        return _sds_params(g.first["model"], json.dumps(sds_kwargs(g), sort_keys=True))
+
+    def within_bound(g: Group) -> bool:
+        c = counts(g)
+        return c is not None and c[1] <= TARGET_SDS_PARAMS * c[0]
 
     sds = [
         g
@@ -302,26 +310,16 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
     ]
     if not sds:
         return "not measured"
-    counts = {
-        id(g): _sds_params(
-            g.first["model"],
-            json.dumps((g.first.get("options") or {}).get(SDS_OPTIONS) or {}, sort_keys=True),
-        )
-        for g in sds
-    }
-    within = [
-        g for g in sds if counts[id(g)] and counts[id(g)][1] <= TARGET_SDS_PARAMS * counts[id(g)][0]
-    ]
-    pool = within or sds
+    pool = [g for g in sds if within_bound(g)] or sds
     seeded = [g for g in pool if len(g.records) >= TARGET_SEEDS]
     g = max(seeded or pool, key=lambda g: _mean(g, "top1_hard"))
     diff = _mean(g, "top1_hard") - _mean(base, "top1_hard")
     which = "" if g.key[4] == "-" else f" (`{g.key[4]}`)"
     seeds = min(len(g.records), len(base.records))
-    if counts[id(g)] is None:
+    if counts(g) is None:
         return f"{diff:+.2f}{which}, parameters of the replaced layers unknown"
-    conv, replaced = counts[id(g)]
-    ok = diff >= -TARGET_SDS_LOSS and replaced <= TARGET_SDS_PARAMS * conv
+    conv, replaced = counts(g)
+    ok = diff >= -TARGET_SDS_LOSS and within_bound(g)
     return f"{diff:+.2f} at {replaced / conv:.2f}x the parameters{which}: {_verdict(ok, seeds)}"
 
 
