@@ -257,3 +257,21 @@ def test_sds_target_takes_the_best_configuration_within_the_parameter_bound():
     # with fewer seeds than the target, a configuration is taken only when none has enough
     cell = _target_cells(render_results(rows + default + dense[:2]), model)[10]
     assert cell == "-5.00 at 0.23x the parameters: not met"
+
+
+def test_sds_rows_are_compared_with_the_model_whose_convolutions_they_replace():
+    conv = [record("shuffle", s, v) for s, v in enumerate([80.0, 82.0])]
+    sds = [record("shuffle", s, v, pointwise="sds") for s, v in enumerate([70.0, 72.0])]
+    dense = [
+        record("shuffle", s, v, pointwise="sds", options={"mixer.pointwise_kwargs": {"k": 1}})
+        for s, v in enumerate([75.0, 77.0])
+    ]
+    lines = render_results(conv + sds + dense).splitlines()
+    rows = [line for line in lines if line.startswith("| shufflenet_v2_x1_0 | shuffle | sds |")]
+    assert len(rows) == 2
+    # both SDS rows against the 1x1 convolutions (81.00), not the default SDS row
+    assert "| -10.00 ± 1.41 |" in rows[0] and "| -5.00 ± 1.41 |" in rows[1]
+    # without the standard model of that setting there is nothing to compare with
+    alone = render_results(sds).splitlines()
+    row = next(line for line in alone if line.startswith("| shufflenet_v2_x1_0 | shuffle | sds |"))
+    assert row.split("|")[11].strip() == "-"
