@@ -151,9 +151,9 @@ def _context(key: tuple) -> tuple:
     return key[0], key[1], key[3], key[5], key[6], key[7]
 
 
-def _fixed(g: Group) -> bool:
-    """The fixed shuffle with its default options (any pointwise layer)."""
-    return g.first["mixer"] == "shuffle" and g.key[4] == "-"
+def _standard(g: Group) -> bool:
+    """The standard model: the fixed shuffle with its default options and the 1x1 convolutions."""
+    return g.first["mixer"] == "shuffle" and g.key[4] == "-" and g.key[3] == "conv"
 
 
 def _setting(key: tuple) -> tuple:
@@ -166,7 +166,7 @@ def _baseline(groups: list[Group], g: Group) -> Group | None:
     """The standard model of ``g``'s setting: the fixed shuffle with the 1x1 convolutions (for
     an SDS row, the model whose convolutions it replaces)."""
     for other in groups:
-        if _fixed(other) and other.key[3] == "conv" and _setting(other.key) == _setting(g.key):
+        if _standard(other) and _setting(other.key) == _setting(g.key):
             return other
     return None
 
@@ -331,7 +331,7 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
 
 def _targets(groups: list[Group], dataset: str) -> list[str]:
     """Issue 6's targets, checked against the records of one data set (one row per context)."""
-    bases = [g for g in groups if g.key[0] == dataset and _fixed(g) and g.key[3] == "conv"]
+    bases = [g for g in groups if g.key[0] == dataset and _standard(g)]
     if not bases:
         return []
     lines = [
