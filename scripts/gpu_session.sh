@@ -118,14 +118,13 @@ if [ "$COMPILE_BUDGET" -le 0 ]; then
 elif [ $(($(left) - COMPILE_BUDGET - 60)) -lt "$SWEEP_MIN" ]; then
     log "bench (b) compiled: skipped (it would leave the sweep under SWEEP_MIN=${SWEEP_MIN}s)"
 else
-    log "bench (b) --compile reduce-overhead: variants ${COMPILE_VARIANTS:-fixed dynamic}," \
-        "batches ${COMPILE_BATCHES:-1024}, budget" \
-        "${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
-    # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
     # each variant compiles once per shape: only the target ratio, at COMPILE_BATCHES (session
     # 14: 120 s covered the CIFAR stem at batch 1024 only, so 1024 alone: both stems)
     read -r -a CBATCHES <<<"${COMPILE_BATCHES:-1024}"
     read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic}"
+    log "bench (b) --compile reduce-overhead: variants ${CVARIANTS[*]}, batches ${CBATCHES[*]}," \
+        "budget ${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
+    # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
     timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --batch "${CBATCHES[@]}" \
         --variants "${CVARIANTS[@]}" --compile reduce-overhead --suffix _reduce-overhead \
         --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
