@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused as _fused
 from ._checks import (
     FACTOR_GRADS,
     INITS,
@@ -320,6 +321,16 @@ def _traced() -> bool:
     )
 
 
+def _compiled() -> bool:
+    """Inside ``torch.compile`` for running (not ``torch.export``, ONNX or ``torch.jit``)."""
+    return (
+        torch.compiler.is_compiling()
+        and not getattr(torch.compiler, "is_exporting", bool)()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.jit.is_tracing()
+    )
+
+
 def _channels_last(parts: tuple[Tensor, ...]) -> bool:
     """Channels the innermost dimension of every part."""
     return all(p.stride(1) == 1 for p in parts)
@@ -449,6 +460,14 @@ class DynamicShuffle(nn.Module):
             which says nothing about the image; standardizing removes it and gives each
             channel's variation across images unit scale. ``False`` (the default): the raw
             means.
+        fused: in ``eval()`` on CUDA, apply the hard permutation with one Triton kernel
+            (:mod:`~dyshuffle.layers.fused`: descriptor, generator, softmax, choice and gather of
+            each sample in one program, the parts of a concatenation read where they are) when
+            the layer allows it: shared factors with their joint table, channels_last inputs, no
+            autograd, no ``logit_cap``, ``descriptor_norm`` or ``hard_identity``. ``False``, or
+            the environment variable ``DYSHUFFLE_FUSED=0``: always the PyTorch operators. The
+            permutation is the same but for samples whose two best candidates score within
+            rounding of each other (the kernel computes the generator in float32).
     """
 
     def __init__(
@@ -473,6 +492,7 @@ class DynamicShuffle(nn.Module):
         hard_identity: bool = False,
         logit_cap: float | None = None,
         descriptor_norm: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -498,6 +518,7 @@ class DynamicShuffle(nn.Module):
             )
         self.logit_cap = None if logit_cap is None else float(logit_cap)
         self.descriptor_norm = check_flag(descriptor_norm, "descriptor_norm")
+        self.fused = check_flag(fused, "fused")
         if reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
         self.reduction = reduction
@@ -557,6 +578,12 @@ class DynamicShuffle(nn.Module):
         self.register_buffer("_index_ab_inv", joint_inv, persistent=False)
         #: row of the joint table from separate choices: choice_a * Nb + choice_b
         self.register_buffer("_row_weights", torch.tensor([self._nb, 1]), persistent=False)
+        # ... and the fused kernel's scoring tables (shared factors with tables)
+        fused_tables = (None, None)
+        if tables is not None:
+            fused_tables = _fused.score_table(self._onehot_a, self._onehot_b)
+        self.register_buffer("_fused_score", fused_tables[0], persistent=False)
+        self.register_buffer("_fused_segment", fused_tables[1], persistent=False)
         self._build_logits()
         self.reset_logits()
 
@@ -857,6 +884,8 @@ class DynamicShuffle(nn.Module):
         part is written once to its permuted channels, without the concatenation's copy
         (:func:`mix_concat`). Elsewhere the layer concatenates first.
         """
+        if self._fusable(x, parts):
+            return self._fused_forward((x, *parts))
         inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
         a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
@@ -894,6 +923,44 @@ class DynamicShuffle(nn.Module):
         if grad and x.requires_grad:
             return permute_channels(x, idx)
         return _gather_channels(x, idx)
+
+    def _fusable(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
+        """The hard permutation of this call can be the fused kernel's (``fused``)."""
+        if not self.fused or self.training or self._index_ab is None or self._fused_score is None:
+            return False
+        if not _fused.available(x.device):
+            return False
+        if type(self).logits is not DynamicShuffle.logits:
+            return False  # (a learned static permutation has no generator to fuse)
+        if self.eval_permutation != "hard" or self.hard_identity or self.descriptor_bn is not None:
+            return False
+        if self.logit_cap is not None:
+            return False
+        inputs = (x, *parts)
+        if len(inputs) > 2 or (_traced() and not _compiled()) or not _channels_last(inputs):
+            return False
+        if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
+            return False
+        if x.dtype not in _fused.FUSED_DTYPES or self.channels > _fused.FUSED_MAX_CHANNELS:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in inputs))
+
+    def _fused_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`forward` of :meth:`_fusable` inputs, in one kernel."""
+        self._check_parts(inputs)
+        first, last = self.generator[0], self.generator[-1]
+        return _fused.hard_shuffle(
+            inputs,
+            _fused.float32(first.weight),
+            _fused.float32(first.bias),
+            _fused.float32(last.weight),
+            _fused.float32(last.bias),
+            self._fused_score,
+            self._fused_segment,
+            self._perms_a.shape[0],
+            self._index_ab,
+            self.tau,
+        )
 
     def _scatters(self, inputs: tuple[Tensor, ...], grad: bool) -> bool:
         """Parts kept apart (:meth:`_inputs`) are written to their permuted channels one by one:

@@ -1,0 +1,237 @@
+"""The fused Triton kernel of the hard dynamic shuffle (dyshuffle.layers.fused) against the
+PyTorch path it replaces.
+
+The kernel needs CUDA or Triton's interpreter, which must be switched on before Triton is first
+imported: without a GPU, ``test_under_triton_interpreter`` runs this file again in a fresh
+process with ``TRITON_INTERPRET=1``, where the other tests run the kernel on CPU tensors. On a
+CUDA machine they run directly on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dyshuffle.layers import DynamicShuffle, LearnedShuffle, fused
+from dyshuffle.models import create_model
+
+triton = pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+kernel = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs CUDA or Triton's interpreter (test_under_triton_interpreter runs it)",
+)
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel runs here")
+def test_under_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DYSHUFFLE_FUSED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _layer(channels: int, seed: int, **kwargs) -> DynamicShuffle:
+    """A layer whose generator gives different permutations to different inputs."""
+    torch.manual_seed(seed)
+    layer = DynamicShuffle(channels, init="random", **kwargs)
+    with torch.no_grad():
+        for p in layer.generator.parameters():
+            p.add_(torch.randn_like(p))
+    return layer.eval().to(DEVICE)
+
+
+def _parts(n: int, channels: int, split: int | None, hw=(6, 7), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, *hw, generator=g).to(memory_format=torch.channels_last)
+    x = x.to(DEVICE, dtype)
+    if split is None:
+        return (x,)
+    # the first part a channel slice of a larger tensor, as ShuffleNetV2's split half
+    return x[:, :split], x[:, split:].contiguous(memory_format=torch.channels_last)
+
+
+def _reference(layer: DynamicShuffle, parts) -> torch.Tensor:
+    layer.fused = False
+    try:
+        return layer(*parts)
+    finally:
+        layer.fused = True
+
+
+@kernel
+@pytest.mark.parametrize(
+    "channels,split,kwargs",
+    [
+        (116, 58, {}),  # ShuffleNetV2 1.0x stage 2: 2 x 2 factors, 29 groups
+        (232, 116, {}),  # 2 x 4
+        (464, None, {}),  # 4 x 4, one input
+        (24, 12, {"groups": 2, "factors": (3, 4), "tau": 0.5}),
+        (48, 20, {"cross_shuffle": False, "max_group_size": 8}),
+    ],
+)
+@torch.no_grad()
+def test_kernel_is_the_pytorch_path(channels, split, kwargs):
+    layer = _layer(channels, seed=channels, **kwargs)
+    parts = _parts(9, channels, split, seed=channels)
+    assert layer._fusable(parts[0], parts[1:])
+    chosen = layer.permutation(*parts)
+    assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
+    ref = _reference(layer, parts)
+    out = layer(*parts)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref)
+    # and it is the permutation the layer reports, applied to the concatenation
+    cat = torch.cat(parts, 1)
+    assert torch.equal(out, torch.stack([cat[i, chosen[i]] for i in range(cat.shape[0])]))
+
+
+@kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_inputs_are_pooled_in_float32(dtype):
+    layer = _layer(116, seed=1)
+    parts = _parts(7, 116, 58, dtype=dtype)
+    out = layer(*parts)
+    assert out.dtype == dtype
+    # the same choice as the float32 path on the same values, and the values copied exactly
+    ref = _reference(layer, tuple(p.float() for p in parts))
+    assert torch.equal(out.float(), ref)
+
+
+@kernel
+@torch.no_grad()
+def test_whole_model_evaluates_alike():
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.eval().to(DEVICE, memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    for m in layers:
+        with torch.no_grad():
+            for p in m.generator.parameters():
+                p.add_(torch.randn_like(p))
+    x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
+    out = model(x)
+    for m in layers:
+        m.fused = False
+    ref = model(x)
+    assert torch.equal(out, ref)
+
+
+@kernel
+@torch.no_grad()
+def test_empty_batch():
+    layer = _layer(116, seed=2)
+    out = layer(*_parts(0, 116, 58))
+    assert out.shape == (0, 116, 6, 7)
+
+
+@kernel
+def test_pytorch_path_where_the_kernel_does_not_apply(monkeypatch):
+    layer = _layer(116, seed=3)
+    x = _parts(4, 116, None)[0]
+    with torch.no_grad():
+        assert layer._fusable(x, ())
+        assert not layer._fusable(x.contiguous(), ())  # NCHW
+        first, second = _parts(4, 116, 58)
+        assert layer._fusable(first, (second,))
+        assert not layer._fusable(first, (second[:, :29], second[:, 29:]))  # three parts
+    assert not layer._fusable(x.requires_grad_(), ())  # autograd through the gather
+    with torch.no_grad():
+        x = x.detach()
+        assert not layer.train()._fusable(x, ())
+        layer.eval()
+        for name, value in (("logit_cap", 3.0), ("hard_identity", True), ("fused", False)):
+            monkeypatch.setattr(layer, name, value)
+            assert not layer._fusable(x, ())
+            monkeypatch.undo()
+        assert layer._fusable(x, ())
+        monkeypatch.setattr(fused, "ENABLED", False)  # DYSHUFFLE_FUSED=0
+        assert not layer._fusable(x, ())
+        monkeypatch.undo()
+        learned = LearnedShuffle(116).eval().to(DEVICE)
+        assert not learned._fusable(x, ())  # no generator to fuse
+        per_group = DynamicShuffle(116, shared=False).eval().to(DEVICE)
+        assert not per_group._fusable(x, ())  # no joint table
+
+
+@kernel
+def test_bad_parts_are_refused_with_their_values():
+    layer = _layer(116, seed=4)
+    first, last = layer.generator[0], layer.generator[-1]
+    args = (
+        first.weight, first.bias, last.weight, last.bias,
+        layer._fused_score, layer._fused_segment, layer._perms_a.shape[0], layer._index_ab,
+    )  # fmt: skip
+    nchw = torch.randn(2, 116, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="channels_last"):
+        fused.hard_shuffle((nchw,), *args)
+    x = _parts(2, 116, None)[0]
+    with pytest.raises(ValueError, match="got 3"):
+        fused.hard_shuffle((x, x, x), *args)
+    with pytest.raises(ValueError, match=r"\(2, 58, 3, 3\)"):
+        fused.hard_shuffle((x[:, :58], torch.randn(2, 58, 3, 3, device=DEVICE)), *args)
+
+
+def test_score_table_scores_every_candidate():
+    from dyshuffle.layers.permutation import permutation_table
+
+    perms_a, onehot_a = permutation_table(2)
+    perms_b, onehot_b = permutation_table(3)
+    table, segment = fused.score_table(onehot_a, onehot_b)
+    assert table.shape == (2 + 6, 4 + 9)
+    assert segment.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    # a pair of permutation matrices scores a + b with itself (a and b rows hit), less elsewhere
+    flat = torch.cat([onehot_a[1], onehot_b[4]])
+    scores = table @ flat
+    assert scores[:2].argmax() == 1 and scores[2:].argmax() == 4
+    assert scores[1] == 2 and scores[2 + 4] == 3
+
+
+def _op_args(layer: DynamicShuffle, parts) -> tuple:
+    first, last = layer.generator[0], layer.generator[-1]
+    weights = (first.weight, first.bias, last.weight, last.bias)
+    tables = (layer._fused_score, layer._fused_segment, layer._index_ab)
+    num_a = layer._perms_a.shape[0]
+    weights = tuple(t.detach() for t in weights)
+    return (parts[0], parts[-1], *weights, *tables, num_a, layer.tau, len(parts) == 2)
+
+
+@kernel
+@torch.no_grad()
+def test_custom_op_is_the_kernel():
+    layer = _layer(232, seed=5, tau=2.0)
+    parts = _parts(6, 232, 116, seed=5)
+    out = torch.ops.dyshuffle.hard_shuffle(*_op_args(layer, parts))
+    assert torch.equal(out, _reference(layer, parts))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton needs CUDA")
+@torch.no_grad()
+def test_compiled_layer_keeps_the_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    layer = _layer(116, seed=6)
+    parts = _parts(16, 116, 58, hw=(8, 8), seed=6)
+    torch.library.opcheck(
+        torch.ops.dyshuffle.hard_shuffle.default,
+        _op_args(layer, parts),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    out, code = run_and_get_code(compiled, *parts)
+    assert torch.equal(out, _reference(layer, parts))
+    assert "_hard_shuffle_kernel" in "\n".join(code)
