@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu/whl
 cp -n ../shared/data/cifar10-jpeg.tgz .gpu/ 2>/dev/null || true
 for p in pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
-         packaging tqdm; do
+         packaging tqdm pytest iniconfig pluggy pygments; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/whl "$p"

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issues 5 and 6, everything written to $OUT as it is produced:
+#   0. tests/test_fused.py on the GPU (the fused Triton kernel of the hard dynamic shuffle against
+#      the PyTorch path, eager and under torch.compile), FUSED_TESTS=1 (the default) only; pytest
+#      comes from the wheels gpu_prepare.sh carries when the device has none;
 #   1. the CUDA benchmark of the issue-5 target (ShuffleNetV2 1.0x, bf16, channels_last, both
 #      stems, batch 1024 down to 1) on a quiet GPU: (a) eager, BENCH_BUDGET seconds; (b) the same
 #      with --compile reduce-overhead (CUDA graphs take the launch overhead away from every variant
@@ -43,7 +46,8 @@
 # ("1024"), COMPILE_VARIANTS ("fixed dynamic"), INSPECT_RESERVE (40 s), MACHINE_RECORDS
 # (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed
-# dynamic static_dynamic").
+# dynamic dynamic:fused=false": the dynamic layer with and without its fused kernel), FUSED_TESTS
+# (1; 0: skip step 0).
 #
 # Smoke test on a CPU (tiny sizes, about 4 minutes on 2 cores; COMPILE_BUDGET=0 skips the
 # compiled bench; RECORDS names another file to check which runs are skipped):
@@ -94,13 +98,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/session.log"
 
+# 0. the fused kernel's tests on this GPU (they compare it with the PyTorch path, bit for bit)
+if [ "${FUSED_TESTS:-1}" = 1 ]; then
+    if ! python3 -c "import pytest" 2>/dev/null && compgen -G ".gpu/whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    log "tests/test_fused.py on $DEVICE"
+    timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused.py \
+        >"$OUT/fused-tests.log" 2>&1
+    log "tests/test_fused.py: exit $? ($(tail -n 1 "$OUT/fused-tests.log"))"
+fi
+
 # 1. benchmark: the target configuration only, on a quiet GPU.
 # BENCH_VARIANTS: the variants of the eager bench (the compiled one: COMPILE_VARIANTS); add
 # dynamic:factor_grad=channels for DynamicShuffle(factor_grad='channels').
 # Session 14 measured factor_grad='channels' on the H200 (training within the spread of the
 # default, 1.13x its memory) and its four variants used the whole eager budget on the CIFAR stem:
 # the default is now the three variants of the issue, so the ImageNet stem fits as well.
-BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic static_dynamic}
+# Session 15: the dynamic layer with its fused Triton kernel (layers/fused.py, the default on
+# CUDA) against the same layer without it, in the same run.
+BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic dynamic:fused=false}
 read -r -a VARIANTS <<<"$BENCH_VARIANTS"
 bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16
     --part model --models shufflenet_v2_x1_0 --stems cifar imagenet --batch "${BATCHES[@]}"
