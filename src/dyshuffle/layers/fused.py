@@ -109,7 +109,8 @@ if triton is not None:
         in_c = c < channels
         in0 = c < c0
         in1 = in_c & (c >= c0)
-        c1 = tl.where(in1, c - c0, 0)
+        # (no selects between 1-D vectors here: the Triton of torch 2.11 failed to compile them
+        # for blocks of 32 and 64 channels; masked lanes' offsets are never read)
 
         # 1. the descriptor: mean over the pixels of every channel of the concatenation
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -126,7 +127,7 @@ if triton is not None:
             if TWO_PARTS:
                 off1 = n * s1n + h * s1h + w * s1w
                 v1 = tl.load(
-                    x1_ptr + off1[:, None] + c1[None, :],
+                    x1_ptr + off1[:, None] + (c - c0)[None, :],
                     mask=in_p[:, None] & in1[None, :],
                     other=0.0,
                 )
@@ -170,27 +171,22 @@ if triton is not None:
         src = tl.load(index_ptr + row * channels + c, mask=in_c, other=0)
         from0 = in_c & (src < c0)
         from1 = in_c & (src >= c0)
-        src0 = tl.where(from0, src, 0)
-        src1 = tl.where(from1, src - c0, 0)
         for start in range(0, pixels, BLOCK_P):
             p = start + tl.arange(0, BLOCK_P)
             in_p = p < pixels
             h = p // width
             w = p - h * width
             off0 = n * s0n + h * s0h + w * s0w
-            v = tl.load(
-                x0_ptr + off0[:, None] + src0[None, :],
-                mask=in_p[:, None] & from0[None, :],
-                other=0.0,
-            )
+            take0 = in_p[:, None] & from0[None, :]
+            v = tl.load(x0_ptr + off0[:, None] + src[None, :], mask=take0, other=0.0)
             if TWO_PARTS:
                 off1 = n * s1n + h * s1h + w * s1w
                 v1 = tl.load(
-                    x1_ptr + off1[:, None] + src1[None, :],
+                    x1_ptr + off1[:, None] + (src - c0)[None, :],
                     mask=in_p[:, None] & from1[None, :],
                     other=0.0,
                 )
-                v = tl.where(from0[None, :], v, v1)
+                v = tl.where(take0, v, v1)
             off = n * son + h * soh + w * sow
             tl.store(out_ptr + off[:, None] + c[None, :], v, mask=in_p[:, None] & in_c[None, :])
 
