@@ -924,14 +924,19 @@ class DynamicShuffle(nn.Module):
             return permute_channels(x, idx)
         return _gather_channels(x, idx)
 
+    #: :meth:`logits` is the generator of the pooled input that the fused kernel computes (a
+    #: class flag: on torch 2.11, ``torch.compile`` took the PyTorch path with the previous
+    #: ``type(self).logits is DynamicShuffle.logits`` test, which its Dynamo may not resolve)
+    _fused_generator = True
+
     def _fusable(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
         """The hard permutation of this call can be the fused kernel's (``fused``)."""
         if not self.fused or self.training or self._index_ab is None or self._fused_score is None:
             return False
         if not _fused.available(x.device):
             return False
-        if type(self).logits is not DynamicShuffle.logits:
-            return False  # (a learned static permutation has no generator to fuse)
+        if not self._fused_generator:
+            return False
         if self.eval_permutation != "hard" or self.hard_identity or self.descriptor_bn is not None:
             return False
         if self.logit_cap is not None:
@@ -999,6 +1004,8 @@ class LearnedShuffle(DynamicShuffle):
     binarization, one permutation for every input. Takes the arguments of
     :class:`DynamicShuffle` (``reduction`` and ``min_hidden`` are unused).
     """
+
+    _fused_generator = False  # one learned logit vector, no generator of the input
 
     def _build_logits(self) -> None:
         if self.descriptor_norm:
