@@ -954,16 +954,17 @@ class DynamicShuffle(nn.Module):
         """:meth:`forward` of :meth:`_fusable` inputs, in one kernel."""
         self._check_parts(inputs)
         first, last = self.generator[0], self.generator[-1]
-        return _fused.hard_shuffle(
-            inputs,
+        return _fused.launch(
+            inputs[0],
+            inputs[1] if len(inputs) == 2 else None,
             _fused.float32(first.weight),
             _fused.float32(first.bias),
             _fused.float32(last.weight),
             _fused.float32(last.bias),
             self._fused_score,
             self._fused_segment,
-            self._perms_a.shape[0],
             self._index_ab,
+            self._perms_a.shape[0],
             self.tau,
         )
 

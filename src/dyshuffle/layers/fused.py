@@ -44,7 +44,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: the layers may use the kernel: ``DYSHUFFLE_FUSED=0`` when dyshuffle is imported switches it off
 ENABLED = os.environ.get("DYSHUFFLE_FUSED", "1") != "0"
 
-__all__ = ["ENABLED", "FUSED_DTYPES", "FUSED_MAX_CHANNELS", "available", "hard_shuffle"]
+__all__ = ["ENABLED", "FUSED_DTYPES", "FUSED_MAX_CHANNELS", "available", "hard_shuffle", "launch"]
 
 #: input dtypes the kernel takes (the pooled means and the generator are float32 in every case)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -271,7 +271,29 @@ def hard_shuffle(
         raise ValueError(f"index of shape {tuple(index.shape)} for {channels} channels")
     if channels > FUSED_MAX_CHANNELS:
         raise ValueError(f"{channels} channels: the kernel takes at most {FUSED_MAX_CHANNELS}")
-    args = (x0, x1, w1, b1, w2, b2, table, segment, index, int(num_a), float(tau), len(parts) == 2)
+    return launch(x0, x1, w1, b1, w2, b2, table, segment, index, int(num_a), float(tau))
+
+
+def launch(
+    x0: Tensor,
+    x1: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    table: Tensor,
+    segment: Tensor,
+    index: Tensor,
+    num_a: int,
+    tau: float,
+) -> Tensor:
+    """:func:`hard_shuffle` of inputs already checked (``x1``: the second part, or ``None``).
+
+    The layer calls this after its own checks: in eager mode on a GPU the host time per call,
+    not the kernel, is what a small model pays.
+    """
+    two = x1 is not None
+    args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
     if torch.compiler.is_compiling():  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
     return _run(_hard_shuffle_kernel, *args)
