@@ -168,7 +168,7 @@ def test_pytorch_path_where_the_kernel_does_not_apply(monkeypatch):
 
 
 @kernel
-def test_bad_parts_are_refused_with_their_values():
+def test_public_function_checks_its_parts():
     layer = _layer(116, seed=4)
     first, last = layer.generator[0], layer.generator[-1]
     args = (
@@ -179,6 +179,8 @@ def test_bad_parts_are_refused_with_their_values():
     with pytest.raises(ValueError, match="channels_last"):
         fused.hard_shuffle((nchw,), *args)
     x = _parts(2, 116, None)[0]
+    with torch.no_grad():
+        assert torch.equal(fused.hard_shuffle((x,), *args), _reference(layer, (x,)))
     with pytest.raises(ValueError, match="got 3"):
         fused.hard_shuffle((x, x, x), *args)
     with pytest.raises(ValueError, match=r"\(2, 58, 3, 3\)"):
