@@ -149,6 +149,26 @@ def test_time_round_robin_interleaves_and_repeats():
     assert calls == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 3
 
 
+def test_partial_rows_are_handed_out_after_each_mode():
+    """A run stopped while the training step compiles keeps the inference rows before it."""
+    seen: list[list[tuple[str, str]]] = []
+    cfg = bench.BenchConfig(
+        parts=("layer",), layer_shapes=("16x4",), layer_variants=("fixed", "dynamic"),
+        batches=(2,), warmup=1, repeats=2, min_block_ms=0.0, threads=None, verbose=False,
+    )  # fmt: skip
+    rows = bench.run_benchmark(
+        cfg,
+        "fp32",
+        "channels_last",
+        on_rows=lambda rs: seen.append([(r["mode"], r["variant"]) for r in rs]),
+    )
+    assert seen == [
+        [("infer", "fixed"), ("infer", "dynamic")],
+        [("infer", "fixed"), ("infer", "dynamic"), ("train", "fixed"), ("train", "dynamic")],
+    ]
+    assert len(rows) == 4 and all(r["params"] is not None for r in rows)
+
+
 def test_add_ratios_edge_cases():
     rows = [
         dict(part="model", target="t", batch=1, mode="infer", variant="fixed", latency_ms=2.0,

@@ -602,8 +602,11 @@ def _measure_group(
     device: torch.device,
     base: dict[str, Any],
     budget: _Budget | None = None,
+    on_mode: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for every variant and mode of one (part, target, batch)."""
+    """Rows for every variant and mode of one (part, target, batch); ``on_mode`` is called with
+    the rows of each mode as soon as it is measured (so a run stopped during the next mode, a
+    compilation for instance, keeps them)."""
     rows = []
     batch = base["batch"]
     for mode in modes:
@@ -658,6 +661,8 @@ def _measure_group(
                     torch.cuda.empty_cache()
             rows.append(row)
         _log(cfg, "  " + _format_progress(rows[-len(cases) :]))
+        if on_mode is not None:
+            on_mode(rows[-len(cases) :])
     return rows
 
 
@@ -679,7 +684,8 @@ def run_benchmark(
         cfg: the configuration.
         precision: ``"fp32"`` or ``"bf16"``.
         layout: ``"channels_last"`` or ``"contiguous"``.
-        on_rows: called with all rows so far after each measured group (to save partial results).
+        on_rows: called with all rows so far after each measured mode of each group (to save
+            partial results).
 
     Returns:
         rows (dicts over :data:`COLUMNS`) with the ratios to the fixed shuffle filled in.
@@ -725,10 +731,13 @@ def run_benchmark(
             for v, m in modules.items()
         }
         base = dict(common, part=part, target=target, input="x".join(map(str, shape)), batch=batch)
-        new = _measure_group(cases, cfg.modes, cfg, device, base, budget)
-        for r in new:
-            r["params"], r["macs"] = counts[r["variant"]]
-        done(new)
+
+        def save(new: list[dict[str, Any]]) -> None:
+            for r in new:
+                r["params"], r["macs"] = counts[r["variant"]]
+            done(new)
+
+        _measure_group(cases, cfg.modes, cfg, device, base, budget, on_mode=save)
 
     def run_layers() -> None:
         for shape in cfg.layer_shapes:
