@@ -43,7 +43,8 @@
 # runs recorded there are skipped), RUNS_ROOT (/tmp/sweep-runs: run folders, a run folder left
 # with last.pt is resumed), BENCH_DEVICE (cuda), BENCH_BATCHES ("1024 256 32 1"), BENCH_BUDGET
 # (100 s; 0: none), COMPILE_BUDGET (120 s; 0: none; killed 60 s after it), COMPILE_BATCHES
-# ("1024"), COMPILE_VARIANTS ("fixed dynamic"), INSPECT_RESERVE (40 s), MACHINE_RECORDS
+# ("1024"), COMPILE_VARIANTS ("fixed dynamic dynamic:fused=false"), COMPILE_MODES ("infer": the
+# fused kernel is an inference path; session 14 has the compiled training step), INSPECT_RESERVE (40 s), MACHINE_RECORDS
 # (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed
 # dynamic dynamic:fused=false": the dynamic layer with and without its fused kernel), FUSED_TESTS
@@ -140,12 +141,17 @@ else
     # each variant compiles once per shape: only the target ratio, at COMPILE_BATCHES (session
     # 14: 120 s covered the CIFAR stem at batch 1024 only, so 1024 alone: both stems)
     read -r -a CBATCHES <<<"${COMPILE_BATCHES:-1024}"
-    read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic}"
-    log "bench (b) --compile reduce-overhead: variants ${CVARIANTS[*]}, batches ${CBATCHES[*]}," \
+    # session 15: compiled, the layer took the PyTorch path on the H200 (torch 2.11); the fused
+    # kernel against the layer without it, inference only, says whether it does now
+    read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic dynamic:fused=false}"
+    read -r -a CMODES <<<"${COMPILE_MODES:-infer}"
+    log "bench (b) --compile reduce-overhead: variants ${CVARIANTS[*]}, modes ${CMODES[*]}," \
+        "batches ${CBATCHES[*]}," \
         "budget ${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
     # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
     timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --batch "${CBATCHES[@]}" \
-        --variants "${CVARIANTS[@]}" --compile reduce-overhead --suffix _reduce-overhead \
+        --variants "${CVARIANTS[@]}" --modes "${CMODES[@]}" --compile reduce-overhead \
+        --suffix _reduce-overhead \
         --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
         || log "bench (b) failed or was stopped (see bench-compiled.log)"
 fi
