@@ -255,7 +255,7 @@ def hard_shuffle(
     if not 1 <= len(parts) <= 2:
         raise ValueError(f"the fused kernel takes one or two parts, got {len(parts)}")
     x0 = parts[0]
-    x1 = parts[-1]
+    x1 = parts[1] if len(parts) == 2 else None
     n, c0, h, w = x0.shape
     channels = sum(p.shape[1] for p in parts)
     for p in parts:
@@ -299,22 +299,10 @@ def launch(
     return _run(_hard_shuffle_kernel, *args)
 
 
-def _run(
-    kernel,
-    x0: Tensor,
-    x1: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    table: Tensor,
-    segment: Tensor,
-    index: Tensor,
-    num_a: int,
-    tau: float,
-    two_parts: bool,
-) -> Tensor:
-    """Launch ``kernel`` (the Triton function, or its ``wrap_triton`` in the custom op)."""
+def _run(kernel, *args) -> Tensor:
+    """Launch ``kernel`` (the Triton function, or its ``wrap_triton`` in the custom op) on the
+    arguments of the operator ``dyshuffle::hard_shuffle`` (:func:`_hard_shuffle_op`)."""
+    x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts = args
     n, c0, h, w = x0.shape
     channels = index.shape[1]
     out = torch.empty(
