@@ -243,3 +243,15 @@ def test_compiled_layer_keeps_the_kernel():
         if "hard_shuffle" in line or ".run(" in line or "extern_kernels" in line
     ]
     assert "_hard_shuffle_kernel" in text, "the compiled code calls:\n" + "\n".join(calls[:40])
+
+
+@kernel
+def test_exported_graphs_keep_pytorch_operators():
+    """torch.export (and ONNX, torch.jit) get the PyTorch path: other runtimes lack the kernel."""
+    layer = _layer(116, seed=7)
+    parts = _parts(3, 116, 58, seed=7)
+    program = torch.export.export(layer, parts)
+    text = str(program.graph)
+    assert "hard_shuffle" not in text and "gather" in text
+    with torch.no_grad():
+        assert torch.equal(program.module()(*parts), layer(*parts))

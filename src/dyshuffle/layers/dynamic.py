@@ -310,25 +310,20 @@ class _KroneckerSTE(torch.autograd.Function):
         return gx, ga, gb, None, None, None, None, None, None, None
 
 
-def _traced() -> bool:
-    """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
+def _exporting() -> bool:
+    """Inside ``torch.jit`` tracing or scripting, ``torch.export`` or ONNX (a graph that other
+    runtimes run: PyTorch operators only)."""
     return (
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
         or getattr(torch.compiler, "is_exporting", bool)()
         or torch.onnx.is_in_onnx_export()
     )
 
 
-def _compiled() -> bool:
-    """Inside ``torch.compile`` for running (not ``torch.export``, ONNX or ``torch.jit``)."""
-    return (
-        torch.compiler.is_compiling()
-        and not getattr(torch.compiler, "is_exporting", bool)()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.jit.is_tracing()
-    )
+def _traced() -> bool:
+    """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
+    return torch.compiler.is_compiling() or _exporting()
 
 
 def _channels_last(parts: tuple[Tensor, ...]) -> bool:
@@ -942,7 +937,7 @@ class DynamicShuffle(nn.Module):
         if self.logit_cap is not None:
             return False
         inputs = (x, *parts)
-        if len(inputs) > 2 or (_traced() and not _compiled()) or not _channels_last(inputs):
+        if len(inputs) > 2 or _exporting() or not _channels_last(inputs):
             return False
         if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
             return False
