@@ -10,9 +10,10 @@ dispatch from Python, which is where the dynamic model lost against the fixed sh
 
 :func:`hard_shuffle` does all of it in one kernel, one program per sample: it reads the sample's
 parts once to pool them, evaluates the generator, the softmax and the choice in registers, and
-reads them again to write the permuted channels (the second read of a sample mostly comes from
-the L2 cache). The parts of a channel concatenation (``mix_concat``) are read where they are, so
-the concatenation's copy goes as well.
+reads them again to write the permuted channels (a sample is a few hundred kilobytes at most
+in ShuffleNetV2, so the second read can come from the L2 cache; not measured). The parts of a
+channel concatenation (``mix_concat``) are read where they are, so the concatenation's copy goes
+as well. What it saved on an H200 is in docs/BENCHMARKS.md (session 15).
 
 Numbers: the pooled means, the generator and the softmax are computed in float32 whatever the
 input's dtype (under autocast the PyTorch path computes the generator in bfloat16), so a sample
