@@ -602,11 +602,12 @@ def _measure_group(
     device: torch.device,
     base: dict[str, Any],
     budget: _Budget | None = None,
-    on_mode: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Rows for every variant and mode of one (part, target, batch); ``on_mode`` is called with
-    the rows of each mode as soon as it is measured (so a run stopped during the next mode, a
-    compilation for instance, keeps them)."""
+    *,
+    on_mode: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Measure every variant and mode of one (part, target, batch); ``on_mode`` gets the rows of
+    each mode as soon as it is measured (so a run stopped during the next mode, a compilation
+    for instance, keeps them)."""
     rows = []
     batch = base["batch"]
     for mode in modes:
@@ -661,9 +662,7 @@ def _measure_group(
                     torch.cuda.empty_cache()
             rows.append(row)
         _log(cfg, "  " + _format_progress(rows[-len(cases) :]))
-        if on_mode is not None:
-            on_mode(rows[-len(cases) :])
-    return rows
+        on_mode(rows[-len(cases) :])
 
 
 def _format_progress(rows: list[dict[str, Any]]) -> str:
