@@ -926,7 +926,7 @@ class DynamicShuffle(nn.Module):
 
     def _fusable(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
         """The hard permutation of this call can be the fused kernel's (``fused``)."""
-        if not self.fused or self.training or self._index_ab is None or self._fused_score is None:
+        if not self.fused or self.training or self._index_ab is None:  # (then _fused_score too)
             return False
         if not _fused.available(x.device):
             return False
