@@ -45,8 +45,8 @@
 # with last.pt is resumed), BENCH_DEVICE (cuda), BENCH_BATCHES ("1024 256 32 1"), BENCH_BUDGET
 # (100 s; 0: none), COMPILE_BUDGET (120 s; 0: none; killed 60 s after it), COMPILE_BATCHES
 # ("1024"), COMPILE_VARIANTS ("fixed dynamic dynamic:fused=false"), COMPILE_MODES ("infer": the
-# fused kernel is an inference path; session 14 has the compiled training step), INSPECT_RESERVE (40 s), MACHINE_RECORDS
-# (/tmp/dyshuffle-session-records.jsonl),
+# fused kernel is an inference path; session 14 has the compiled training step), INSPECT_RESERVE
+# (40 s), MACHINE_RECORDS (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed
 # dynamic dynamic:fused=false": the dynamic layer with and without its fused kernel), FUSED_TESTS
 # (1; 0: skip step 0).
@@ -114,13 +114,11 @@ if [ "${FUSED_TESTS:-1}" = 1 ]; then
 fi
 
 # 1. benchmark: the target configuration only, on a quiet GPU.
-# BENCH_VARIANTS: the variants of the eager bench (the compiled one: COMPILE_VARIANTS); add
-# dynamic:factor_grad=channels for DynamicShuffle(factor_grad='channels').
-# Session 14 measured factor_grad='channels' on the H200 (training within the spread of the
-# default, 1.13x its memory) and its four variants used the whole eager budget on the CIFAR stem:
-# the default is now the three variants of the issue, so the ImageNet stem fits as well.
-# Session 15: the dynamic layer with its fused Triton kernel (layers/fused.py, the default on
-# CUDA) against the same layer without it, in the same run.
+# BENCH_VARIANTS: the variants of the eager bench (the compiled one: COMPILE_VARIANTS). The
+# default: the dynamic layer with its fused Triton kernel (layers/fused.py, the default on CUDA)
+# and without it, in the same run; three variants, so the ImageNet stem fits the budget. Add
+# static_dynamic for SDS, dynamic:factor_grad=channels for DynamicShuffle(factor_grad='channels')
+# (session 14 on the H200: training within the spread of the default, 1.13x its memory).
 BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic dynamic:fused=false}
 read -r -a VARIANTS <<<"$BENCH_VARIANTS"
 bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16
