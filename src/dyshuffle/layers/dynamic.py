@@ -455,12 +455,14 @@ class DynamicShuffle(nn.Module):
             which says nothing about the image; standardizing removes it and gives each
             channel's variation across images unit scale. ``False`` (the default): the raw
             means.
-        fused: in ``eval()`` on CUDA, apply the hard permutation with one Triton kernel
-            (:mod:`~dyshuffle.layers.fused`: descriptor, generator, softmax, choice and gather of
-            each sample in one program, the parts of a concatenation read where they are) when
-            the layer allows it: shared factors with their joint table, channels_last inputs, no
-            autograd, no ``logit_cap``, ``descriptor_norm`` or ``hard_identity``. ``False``, or
-            the environment variable ``DYSHUFFLE_FUSED=0``: always the PyTorch operators. The
+        fused: in ``eval()``, apply the hard permutation in one kernel: a Triton kernel on
+            CUDA (:mod:`~dyshuffle.layers.fused`: descriptor, generator, softmax, choice and
+            gather of each sample in one program, the parts of a concatenation read where they
+            are), the same algorithm in C on the CPU (:mod:`~dyshuffle.layers.fused_cpu`, eager
+            mode only, where a C compiler is at hand), when the layer allows it: shared factors
+            with their joint table, channels_last inputs, no autograd, no ``logit_cap``,
+            ``descriptor_norm`` or ``hard_identity``. ``False``, or the environment variable
+            ``DYSHUFFLE_FUSED=0``: always the PyTorch operators. The
             permutation is the same but for samples whose two best candidates score within
             rounding of each other (the kernel computes the generator in float32).
     """
@@ -877,7 +879,8 @@ class DynamicShuffle(nn.Module):
         (``PARTS_DEVICES``) the parts stay apart: the descriptor is pooled part by part (the same
         means, added in another order) and, for hard permutations of channels_last parts, each
         part is written once to its permuted channels, without the concatenation's copy
-        (:func:`mix_concat`). Elsewhere the layer concatenates first.
+        (:func:`mix_concat`). Elsewhere the layer concatenates first. Where the fused kernel
+        applies (``fused``, :meth:`_fusable`), it does all of that in one call.
         """
         if self._fusable(x, parts):
             return self._fused_forward((x, *parts))
@@ -930,6 +933,8 @@ class DynamicShuffle(nn.Module):
             return False
         if not _fused.available(x.device):
             return False
+        if torch.compiler.is_compiling() and not _fused.compilable(x.device):
+            return False
         if not self._fused_generator:
             return False
         if self.eval_permutation != "hard" or self.hard_identity or self.descriptor_bn is not None:
@@ -956,7 +961,7 @@ class DynamicShuffle(nn.Module):
             _fused.float32(first.bias),
             _fused.float32(last.weight),
             _fused.float32(last.bias),
-            self._fused_score,
+            _fused.float32(self._fused_score),  # (a float buffer: ``.half()`` converts it)
             self._fused_segment,
             self._index_ab,
             self._perms_a.shape[0],

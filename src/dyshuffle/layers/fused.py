@@ -22,7 +22,8 @@ permuted values themselves are copied, never rounded. Everywhere else the output
 path's, bit for bit (tests/test_fused.py).
 
 The kernel runs on CUDA; the tests also run it on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``).
+(``TRITON_INTERPRET=1``). On the CPU the layers call the same algorithm in C instead
+(:mod:`~dyshuffle.layers.fused_cpu`), through :func:`launch` and :func:`hard_shuffle` alike.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from . import fused_cpu as _cpu
 
 try:  # Triton ships with PyTorch's CUDA wheels on Linux; elsewhere the layer keeps PyTorch
     import triton
@@ -45,7 +48,15 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: the layers may use the kernel: ``DYSHUFFLE_FUSED=0`` when dyshuffle is imported switches it off
 ENABLED = os.environ.get("DYSHUFFLE_FUSED", "1") != "0"
 
-__all__ = ["ENABLED", "FUSED_DTYPES", "FUSED_MAX_CHANNELS", "available", "hard_shuffle", "launch"]
+__all__ = [
+    "ENABLED",
+    "FUSED_DTYPES",
+    "FUSED_MAX_CHANNELS",
+    "available",
+    "compilable",
+    "hard_shuffle",
+    "launch",
+]
 
 #: input dtypes the kernel takes (the pooled means and the generator are float32 in every case)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,12 +69,25 @@ _TILE = 4096
 
 
 def available(device: torch.device) -> bool:
-    """The kernel can run on ``device``: Triton is installed, :data:`ENABLED`, and the device is
-    CUDA, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton was
-    imported: how the tests run the kernel without a GPU)."""
-    if triton is None or not ENABLED:
+    """The kernel can run on ``device`` (and :data:`ENABLED`): on CUDA, the Triton kernel (Triton
+    installed); on the CPU, the C kernel of :mod:`~dyshuffle.layers.fused_cpu` (a C compiler
+    at hand; built on the first call), or the Triton kernel under Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before Triton was imported: how the tests run it without a
+    GPU)."""
+    if not ENABLED:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _INTERPRETED)
+    if device.type == "cuda":
+        return triton is not None
+    if device.type == "cpu":
+        return triton is not None if _INTERPRETED else _cpu.available()
+    return False
+
+
+def compilable(device: torch.device) -> bool:
+    """``torch.compile`` can keep the kernel on ``device`` (through the custom operator
+    ``dyshuffle::hard_shuffle``): the Triton kernel, not the CPU one, which is called through
+    :mod:`ctypes` in eager mode only."""
+    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 if triton is not None:
@@ -251,8 +275,6 @@ def hard_shuffle(
     Returns:
         ``(N, C, H, W)`` channels_last, the dtype of ``parts``.
     """
-    if triton is None:
-        raise RuntimeError("the fused dynamic shuffle needs Triton, which is not installed")
     if not 1 <= len(parts) <= 2:
         raise ValueError(f"the fused kernel takes one or two parts, got {len(parts)}")
     x0 = parts[0]
@@ -272,6 +294,8 @@ def hard_shuffle(
         raise ValueError(f"index of shape {tuple(index.shape)} for {channels} channels")
     if channels > FUSED_MAX_CHANNELS:
         raise ValueError(f"{channels} channels: the kernel takes at most {FUSED_MAX_CHANNELS}")
+    if not available(x0.device):
+        raise RuntimeError(f"the fused dynamic shuffle is not available on {x0.device}")
     return launch(x0, x1, w1, b1, w2, b2, table, segment, index, int(num_a), float(tau))
 
 
@@ -293,6 +317,8 @@ def launch(
     The layer calls this after its own checks: in eager mode on a GPU the host time per call,
     not the kernel, is what a small model pays.
     """
+    if x0.device.type == "cpu" and not _INTERPRETED:
+        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     two = x1 is not None
     args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
     if torch.compiler.is_compiling():  # a custom op that torch.compile (and CUDA graphs) keeps
