@@ -18,6 +18,7 @@ import torch
 
 from dyshuffle.layers import DynamicShuffle, LearnedShuffle, fused
 from dyshuffle.models import create_model
+from fused_cases import SHAPES, make_layer, make_parts, op_args, reference
 
 triton = pytest.importorskip("triton")
 
@@ -44,44 +45,15 @@ def test_under_triton_interpreter():
 
 
 def _layer(channels: int, seed: int, **kwargs) -> DynamicShuffle:
-    """A layer whose generator gives different permutations to different inputs."""
-    torch.manual_seed(seed)
-    layer = DynamicShuffle(channels, init="random", **kwargs)
-    with torch.no_grad():
-        for p in layer.generator.parameters():
-            p.add_(torch.randn_like(p))
-    return layer.eval().to(DEVICE)
+    return make_layer(channels, seed, DEVICE, **kwargs)
 
 
-def _parts(n: int, channels: int, split: int | None, hw=(6, 7), seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, channels, *hw, generator=g).to(memory_format=torch.channels_last)
-    x = x.to(DEVICE, dtype)
-    if split is None:
-        return (x,)
-    # the first part a channel slice of a larger tensor, as ShuffleNetV2's split half
-    return x[:, :split], x[:, split:].contiguous(memory_format=torch.channels_last)
-
-
-def _reference(layer: DynamicShuffle, parts) -> torch.Tensor:
-    layer.fused = False
-    try:
-        return layer(*parts)
-    finally:
-        layer.fused = True
+def _parts(n: int, channels: int, split: int | None, **kwargs):
+    return make_parts(n, channels, split, device=DEVICE, **kwargs)
 
 
 @kernel
-@pytest.mark.parametrize(
-    "channels,split,kwargs",
-    [
-        (116, 58, {}),  # ShuffleNetV2 1.0x stage 2: 2 x 2 factors, 29 groups
-        (232, 116, {}),  # 2 x 4
-        (464, None, {}),  # 4 x 4, one input
-        (24, 12, {"groups": 2, "factors": (3, 4), "tau": 0.5}),
-        (48, 20, {"cross_shuffle": False, "max_group_size": 8}),
-    ],
-)
+@pytest.mark.parametrize("channels,split,kwargs", SHAPES)
 @torch.no_grad()
 def test_kernel_is_the_pytorch_path(channels, split, kwargs):
     layer = _layer(channels, seed=channels, **kwargs)
@@ -89,7 +61,7 @@ def test_kernel_is_the_pytorch_path(channels, split, kwargs):
     assert layer._fusable(parts[0], parts[1:])
     chosen = layer.permutation(*parts)
     assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
-    ref = _reference(layer, parts)
+    ref = reference(layer, parts)
     out = layer(*parts)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, ref)
@@ -107,7 +79,7 @@ def test_half_inputs_are_pooled_in_float32(dtype):
     out = layer(*parts)
     assert out.dtype == dtype
     # the same choice as the float32 path on the same values, and the values copied exactly
-    ref = _reference(layer, tuple(p.float() for p in parts))
+    ref = reference(layer, tuple(p.float() for p in parts))
     assert torch.equal(out.float(), ref)
 
 
@@ -180,7 +152,7 @@ def test_public_function_checks_its_parts():
         fused.hard_shuffle((nchw,), *args)
     x = _parts(2, 116, None)[0]
     with torch.no_grad():
-        assert torch.equal(fused.hard_shuffle((x,), *args), _reference(layer, (x,)))
+        assert torch.equal(fused.hard_shuffle((x,), *args), reference(layer, (x,)))
     with pytest.raises(ValueError, match="got 3"):
         fused.hard_shuffle((x, x, x), *args)
     with pytest.raises(ValueError, match=r"\(2, 58, 3, 3\)"):
@@ -202,22 +174,13 @@ def test_score_table_scores_every_candidate():
     assert scores[1] == 2 and scores[2 + 4] == 3
 
 
-def _op_args(layer: DynamicShuffle, parts) -> tuple:
-    first, last = layer.generator[0], layer.generator[-1]
-    weights = (first.weight, first.bias, last.weight, last.bias)
-    tables = (layer._fused_score, layer._fused_segment, layer._index_ab)
-    num_a = layer._perms_a.shape[0]
-    weights = tuple(t.detach() for t in weights)
-    return (parts[0], parts[-1], *weights, *tables, num_a, layer.tau, len(parts) == 2)
-
-
 @kernel
 @torch.no_grad()
 def test_custom_op_is_the_kernel():
     layer = _layer(232, seed=5, tau=2.0)
     parts = _parts(6, 232, 116, seed=5)
-    out = torch.ops.dyshuffle.hard_shuffle(*_op_args(layer, parts))
-    assert torch.equal(out, _reference(layer, parts))
+    out = torch.ops.dyshuffle.hard_shuffle(*op_args(layer, parts))
+    assert torch.equal(out, reference(layer, parts))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton needs CUDA")
@@ -229,13 +192,13 @@ def test_compiled_layer_keeps_the_kernel():
     parts = _parts(16, 116, 58, hw=(8, 8), seed=6)
     torch.library.opcheck(
         torch.ops.dyshuffle.hard_shuffle.default,
-        _op_args(layer, parts),
+        op_args(layer, parts),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     out, code = run_and_get_code(compiled, *parts)
-    assert torch.equal(out, _reference(layer, parts))
+    assert torch.equal(out, reference(layer, parts))
     text = "\n".join(code)
     calls = [
         line.strip()

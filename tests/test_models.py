@@ -217,7 +217,9 @@ def test_mixer_stages_choose_the_units_that_get_the_mixer(name):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_shufflenet_v2_dynamic_inference_scatters_the_halves_exactly(layout, monkeypatch):
     """In eager inference each dynamic layer writes the unit's halves straight to their permuted
-    channels (no concatenation); the logits equal the concatenate-then-gather path's exactly."""
+    channels (no concatenation); the logits equal the concatenate-then-gather path's exactly.
+    With ``fused`` (the default) the fused kernel does that where it can (channels_last), with
+    the same logits."""
     import dyshuffle.layers.dynamic as dynamic_module
 
     torch.manual_seed(0)
@@ -234,11 +236,15 @@ def test_shufflenet_v2_dynamic_inference_scatters_the_halves_exactly(layout, mon
         dynamic_module, "_scatter_channels", lambda p, inv: calls.append(len(p)) or real(p, inv)
     )
     with torch.no_grad():
+        fused = model(x)
+        for m in layers:
+            m.fused = False
         fast = model(x)
     with torch.enable_grad():  # autograd: the concatenation and one gather per layer
         ref = model(x.clone().requires_grad_(True))
     assert calls == ([2] * len(layers) if layout == torch.channels_last else [])
     assert torch.equal(fast, ref.detach())
+    assert torch.equal(fused, ref.detach())
     varied = [
         len({tuple(r) for r in m.permutation(*[torch.randn(6, m.channels, 4, 4)]).tolist()})
         for m in layers

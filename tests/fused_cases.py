@@ -1,0 +1,58 @@
+"""Layers and inputs on which the fused kernels (tests/test_fused.py: Triton, and
+tests/test_fused_cpu.py: C) are compared with the PyTorch path."""
+
+from __future__ import annotations
+
+import torch
+
+from dyshuffle.layers import DynamicShuffle
+
+#: (channels, split of the two parts or None for one input, layer options)
+SHAPES = [
+    (116, 58, {}),  # ShuffleNetV2 1.0x stage 2: 2 x 2 factors, 29 groups
+    (232, 116, {}),  # 2 x 4
+    (464, None, {}),  # 4 x 4, one input
+    (24, 12, {"groups": 2, "factors": (3, 4), "tau": 0.5}),
+    (48, 20, {"cross_shuffle": False, "max_group_size": 8}),
+]
+
+
+def make_layer(channels: int, seed: int, device="cpu", **kwargs) -> DynamicShuffle:
+    """A layer whose generator gives different permutations to different inputs."""
+    torch.manual_seed(seed)
+    layer = DynamicShuffle(channels, init="random", **kwargs)
+    with torch.no_grad():
+        for p in layer.generator.parameters():
+            p.add_(torch.randn_like(p))
+    return layer.eval().to(device)
+
+
+def make_parts(
+    n: int, channels: int, split: int | None, hw=(6, 7), seed=0, dtype=torch.float32, device="cpu"
+) -> tuple[torch.Tensor, ...]:
+    """One channels_last input, or two parts of it (``split`` channels first)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, *hw, generator=g).to(memory_format=torch.channels_last)
+    x = x.to(device, dtype)
+    if split is None:
+        return (x,)
+    # the first part a channel slice of a larger tensor, as ShuffleNetV2's split half
+    return x[:, :split], x[:, split:].contiguous(memory_format=torch.channels_last)
+
+
+def reference(layer: DynamicShuffle, parts) -> torch.Tensor:
+    """The layer's output on its PyTorch operators."""
+    layer.fused = False
+    try:
+        return layer(*parts)
+    finally:
+        layer.fused = True
+
+
+def op_args(layer: DynamicShuffle, parts) -> tuple:
+    """The arguments of ``torch.ops.dyshuffle.hard_shuffle`` for ``layer`` on ``parts``."""
+    first, last = layer.generator[0], layer.generator[-1]
+    weights = tuple(t.detach() for t in (first.weight, first.bias, last.weight, last.bias))
+    tables = (layer._fused_score, layer._fused_segment, layer._index_ab)
+    num_a = layer._perms_a.shape[0]
+    return (parts[0], parts[-1], *weights, *tables, num_a, layer.tau, len(parts) == 2)
