@@ -13,7 +13,10 @@ optimizer step uses the multi-tensor (``foreach``) implementation, PyTorch's def
 tensors (on the CPU its default is one set of operators per parameter, which a GPU does not pay).
 Likewise the dynamic layers run their accelerator path: in CPU inference they keep the halves of
 ShuffleNetV2's concatenation apart (``dyshuffle.layers.dynamic.PARTS_DEVICES``), which a GPU does
-not; ``--cpu-path`` counts that path instead.
+not; ``--cpu-path`` counts that path instead. The fused kernels of the layers' inference
+(``DynamicShuffle(fused=True)``: Triton on a GPU, C on the CPU) are not ATen operators; the
+count is of the PyTorch operators they replace, each layer's inference with the kernel being one
+launch instead.
 """
 
 from __future__ import annotations
@@ -53,7 +56,19 @@ def _top_level(prof) -> list[str]:
 
 
 def count_ops(model: torch.nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int]:
-    """``(top-level, compute)`` operators of one inference call or one training step."""
+    """``(top-level, compute)`` operators of one inference call or one training step, with the
+    dynamic layers on their PyTorch operators (``fused`` off while counting)."""
+    fused = [(m, m.fused) for m in model.modules() if isinstance(m, DynamicShuffle)]
+    for m, _ in fused:
+        m.fused = False
+    try:
+        return _count(model, x, train)
+    finally:
+        for m, value in fused:
+            m.fused = value
+
+
+def _count(model: torch.nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int]:
     target = torch.zeros(x.shape[0], dtype=torch.long)
     # foreach: CUDA's default (multi-tensor kernels), so that the count is what a GPU dispatches
     opt = torch.optim.SGD(
