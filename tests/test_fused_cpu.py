@@ -142,20 +142,67 @@ def test_empty_batch_and_public_function():
         fused.hard_shuffle((x.contiguous(),), *args)
 
 
-def test_pytorch_path_under_compile_and_export(monkeypatch):
-    """The C kernel is called through ctypes, which graphs cannot hold: torch.compile and
-    torch.export get the PyTorch operators."""
+def test_export_keeps_the_pytorch_operators():
+    """torch.export (and ONNX, TorchScript) get a graph that other runtimes run: the PyTorch
+    operators, not the C kernel."""
     layer = make_layer(116, seed=7)
     parts = make_parts(3, 116, 58, seed=7)
-    with torch.no_grad():
-        assert layer._fusable(parts[0], parts[1:])
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert not layer._fusable(parts[0], parts[1:])
-        monkeypatch.undo()
     program = torch.export.export(layer, parts)
-    assert "gather" in str(program.graph)
+    assert "gather" in str(program.graph) and "hard_shuffle" not in str(program.graph)
     with torch.no_grad():
         assert torch.equal(program.module()(*parts), layer(*parts))
+
+
+@torch.no_grad()
+def test_compiled_layer_keeps_the_kernel():
+    """torch.compile (inductor, one graph) keeps the kernel as the custom operator
+    ``dyshuffle::hard_shuffle_cpu``, the layer's only work in the generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer = make_layer(232, seed=9)
+    parts = make_parts(5, 232, 116, hw=(4, 4), seed=9)
+    torch.library.opcheck(
+        torch.ops.dyshuffle.hard_shuffle_cpu.default,
+        op_args(layer, parts),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(layer, fullgraph=True), *parts)
+    text = "\n".join(code)
+    assert "torch.ops.dyshuffle.hard_shuffle_cpu.default(" in text
+    assert "argmax" not in text and "gather" not in text
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, reference(layer, parts))
+
+
+@torch.no_grad()
+def test_compiled_model_calls_the_kernel_in_every_layer(monkeypatch):
+    torch.manual_seed(3)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.eval().to(memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    x = torch.randn(3, 3, 32, 32).to(memory_format=torch.channels_last)
+    expected = model(x)
+    calls = []
+    real = fused_cpu.launch
+    monkeypatch.setattr(fused_cpu, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    assert len(calls) == len(layers) > 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_part_laid_out_otherwise_is_made_channels_last():
+    """The operator's guard for graphs that lay a part out as NCHW: the same values."""
+    layer = make_layer(116, seed=10)
+    parts = make_parts(4, 116, 58, seed=10)
+    args = list(op_args(layer, parts))
+    args[1] = args[1].contiguous()  # NCHW: channel stride H * W
+    assert args[1].stride(1) != 1
+    with torch.no_grad():
+        out = torch.ops.dyshuffle.hard_shuffle_cpu(*args)
+        assert torch.equal(out, reference(layer, parts))
 
 
 def test_without_a_compiler_the_layer_keeps_pytorch(monkeypatch, tmp_path):

@@ -84,9 +84,11 @@ def available(device: torch.device) -> bool:
 
 
 def compilable(device: torch.device) -> bool:
-    """``torch.compile`` can keep the kernel on ``device`` (through the custom operator
-    ``dyshuffle::hard_shuffle``): the Triton kernel, not the CPU one, which is called through
-    :mod:`ctypes` in eager mode only."""
+    """``torch.compile`` can keep the kernel on ``device``: the Triton kernel through the custom
+    operator ``dyshuffle::hard_shuffle``, the C kernel through ``dyshuffle::hard_shuffle_cpu``
+    (whenever :func:`available`)."""
+    if device.type == "cpu" and not _INTERPRETED:
+        return True
     return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
@@ -317,10 +319,12 @@ def launch(
     The layer calls this after its own checks: in eager mode on a GPU the host time per call,
     not the kernel, is what a small model pays.
     """
-    if x0.device.type == "cpu" and not _INTERPRETED:
-        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     two = x1 is not None
     args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
+    if x0.device.type == "cpu" and not _INTERPRETED:
+        if torch.compiler.is_compiling():
+            return torch.ops.dyshuffle.hard_shuffle_cpu(*args)
+        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     if torch.compiler.is_compiling():  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
     return _run(_hard_shuffle_kernel, *args)

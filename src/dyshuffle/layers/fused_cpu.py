@@ -138,8 +138,10 @@ def _load() -> ctypes.CDLL | None:
     return _library
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """The compiled CPU kernel can run here (it is built on the first call)."""
+    """The compiled CPU kernel can run here (it is built on the first call; under
+    ``torch.compile`` the answer is a constant of the graph)."""
     if sys.platform == "win32":  # not built there: the flags and the loader are POSIX ones
         return False
     return _load() is not None
@@ -210,3 +212,34 @@ def launch(
     if status != 0:
         raise MemoryError(f"the CPU kernel could not allocate its scratch memory for {n} samples")
     return out
+
+
+@torch.library.custom_op("dyshuffle::hard_shuffle_cpu", mutates_args=(), device_types="cpu")
+def _hard_shuffle_op(
+    x0: Tensor,
+    x1: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    table: Tensor,
+    segment: Tensor,
+    index: Tensor,
+    num_a: int,
+    tau: float,
+    two_parts: bool,
+) -> Tensor:
+    """:func:`launch` as an operator that ``torch.compile`` keeps in its graph (``x1`` is ``x0``
+    when ``two_parts`` is ``False``). Parts whose channels a compiled graph laid out otherwise
+    are made channels_last first."""
+    x0, x1 = (
+        p if p.stride(1) == 1 else p.contiguous(memory_format=torch.channels_last) for p in (x0, x1)
+    )
+    return launch(x0, x1 if two_parts else None, w1, b1, w2, b2, table, segment, index, num_a, tau)
+
+
+@_hard_shuffle_op.register_fake
+def _(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts):
+    n, _, h, w = x0.shape
+    shape = (n, index.shape[1], h, w)
+    return torch.empty(shape, dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
