@@ -458,11 +458,12 @@ class DynamicShuffle(nn.Module):
         fused: in ``eval()``, apply the hard permutation in one kernel: a Triton kernel on
             CUDA (:mod:`~dyshuffle.layers.fused`: descriptor, generator, softmax, choice and
             gather of each sample in one program, the parts of a concatenation read where they
-            are), the same algorithm in C on the CPU (:mod:`~dyshuffle.layers.fused_cpu`, eager
-            mode only, where a C compiler is at hand), when the layer allows it: shared factors
-            with their joint table, channels_last inputs, no autograd, no ``logit_cap``,
-            ``descriptor_norm`` or ``hard_identity``. ``False``, or the environment variable
-            ``DYSHUFFLE_FUSED=0``: always the PyTorch operators. The
+            are), the same algorithm in C on the CPU (:mod:`~dyshuffle.layers.fused_cpu`, where
+            a C compiler is at hand), eagerly or under ``torch.compile`` (not in exported
+            graphs), when the layer allows it: shared factors with their joint table,
+            channels_last inputs, no autograd, no ``logit_cap``, ``descriptor_norm`` or
+            ``hard_identity``. ``False``, or the environment variable ``DYSHUFFLE_FUSED=0``:
+            always the PyTorch operators. The
             permutation is the same but for samples whose two best candidates score within
             rounding of each other (the kernel computes the generator in float32).
     """

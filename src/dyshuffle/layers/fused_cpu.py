@@ -11,7 +11,9 @@ The source is compiled once per machine with the system's C compiler (``$CC``, e
 ``gcc`` or ``clang``) into ``$DYSHUFFLE_CACHE_DIR`` (default ``~/.cache/dyshuffle``; the file
 name holds a hash of the source, the flags and the compiler) and loaded with :mod:`ctypes`.
 Without a compiler, or when compiling fails, :func:`available` is ``False`` (with one warning
-that says why) and the layers keep the PyTorch operators.
+that says why) and the layers keep the PyTorch operators. ``torch.compile`` keeps the kernel as
+the custom operator ``dyshuffle::hard_shuffle_cpu``; exported graphs (``torch.export``, ONNX,
+TorchScript) hold the PyTorch operators, which other runtimes have.
 """
 
 from __future__ import annotations
