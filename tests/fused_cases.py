@@ -56,3 +56,18 @@ def op_args(layer: DynamicShuffle, parts) -> tuple:
     tables = (layer._fused_score, layer._fused_segment, layer._index_ab)
     num_a = layer._perms_a.shape[0]
     return (parts[0], parts[-1], *weights, *tables, num_a, layer.tau, len(parts) == 2)
+
+
+def check_kernel_is_the_pytorch_path(layer: DynamicShuffle, parts) -> torch.Tensor:
+    """``layer`` on ``parts`` takes its fused kernel, gives inputs different permutations and
+    equals its PyTorch path and the permutation it reports; returns that permutation."""
+    assert layer._fusable(parts[0], parts[1:])
+    chosen = layer.permutation(*parts)
+    assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
+    out = layer(*parts)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, reference(layer, parts))
+    # and it is the permutation the layer reports, applied to the concatenation
+    cat = torch.cat(parts, 1)
+    assert torch.equal(out, torch.stack([cat[i, chosen[i]] for i in range(cat.shape[0])]))
+    return chosen

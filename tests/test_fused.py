@@ -18,7 +18,14 @@ import torch
 
 from dyshuffle.layers import DynamicShuffle, LearnedShuffle, fused
 from dyshuffle.models import create_model
-from fused_cases import SHAPES, make_layer, make_parts, op_args, reference
+from fused_cases import (
+    SHAPES,
+    check_kernel_is_the_pytorch_path,
+    make_layer,
+    make_parts,
+    op_args,
+    reference,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -57,17 +64,7 @@ def _parts(n: int, channels: int, split: int | None, **kwargs):
 @torch.no_grad()
 def test_kernel_is_the_pytorch_path(channels, split, kwargs):
     layer = _layer(channels, seed=channels, **kwargs)
-    parts = _parts(9, channels, split, seed=channels)
-    assert layer._fusable(parts[0], parts[1:])
-    chosen = layer.permutation(*parts)
-    assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
-    ref = reference(layer, parts)
-    out = layer(*parts)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, ref)
-    # and it is the permutation the layer reports, applied to the concatenation
-    cat = torch.cat(parts, 1)
-    assert torch.equal(out, torch.stack([cat[i, chosen[i]] for i in range(cat.shape[0])]))
+    check_kernel_is_the_pytorch_path(layer, _parts(9, channels, split, seed=channels))
 
 
 @kernel

@@ -11,7 +11,14 @@ import torch
 
 from dyshuffle.layers import DynamicShuffle, fused, fused_cpu
 from dyshuffle.models import create_model
-from fused_cases import SHAPES, make_layer, make_parts, op_args, reference
+from fused_cases import (
+    SHAPES,
+    check_kernel_is_the_pytorch_path,
+    make_layer,
+    make_parts,
+    op_args,
+    reference,
+)
 
 pytestmark = pytest.mark.skipif(
     fused._INTERPRETED or not fused.ENABLED or fused_cpu._compiler() is None,
@@ -45,15 +52,7 @@ def test_the_kernel_is_built_once_and_available():
 def test_kernel_is_the_pytorch_path(channels, split, kwargs):
     layer = make_layer(channels, seed=channels, **kwargs)
     parts = make_parts(9, channels, split, seed=channels)
-    assert layer._fusable(parts[0], parts[1:])
-    chosen = layer.permutation(*parts)
-    assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
-    ref = reference(layer, parts)
-    out = layer(*parts)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, ref)
-    cat = torch.cat(parts, 1)
-    assert torch.equal(out, torch.stack([cat[i, chosen[i]] for i in range(cat.shape[0])]))
+    chosen = check_kernel_is_the_pytorch_path(layer, parts)
     # the rows it reports are those of the chosen permutations
     _, rows = _rows(layer, parts)
     assert torch.equal(layer._index_ab[rows], chosen)
