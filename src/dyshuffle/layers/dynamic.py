@@ -934,8 +934,6 @@ class DynamicShuffle(nn.Module):
             return False
         if not _fused.available(x.device):
             return False
-        if torch.compiler.is_compiling() and not _fused.compilable(x.device):
-            return False
         if not self._fused_generator:
             return False
         if self.eval_permutation != "hard" or self.hard_identity or self.descriptor_bn is not None:

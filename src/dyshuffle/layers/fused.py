@@ -53,7 +53,6 @@ __all__ = [
     "FUSED_DTYPES",
     "FUSED_MAX_CHANNELS",
     "available",
-    "compilable",
     "hard_shuffle",
     "launch",
 ]
@@ -73,7 +72,8 @@ def available(device: torch.device) -> bool:
     installed); on the CPU, the C kernel of :mod:`~dyshuffle.layers.fused_cpu` (a C compiler
     at hand; built on the first call), or the Triton kernel under Triton's interpreter
     (``TRITON_INTERPRET=1`` set before Triton was imported: how the tests run it without a
-    GPU)."""
+    GPU). ``torch.compile`` keeps either kernel as a custom operator (``dyshuffle::hard_shuffle``,
+    ``dyshuffle::hard_shuffle_cpu``)."""
     if not ENABLED:
         return False
     if device.type == "cuda":
@@ -81,15 +81,6 @@ def available(device: torch.device) -> bool:
     if device.type == "cpu":
         return triton is not None if _INTERPRETED else _cpu.available()
     return False
-
-
-def compilable(device: torch.device) -> bool:
-    """``torch.compile`` can keep the kernel on ``device``: the Triton kernel through the custom
-    operator ``dyshuffle::hard_shuffle``, the C kernel through ``dyshuffle::hard_shuffle_cpu``
-    (whenever :func:`available`)."""
-    if device.type == "cpu" and not _INTERPRETED:
-        return True
-    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 if triton is not None:
