@@ -98,11 +98,7 @@ def test_layer_converted_to_half_chooses_as_its_pytorch_path(dtype):
     reads them as float32 values."""
     layer = make_layer(116, seed=4).to(dtype)
     assert layer._fused_score.dtype == dtype
-    parts = make_parts(16, 116, 58, seed=4, dtype=dtype)
-    assert layer._fusable(parts[0], parts[1:])
-    out = layer(*parts)
-    assert len({tuple(r) for r in layer.permutation(*parts).tolist()}) > 1
-    assert torch.equal(out, reference(layer, parts))
+    check_kernel_is_the_pytorch_path(layer, make_parts(16, 116, 58, seed=4, dtype=dtype))
 
 
 @torch.no_grad()
