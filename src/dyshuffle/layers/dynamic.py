@@ -167,7 +167,7 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
     b_mat = _as_dtype(b_mat, x.dtype).expand(n, groups, -1, -1)
     y = torch.einsum("ngik,ngkjp->ngijp", a_mat, grid)  # rows:    A X
     y = torch.einsum("ngjl,ngilp->ngijp", b_mat, y)  # columns: (A X) B^T
-    return y.reshape(n, -1, h, w)
+    return y.reshape(n, groups * a_mat.shape[-2] * b_mat.shape[-2], h, w)
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -277,7 +277,7 @@ class _KroneckerSTE(torch.autograd.Function):
     def forward(ctx, x, a_soft, b_soft, idx, idx_inv, ainv, binv, groups, cross, gram):  # type: ignore[override]
         # b_soft None: a_soft holds both factors (N, Gf, 2, a, a), ainv both inverses (N, Gf, 2, a)
         # idx_inv: the inverse of idx when a table gave it, else None (inverted in the backward)
-        y = _gather_channels(x, idx)
+        y = _gather_channels(x, idx, own=True)
         ctx.save_for_backward(y, idx if idx_inv is None else idx_inv, ainv, binv)
         ctx.inverted = idx_inv is not None
         ctx.groups, ctx.cross, ctx.gram = groups, cross, gram
@@ -404,7 +404,10 @@ class DynamicShuffle(nn.Module):
         factors: ``(a, b)`` with ``a * b = C / G`` (the most balanced split when omitted).
         shared: one pair of factors for all groups (``True``) or one pair per group.
         mode: ``"ste"`` (forward with the hard permutation, gradient through the softmax) or
-            ``"soft"`` (forward with the softmax matrices) in training.
+            ``"soft"`` (forward with the softmax matrices) in training. ``"ste"`` keeps the
+            output for the factors' gradient, as ``torch.sigmoid`` does: an in-place operation
+            on it (``nn.ReLU(inplace=True)`` right after the layer) makes the backward pass
+            raise autograd's in-place error. In ``eval()`` nothing keeps it.
         tau: softmax temperature; may be changed during training (annealing).
         reduction: generator hidden width is ``max(C // reduction, min_hidden)``. The default
             32 keeps ShuffleNetV2 1.0x within +4% parameters (CIFAR stem; +2% ImageNet stem),
@@ -533,12 +536,12 @@ class DynamicShuffle(nn.Module):
                 assignment == "auto" and size <= EXACT_ASSIGNMENT_MAX
             )
             perms, onehot = permutation_table(size) if use_table else (None, None)
-            self.register_buffer(f"_perms_{name}", perms, persistent=False)
-            self.register_buffer(f"_onehot_{name}", onehot, persistent=False)
+            self._keep(f"_perms_{name}", perms)
+            self._keep(f"_onehot_{name}", onehot)
             onehot_t = None if onehot is None else onehot.T.contiguous()
-            self.register_buffer(f"_onehot_t_{name}", onehot_t, persistent=False)
+            self._keep(f"_onehot_t_{name}", onehot_t)
             inv = None if perms is None else invert_permutation(perms)
-            self.register_buffer(f"_inv_{name}", inv, persistent=False)
+            self._keep(f"_inv_{name}", inv)
         self.register_buffer("_eye_a", torch.eye(self.a), persistent=False)
         self.register_buffer("_eye_b", torch.eye(self.b), persistent=False)
         # shared factors: the composed (N, C) index is TA[choice_a] + TB[choice_b]
@@ -547,8 +550,8 @@ class DynamicShuffle(nn.Module):
             tables = factor_index_tables(
                 self._perms_a, self._perms_b, self.groups, self.cross_shuffle
             )
-        self.register_buffer("_index_a", None if tables is None else tables[0], persistent=False)
-        self.register_buffer("_index_b", None if tables is None else tables[1], persistent=False)
+        self._keep("_index_a", None if tables is None else tables[0])
+        self._keep("_index_b", None if tables is None else tables[1])
         # ... scored jointly: row k = choice_a * Nb + choice_b of every (A, B) pair, so that one
         # product and one argmax give the row (the pair that maximizes <A, PA> + <B, PB>)
         joint_rows = 0 if tables is None else tables[0].shape[0] * tables[1].shape[0]
@@ -563,27 +566,43 @@ class DynamicShuffle(nn.Module):
             else:
                 inv_rows, inv_rows_b = self._inv_a[ka], self._inv_b[kb]
         #: ``(a*a + b*b, Na * Nb)``: the flattened pair ``(PA, PB)`` of each joint row, as columns
-        self.register_buffer("_score_t", score, persistent=False)
-        self.register_buffer("_inv_rows", inv_rows, persistent=False)
-        self.register_buffer("_inv_rows_b", inv_rows_b, persistent=False)
+        self._keep("_score_t", score)
+        self._keep("_inv_rows", inv_rows)
+        self._keep("_inv_rows_b", inv_rows_b)
         # ... and the index of each joint row TA[i] + TB[j] (row i * Nb + j), when it is small
         joint = None
         if tables is not None and joint_rows * tables[0].shape[1] <= JOINT_TABLE_MAX:
             joint = (tables[0][:, None, :] + tables[1][None, :, :]).flatten(0, 1)
-        self.register_buffer("_index_ab", joint, persistent=False)
+        self._keep("_index_ab", joint)
         # ... and the inverse of each row, for the STE backward (one lookup instead of inverting)
         joint_inv = None if joint is None else invert_permutation(joint)
-        self.register_buffer("_index_ab_inv", joint_inv, persistent=False)
+        self._keep("_index_ab_inv", joint_inv)
         #: row of the joint table from separate choices: choice_a * Nb + choice_b
         self.register_buffer("_row_weights", torch.tensor([self._nb, 1]), persistent=False)
         # ... and the fused kernel's scoring tables (shared factors with tables)
         fused_tables = (None, None)
         if tables is not None:
             fused_tables = _fused.score_table(self._onehot_a, self._onehot_b)
-        self.register_buffer("_fused_score", fused_tables[0], persistent=False)
-        self.register_buffer("_fused_segment", fused_tables[1], persistent=False)
+        self._keep("_fused_score", fused_tables[0])
+        self._keep("_fused_segment", fused_tables[1])
         self._build_logits()
         self.reset_logits()
+
+    def _keep(self, name: str, tensor: Tensor | None) -> None:
+        """``tensor`` as a non-persistent buffer, ``None`` as a plain attribute: a root module
+        with ``None`` buffers fails ``torch.export`` (torch 2.14's ``_trace`` counts them among
+        the graph's inputs), so a layer keeps none."""
+        if tensor is None:
+            setattr(self, name, None)
+        else:
+            self.register_buffer(name, tensor, persistent=False)
+
+    def __getstate__(self) -> dict:
+        # the regularizer of the last training forward holds its autograd graph: a copy
+        # (``copy.deepcopy``, ``AveragedModel``, pickling) starts without it, as a new layer does
+        state = super().__getstate__()
+        state["last_orthogonal_loss"] = None
+        return state
 
     @property
     def _gram(self):
@@ -655,7 +674,7 @@ class DynamicShuffle(nn.Module):
     def _softmax_logits(self, logits: Tensor) -> Tensor:
         """The generator's ``(N, num_logits)`` output as the softmax takes it: ``(N, Gf, a*a +
         b*b)``, capped (``logit_cap``), with noise in training (``noise``), over ``tau``."""
-        logits = logits.reshape(logits.shape[0], self.factor_groups, -1)
+        logits = logits.reshape(logits.shape[0], self.factor_groups, self.a**2 + self.b**2)
         if self.logit_cap is not None:
             logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         if self.noise and self.training:  # Gumbel(0, 1) samples, scaled
@@ -900,7 +919,7 @@ class DynamicShuffle(nn.Module):
                 b_mat = _BalanceGradient.apply(b_mat, 0.5 * self.balance)
         if self.training and grad:
             # mean over samples and groups, summed over the two factors
-            scale = 1.0 / (a_mat.shape[0] * a_mat.shape[1])
+            scale = 1.0 / max(a_mat.shape[0] * a_mat.shape[1], 1)  # (an empty batch: 0)
             if both is not None:
                 self.last_orthogonal_loss = _OrthogonalLoss.apply(both, self._eye_a, scale)
             else:
@@ -925,8 +944,16 @@ class DynamicShuffle(nn.Module):
 
     #: :meth:`logits` is the generator of the pooled input that the fused kernel computes (a
     #: class flag: on torch 2.11, ``torch.compile`` took the PyTorch path with the previous
-    #: ``type(self).logits is DynamicShuffle.logits`` test, which its Dynamo may not resolve)
+    #: ``type(self).logits is DynamicShuffle.logits`` test, which its Dynamo may not resolve).
+    #: A subclass that defines its own :meth:`logits` or :meth:`_build_logits` gets ``False``
+    #: (:meth:`__init_subclass__`) unless it sets the flag itself.
     _fused_generator = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "_fused_generator" not in own and ("logits" in own or "_build_logits" in own):
+            cls._fused_generator = False
 
     def _fusable(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
         """The hard permutation of this call can be the fused kernel's (``fused``)."""
@@ -1092,5 +1119,19 @@ def compact_index(model: nn.Module) -> Iterator[nn.Module]:
     the joint inverse table). Exporting inside this context keeps files near the size of the
     weights.
     """
-    with _set_on_layers(model, "_index_ab", None), _set_on_layers(model, "_index_ab_inv", None):
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    saved = [dict(m._buffers) for m in layers]
+    names = ("_index_ab", "_index_ab_inv")
+    try:
+        for m in layers:  # out of the buffers, plain None attributes (see DynamicShuffle._keep)
+            for name in names:
+                m._buffers.pop(name, None)
+                m.__dict__[name] = None
         yield model
+    finally:
+        for m, buffers in zip(layers, saved):
+            for name in names:
+                if name in buffers:
+                    del m.__dict__[name]
+            m._buffers.clear()
+            m._buffers.update(buffers)

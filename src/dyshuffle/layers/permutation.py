@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Sequence
 from functools import cache
 
@@ -48,6 +49,17 @@ def factor_pair(n: int) -> tuple[int, int]:
     return a, n // a
 
 
+def _integer(value: object) -> int | None:
+    """``value`` as a Python ``int`` when it is an integer (NumPy's too; not a ``bool``), else
+    ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def choose_groups(
     channels: int,
     groups: int | None = None,
@@ -71,17 +83,20 @@ def choose_groups(
     Raises:
         ValueError: naming the bad value and the valid choices.
     """
-    if not isinstance(channels, int) or channels < 1:
+    if _integer(channels) is None or channels < 1:
         raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    channels = _integer(channels)
     if groups is not None:
-        if not isinstance(groups, int) or groups < 1 or channels % groups:
+        if _integer(groups) is None or groups < 1 or channels % groups:
             raise ValueError(
                 f"groups={groups!r} does not divide channels={channels}; "
                 f"valid groups: {_divisors(channels)}"
             )
+        groups = _integer(groups)
     if factors is not None:
-        if len(factors) != 2 or any(not isinstance(f, int) or f < 1 for f in factors):
+        if len(factors) != 2 or any(_integer(f) is None or f < 1 for f in factors):
             raise ValueError(f"factors must be two positive integers (a, b), got {factors!r}")
+        factors = (_integer(factors[0]), _integer(factors[1]))
         n = factors[0] * factors[1]
         if channels % n:
             raise ValueError(
@@ -95,7 +110,7 @@ def choose_groups(
                 f"factors={tuple(factors)} multiply to {n}, but channels={channels} with "
                 f"groups={groups} need a group size of {n_valid}; valid factors: {pairs}"
             )
-        return channels // n, int(factors[0]), int(factors[1])
+        return channels // n, factors[0], factors[1]
     if groups is not None:
         a, b = factor_pair(channels // groups)
         return groups, a, b
@@ -239,18 +254,34 @@ def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     return out.scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
-def _gather_channels(x: Tensor, idx: Tensor) -> Tensor:
+def _gather_channels(x: Tensor, idx: Tensor, own: bool = False) -> Tensor:
+    """``y[n, c] = x[n, idx[n or 0, c]]`` in one gather, keeping the layout of ``x``.
+
+    ``own``: return a tensor that is not a view (the gather writes into the storage of the
+    returned tensor itself). An autograd Function's output that is a view of a tensor made in
+    its forward cannot be modified in place (``nn.ReLU(inplace=True)`` after the layer); the
+    Functions ask for this, the graph-free paths (and traced graphs) take the plain view.
+    """
     n, c, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         # channels_last: channels are the contiguous dimension, gather along it; the (N, C)
         # index is broadcast over the pixels (stride 0), the output keeps the layout
-        y = torch.gather(x.permute(0, 2, 3, 1), 3, idx[:, None, None, :].expand(n, h, w, c))
-        return y.permute(0, 3, 1, 2)
+        where = idx[:, None, None, :].expand(n, h, w, c)
+        if own:
+            y = torch.empty_like(x, memory_format=torch.channels_last)
+            torch.gather(x.permute(0, 2, 3, 1), 3, where, out=y.permute(0, 2, 3, 1))
+            return y
+        return torch.gather(x.permute(0, 2, 3, 1), 3, where).permute(0, 3, 1, 2)
     if idx.shape[0] == 1 and n != 1:  # one permutation for the whole batch
         return x.index_select(1, idx[0])
     # NCHW: copy whole (H, W) planes, one row per (sample, channel)
     flat = (idx + torch.arange(n, device=idx.device).unsqueeze(1) * c).reshape(-1)
-    return x.contiguous().reshape(n * c, h, w).index_select(0, flat).reshape(n, c, h, w)
+    planes = x.contiguous().reshape(n * c, h, w)
+    if own:
+        y = x.new_empty((n, c, h, w))
+        torch.index_select(planes, 0, flat, out=y.view(n * c, h, w))
+        return y
+    return planes.index_select(0, flat).reshape(n, c, h, w)
 
 
 def _scatter_channels(parts: Sequence[Tensor], inv: Tensor) -> Tensor:
@@ -284,7 +315,7 @@ class _PermuteChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(idx)
-        return _gather_channels(x, idx)
+        return _gather_channels(x, idx, own=True)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]

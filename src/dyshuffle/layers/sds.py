@@ -83,6 +83,17 @@ class StaticDynamicShuffle(nn.Module):
         self.square = in_channels == out_channels and out_factors is None
         if groups is None and factors is None and not self.square:
             groups = sds_groups(in_channels, out_channels, max_group_size)
+        if (
+            isinstance(groups, int)
+            and groups > 0
+            and not self.square
+            and (in_channels % groups or out_channels % groups)
+        ):
+            valid = _divisors(math.gcd(in_channels, out_channels))
+            raise ValueError(
+                f"groups={groups} does not divide both in_channels={in_channels} and "
+                f"out_channels={out_channels}; valid groups: {valid}"
+            )
         g, a_in, b_in = choose_groups(in_channels, groups, factors, max_group_size)
         if out_channels % g:
             valid = _divisors(math.gcd(in_channels, out_channels))
