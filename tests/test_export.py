@@ -303,6 +303,16 @@ def test_bad_input_names_value_and_choices(tmp_path, capsys):
     assert "not a loadable dyshuffle checkpoint" in capsys.readouterr().err
 
 
+def test_an_opset_the_exporter_cannot_reach_and_a_folder_output_are_errors(tmp_path, capsys):
+    ckpt, _ = _checkpoint(tmp_path, "shufflenet_v2_x0_5", "shuffle")
+    out = tmp_path / "m13.onnx"
+    assert main([str(ckpt), "--format", "onnx", "--opset", "13", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "opset 13" in err and re.search(r"produced opset \d+", err) and not out.exists()
+    assert main([str(ckpt), "--format", "onnx", "--output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_exported_files_leave_the_joint_index_tables_out(fmt, tmp_path, monkeypatch):
     """The layers' joint index tables (2 MiB per 464-channel layer) are not written; the eager

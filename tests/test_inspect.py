@@ -333,3 +333,27 @@ def test_cli_bad_input(tmp_path, capsys):
     assert main([str(missing), "--data", "digits", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-samples", "0"], "--max-samples must be a positive integer, got 0"),
+        (["--batch-size", "-3"], "--batch-size must be a positive integer, got -3"),
+        (["--examples", "-1"], "--examples must be 0 or more, got -1"),
+        (["--data", "imagefolder"], "data set 'imagefolder' needs --data-dir PATH"),
+    ],
+)
+def test_cli_checks_its_arguments_before_reading_data(tmp_path, capsys, args, message):
+    from dyshuffle.deploy.inspect import main
+    from dyshuffle.models import create_model
+    from dyshuffle.train.checkpoint import save_checkpoint
+
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, in_chans=1, mixer="dynamic")
+    ckpt = tmp_path / "last.pt"
+    state = {"model": model.state_dict(), "model_args": model.model_args, "input_size": [1, 8, 8]}
+    save_checkpoint(ckpt, {**state, "mean": [0.5], "std": [0.5], "class_names": list("0123456789")})
+    argv = [str(ckpt), "--data", "digits", "--output", str(tmp_path / "out"), *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -130,3 +130,32 @@ def test_predict_bad_input(checkpoint, tmp_path, capsys):
     text.write_text("not an image")
     assert main([str(ckpt), str(text)]) == 2
     assert "not an image PIL can read" in capsys.readouterr().err
+
+
+def test_predict_a_folder_is_its_image_files_in_order(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    paths = _images(folder / "sub")
+    for name in ("notes.txt", ".x.png"):
+        (folder / name).write_text("not an image")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / ".hidden" / "h.png")
+    assert main([str(ckpt), str(folder)]) == 0
+    by_folder = capsys.readouterr().out
+    assert main([str(ckpt), *sorted(map(str, paths))]) == 0
+    assert by_folder == capsys.readouterr().out  # the same images, the same order and output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(ckpt), str(empty)]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_predict_a_truncated_image_is_reported(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    (path,) = [p for p in _images(tmp_path) if p.suffix == ".jpg"][:1]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main([str(ckpt), str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.jpg" in err and "not an image PIL can read" in err

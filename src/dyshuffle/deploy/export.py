@@ -128,6 +128,13 @@ def save_onnx(
             opset_version=opset,
             verbose=False,
         )
+    written = onnx_program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        # the exporter writes its own opset and converts down; a failed conversion only logs
+        raise ValueError(
+            f"the ONNX exporter could not convert the model to opset {opset} (it produced opset "
+            f"{written}); use --opset {written} or above, or leave --opset out"
+        )
     dims = [
         d
         for v in (onnx_program.model.graph.inputs[0], onnx_program.model.graph.outputs[0])
@@ -306,8 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.checkpoint)
     ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt
     out = Path(args.output) if args.output else ckpt.with_suffix(FORMATS[args.fmt])
+    if out.is_dir():
+        print(f"dyshuffle export: --output {str(out)!r} is a folder; name a file", file=sys.stderr)
+        return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, out, args.fmt, input_size, args.opset, metadata(state))
+    try:
+        export_model(model, out, args.fmt, input_size, args.opset, metadata(state))
+    except ValueError as e:
+        print(f"dyshuffle export: {e}", file=sys.stderr)
+        return 2
     args_ = json.dumps(state.get("model_args", {}), default=str)
     print(f"wrote {out} ({args.fmt}, {out.stat().st_size / 1e6:.2f} MB) for {args_}")
     if not args.no_check:

@@ -794,6 +794,23 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dyshuffle inspect: {e}", file=sys.stderr)
         return 2
+    for name in ("max_samples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            print(
+                f"dyshuffle inspect: {flag} must be a positive integer, got {value}",
+                file=sys.stderr,
+            )
+            return 2
+    if args.examples < 0:
+        print(
+            f"dyshuffle inspect: --examples must be 0 or more, got {args.examples}", file=sys.stderr
+        )
+        return 2
+    if args.data != "digits" and not args.data_dir:
+        print(f"dyshuffle inspect: data set {args.data!r} needs --data-dir PATH", file=sys.stderr)
+        return 2
     try:
         batches, data_classes = _batches_from_data(
             args.data, args.data_dir, input_size, mean, std, args.batch_size, args.max_samples

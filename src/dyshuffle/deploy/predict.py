@@ -6,11 +6,13 @@ data loaders) and normalized with the checkpoint's ``mean`` and ``std``. The mod
 ``eval()``, where every dynamic shuffle applies its hard permutation.
 
     dyshuffle predict runs/cifar/last.pt cat.jpg ship.png
+    dyshuffle predict runs/cifar/last.pt photos/        (every image file under the folder)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,9 +21,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from ..data.common import is_image_file
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
-__all__ = ["main", "predict", "preprocess"]
+__all__ = ["image_paths", "main", "predict", "preprocess"]
 
 
 def preprocess(
@@ -82,12 +85,33 @@ def predict(
     ]
 
 
+def image_paths(args: Sequence[str]) -> list[str]:
+    """The files named, with each folder replaced by the image files under it (sorted, hidden
+    files and folders left out); a path that does not exist is kept, to be reported."""
+    paths: list[str] = []
+    for arg in args:
+        if not os.path.isdir(arg):
+            paths.append(arg)
+            continue
+        found = []
+        for root, dirs, files in os.walk(arg):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, f) for f in files if is_image_file(f)]
+        paths += sorted(found)
+    return paths
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dyshuffle predict", description="Print the top-5 classes of images with a checkpoint."
     )
     p.add_argument("checkpoint", help="checkpoint written by 'dyshuffle train'")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (any PIL format) or folders (their image files, recursively)",
+    )
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
     return p
@@ -107,21 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dyshuffle predict: {e}", file=sys.stderr)
         return 2
+    paths = image_paths(args.images)
+    if not paths:
+        print(f"dyshuffle predict: no image files in {args.images}", file=sys.stderr)
+        return 2
     tensors = []
-    for path in args.images:
+    for path in paths:
         try:
             with Image.open(path) as im:
                 tensors.append(preprocess(im, input_size, mean, std))
         except FileNotFoundError:
             print(f"dyshuffle predict: image {path!r} does not exist", file=sys.stderr)
             return 2
-        except UnidentifiedImageError:
-            print(f"dyshuffle predict: {path!r} is not an image PIL can read", file=sys.stderr)
+        except (UnidentifiedImageError, OSError) as e:  # not an image, truncated, unreadable
+            print(
+                f"dyshuffle predict: {path!r} is not an image PIL can read ({e})", file=sys.stderr
+            )
             return 2
     for start in range(0, len(tensors), args.batch_size):
         batch = torch.stack(tensors[start : start + args.batch_size])
         results = predict(model, batch, class_names, args.topk)
-        for path, top in zip(args.images[start : start + args.batch_size], results):
+        for path, top in zip(paths[start : start + args.batch_size], results):
             print(path)
             for name, p in top:
                 print(f"  {p:.4f}  {name}")
