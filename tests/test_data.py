@@ -209,6 +209,27 @@ def test_cifar_missing_and_malformed(tmp_path):
         load_data("cifar10", tmp_path)
 
 
+def test_download_is_skipped_when_data_dir_is_the_batches_folder(tmp_path, monkeypatch):
+    """--data-dir may name cifar-10-batches-py (or cifar-100-python) itself, with --download too;
+    only missing files are downloaded."""
+    from dyshuffle.data import formats
+
+    calls = []
+
+    def fake_download(name, root):
+        calls.append((name, root))
+        make_cifar(root, name, per_file=2, test=2)
+
+    monkeypatch.setattr(formats, "download_cifar", fake_download)
+    for name, folder in (("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")):
+        make_cifar(tmp_path / name, name, per_file=4, test=4)
+        inside = load_data(name, tmp_path / name / folder, download=True)
+        above = load_data(name, tmp_path / name, download=True)
+        assert calls == [] and torch.equal(inside.train_images, above.train_images)
+    fetched = load_data("cifar10", tmp_path / "new", download=True)
+    assert calls == [("cifar10", tmp_path / "new")] and len(fetched.train_labels) == 10
+
+
 def test_unknown_names_are_rejected_with_choices():
     with pytest.raises(
         ValueError, match="unknown data set 'cifar'; valid: digits, cifar10, cifar100"
@@ -345,6 +366,34 @@ def test_imagefolder_folder_and_tgz_agree(tmp_path):
     extracted = list((cache / "extracted").iterdir())
     assert len(extracted) == 1 and extracted[0].name.startswith("tree-")
     assert Path(f.train_samples[0][0]).is_relative_to(extracted[0])
+
+
+def test_hidden_folders_are_skipped_in_folders_and_archives(tmp_path):
+    """A hidden folder (.ipynb_checkpoints/, .thumbs/) is no class and holds no images, in a
+    folder and in an archive read in memory, whatever the archive's member prefix."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=("cat", "dog"), train=2, val=1)
+    rng = np.random.default_rng(1)
+    for hidden in (
+        "train/.ipynb_checkpoints/0000.png",
+        "train/cat/.thumbs/0000.png",
+        "test/.cache/dog/0000.png",
+        ".git/x/0000.png",
+    ):
+        (tree / hidden).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(class_image(0, rng, 16)).save(tree / hidden)
+    cache = tmp_path / "cache"
+    folder = load_data("imagefolder", tree, cache_dir=cache)
+    assert folder.class_names == ["cat", "dog"] and folder.extra["train_dir"] == "train"
+    assert folder.train_labels.tolist() == [0, 0, 1, 1] and folder.val_labels.tolist() == [0, 1]
+    for arcname in ("t", "."):  # members "t/train/..." and "./train/..."
+        archive = make_tgz(tree, tmp_path / f"tree{len(arcname)}.tgz", arcname)
+        a = load_data("imagefolder", archive, cache_dir=cache)
+        assert a.class_names == folder.class_names, arcname
+        assert torch.equal(a.train_images, folder.train_images), arcname
+        assert torch.equal(a.val_labels, folder.val_labels), arcname
+    with pytest.raises(ValueError, match="image_size must be at least 1"):
+        load_data("imagefolder", tree, loader="workers", image_size=0)
 
 
 def test_imagefolder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):

@@ -69,3 +69,71 @@ def test_two_processes_keep_identical_weights_and_reduce_metrics(tmp_path):
     single = evaluate(model, loader, torch.device("cpu"))
     assert single["count"] == 51 and single["correct1"] == a["val_correct1"]
     assert single["top5"] == pytest.approx(a["top5"])
+
+
+RESUME_WORKER = textwrap.dedent(
+    """
+    import os, shutil, sys
+    import dyshuffle.train.engine as engine
+    from dyshuffle.train.checkpoint import load_checkpoint
+    from dyshuffle.train.config import resolve_config
+    from dyshuffle.train.distributed import cleanup, setup
+
+    out = sys.argv[1]
+    info = setup("cpu")  # one process group for the three runs (train() would end it)
+
+    def run(name, resume=None):
+        cfg = resolve_config({"train_subset": 128, "val_subset": 51, "batch_size": 32,
+                              "epochs": 2, "log_every": 1, "threads": 1, "progress": False,
+                              "tensorboard": False, "output": os.path.join(out, name),
+                              "device": "cpu"})
+        return engine._Run(cfg, info, resume, "test").run()
+
+    run("straight")
+
+    check = engine._Run._check
+
+    def sigterm_in_epoch_2(self, bad, stop):  # every rank, after step 6 (2 of the 4 of epoch 2)
+        if self.global_step == 6:
+            stop.requested, stop.signal_name = True, "SIGTERM"
+        return check(self, bad, stop)
+
+    engine._Run._check = sigterm_in_epoch_2
+    try:
+        run("resumed")
+        raise SystemExit("not interrupted")
+    except engine.TrainingInterrupted:
+        pass
+    engine._Run._check = check
+    last = os.path.join(out, "resumed", "last.pt")
+    if info.rank == 0:
+        shutil.copy(last, os.path.join(out, "interrupted.pt"))
+    run("resumed", load_checkpoint(last))
+    cleanup()
+    """
+)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_resume_mid_epoch_counts_the_samples_of_every_rank_once(tmp_path):
+    """Two processes stopped in the middle of epoch 2 and resumed: the training metrics of that
+    epoch are those of the uninterrupted run (the checkpoint holds the sums of both ranks)."""
+    script = tmp_path / "worker.py"
+    script.write_text(RESUME_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stopped = load_checkpoint(tmp_path / "interrupted.pt")
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
+    assert stopped["partial"]["sums"][2] == 2 * 32  # images of both ranks in the two steps
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for want, got in zip(a["metrics"], b["metrics"], strict=True):
+        assert got["train_top1"] == want["train_top1"]  # counts: exact
+        for key in ("train_loss", "ortho_loss", "val_loss", "val_top1"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key  # sums in another order
+        assert got["images_per_s"] > 0 and got["step"] == want["step"]

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,6 +174,51 @@ def test_unknown_or_bad_config_values_are_named(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'cifar'" in err and "cifar100" in err
 
 
+def test_yaml_numbers_in_exponent_notation_are_numbers(tmp_path, capsys):
+    """PyYAML reads 1e-3 as a string (YAML 1.1 wants a dot); a recipe takes it as --lr 1e-3."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5E-5\nepochs: '3'\nbetas: [0.9, 1e-2]\n")
+    cfg = resolve_config({}, str(recipe))
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.betas) == (1e-3, 5e-5, 3, [0.9, 0.01])
+    assert cfg.lr == cli._parser().parse_args(["--lr", "1e-3"]).lr  # what --lr 1e-3 gives
+    for text, message in (
+        ("lr: 1e-3x", "lr must be float, got '1e-3x'"),
+        ("epochs: 1e3", "epochs must be int, got '1e3'"),
+        ("lr: .nan", "lr must be finite, got nan"),
+        ("betas: [0.9, .inf]", "betas must be finite"),
+    ):
+        recipe.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_yaml(recipe)
+    code, _, err = run_cli(["--lr", "nan"], capsys)
+    assert code == 2 and "lr must be finite" in err
+
+
+@pytest.mark.parametrize(
+    "option, value, named",
+    [
+        ("--crop-padding", "-1", "crop_padding must be non-negative"),
+        ("--image-size", "0", "image_size must be at least 1"),
+        ("--image-size", "-3", "image_size must be at least 1"),
+        ("--val-fraction", "1.5", "val_fraction must be in (0, 1)"),
+        ("--mixer-kwargs", '{"bogus": 1}', "unexpected keyword argument 'bogus'"),
+    ],
+)
+def test_bad_option_values_are_named_before_the_run_folder_exists(
+    tmp_path, capsys, option, value, named
+):
+    out = tmp_path / "run"
+    argv = [option, value, "--epochs", "1", "--train-subset", "64", "--output", str(out), *FAST]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith("dyshuffle train: error: ") and named in err, err
+    assert "Traceback" not in err and not out.exists()
+    if option == "--image-size":  # also with the workers loader, where 0 was the default
+        argv = ["--data", "imagefolder", "--data-dir", str(tmp_path), "--loader", "workers",
+                *argv]  # fmt: skip
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and named in err and not out.exists()
+
+
 def test_bad_data_path_is_named_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(
@@ -294,6 +340,33 @@ def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
         res["top1_soft"]
     )
     assert ev["top5"] == pytest.approx(res["top5"]) and ev["weights"] == "ema"
+
+
+def test_evaluate_uses_the_weights_the_run_evaluated(tmp_path, capsys):
+    """A run with --ema --eval-weights model evaluated (and chose best.pt by) the model's own
+    weights: model_from_checkpoint and dyshuffle evaluate use them too unless told otherwise."""
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(["--train-subset", "64", "--val-subset", "40", "--batch-size", "32",
+                               "--epochs", "1", "--ema", "--ema-decay", "0.9", "--eval-weights",
+                               "model", "--output", str(out), "--no-tensorboard", *FAST],
+                              capsys)  # fmt: skip
+    assert code == 0, stdout
+    res = json.loads((out / "results.json").read_text())
+    state = load_checkpoint(out / "best.pt")
+    assert res["eval_weights"] == state["eval_weights"] == "model"
+    assert any(not torch.equal(state["ema"][k], v) for k, v in state["model"].items())
+    model, _ = model_from_checkpoint(out / "best.pt")
+    assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
+    ev_json = tmp_path / "ev.json"
+    assert evaluate_cli.main([str(out / "best.pt"), "--json", str(ev_json), "--device", "cpu"]) == 0
+    ev = json.loads(ev_json.read_text())
+    assert ev["weights"] == "model" and "model weights" in capsys.readouterr().out
+    assert ev["loss"] == pytest.approx(res["val_loss"], rel=1e-6) and ev["top1"] == res["top1"]
+    # the EMA weights on request
+    model, _ = model_from_checkpoint(out / "best.pt", weights="ema")
+    assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
+    assert evaluate_cli.main([str(out), "--weights", "ema", "--json", str(ev_json)]) == 0
+    assert json.loads(ev_json.read_text())["weights"] == "ema"
 
 
 def test_bf16_channels_last_run_keeps_float32_weights(tmp_path, capsys):

@@ -154,6 +154,8 @@ def load_data(
         DatasetError: missing or malformed data, naming the path and the expected layout.
         ValueError: an unknown name or loader, naming the valid ones.
     """
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be at least 1 (None: the default), got {image_size!r}")
     mode = resolve_loader(name, root, loader)
     if DATASETS[name][0] and root is None:
         raise DatasetError(f"data set {name!r} needs --data-dir (its folder)")
@@ -218,7 +220,8 @@ def load_data(
             folder = extract_once(root_path, cache)
             _log(f"data: {root_path} extracted in {folder}", verbose)
             return _folder_files(name, folder, split_args, image_size, str(root_path))
-        src = ("archive", str(root_path.resolve()), archive_key(root_path))
+        # "archive-2": hidden folders are skipped since version 2 of the archive reader
+        src = ("archive-2", str(root_path.resolve()), archive_key(root_path))
         key = f"imagefolder-{cache_key(*src, image_size, split_args)}"
 
         def make():

@@ -79,10 +79,14 @@ def read_archive(path: str | os.PathLike) -> dict[str, bytes]:
     tf = _open_tar(path, stream=True)
     try:
         for member in tf:
-            if member.isfile() and is_image_file(member.name):
-                f = tf.extractfile(member)
-                if f is not None:
-                    out[member.name.lstrip("./")] = f.read()
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            # hidden files and anything under a hidden folder (.ipynb_checkpoints/, .git/) are
+            # skipped, as list_folder skips them in a folder
+            if member.isfile() and parts and not any(p.startswith(".") for p in parts):
+                if is_image_file(parts[-1]):
+                    f = tf.extractfile(member)
+                    if f is not None:
+                        out["/".join(parts)] = f.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"archive {path} is truncated or corrupt: {e}") from e
     finally:

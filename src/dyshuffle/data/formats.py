@@ -107,11 +107,20 @@ def read_digits() -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], names
 
 
-def _cifar_dir(name: str, root: Path) -> Path:
+def _find_cifar_dir(name: str, root: Path) -> Path | None:
+    """``root/<folder>`` or ``root`` itself, whichever holds the meta file (``None``: neither)."""
     spec = _CIFAR[name]
     for cand in (root / spec["folder"], root):
         if (cand / spec["meta"]).is_file():
             return cand
+    return None
+
+
+def _cifar_dir(name: str, root: Path) -> Path:
+    spec = _CIFAR[name]
+    folder = _find_cifar_dir(name, root)
+    if folder is not None:
+        return folder
     raise DatasetError(f"{name}: no {spec['folder']}/{spec['meta']} in {root}\n{spec['layout']}")
 
 
@@ -158,7 +167,7 @@ def read_cifar(
     if name not in _CIFAR:
         raise ValueError(f"unknown CIFAR variant {name!r}; valid: {', '.join(_CIFAR)}")
     spec, root = _CIFAR[name], Path(root)
-    if download and not (root / spec["folder"] / spec["meta"]).is_file():
+    if download and _find_cifar_dir(name, root) is None:  # root may be the folder itself
         download_cifar(name, root)
     folder = _cifar_dir(name, root)
     meta = _unpickle(folder / spec["meta"], spec["layout"])

@@ -33,6 +33,7 @@ __all__ = [
     "layer_defaults",
     "load_checkpoint",
     "model_from_checkpoint",
+    "resolve_weights",
     "save_checkpoint",
     "set_tau",
 ]
@@ -151,6 +152,26 @@ def set_tau(model: nn.Module, tau: float) -> None:
             m.tau = float(tau)
 
 
+def resolve_weights(state: dict[str, Any], weights: str = "auto") -> str:
+    """The weights of checkpoint ``state`` that ``weights`` names: ``"model"`` or ``"ema"``.
+
+    ``"auto"`` is the run's own choice (``eval_weights``, saved by ``dyshuffle train``: what its
+    validation, ``best.pt`` and ``results.json`` used); for checkpoints without it, the EMA
+    weights when the run kept them.
+
+    Raises:
+        ValueError: an unknown ``weights``, or ``"ema"`` for a checkpoint without EMA weights.
+    """
+    if weights not in ("auto", "model", "ema"):
+        raise ValueError(f"unknown weights {weights!r}; valid: 'auto', 'model', 'ema'")
+    has_ema = state.get("ema") is not None
+    if weights == "ema" and not has_ema:
+        raise ValueError("the checkpoint holds no EMA weights")
+    if weights == "auto":
+        weights = "ema" if has_ema and state.get("eval_weights", "ema") == "ema" else "model"
+    return weights
+
+
 def model_from_checkpoint(
     path: str | os.PathLike, map_location: Any = "cpu", weights: str = "auto"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -159,7 +180,7 @@ def model_from_checkpoint(
     Args:
         path: a checkpoint file or a run folder (its ``last.pt``).
         map_location: passed to :func:`torch.load`.
-        weights: ``"auto"`` (the EMA weights when the run kept them, else ``model``),
+        weights: ``"auto"`` (the weights the run evaluated, see :func:`resolve_weights`),
             ``"model"`` or ``"ema"``.
 
     Returns:
@@ -172,7 +193,7 @@ def model_from_checkpoint(
     state = load_checkpoint(path, map_location)
     if weights == "ema" and state.get("ema") is None:
         raise ValueError(f"checkpoint {path} holds no EMA weights")
-    use_ema = weights == "ema" or (weights == "auto" and state.get("ema") is not None)
+    use_ema = resolve_weights(state, weights) == "ema"
     # the dynamic layers' defaults when the checkpoint was written, where they differ from now
     saved = state.get("layer_defaults")
     now = layer_defaults()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -157,6 +158,17 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise ConfigError(
+                f"crop_padding must be non-negative (or null: the data set's), "
+                f"got {self.crop_padding!r}"
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(
+                f"image_size must be at least 1 (or null: the data set's), got {self.image_size!r}"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not 0.0 < self.onecycle_pct < 1.0:
@@ -205,6 +217,11 @@ def _check_value(name: str, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: {name} cannot be null")
     origin = typing.get_origin(tp) or tp
+    if origin in (int, float) and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string; take it as the command line does (--lr 1e-3)
+        value = _number(value, origin)
+    elif origin is list and isinstance(value, (list, tuple)):
+        value = [_number(x, float) if isinstance(x, str) else x for x in value]
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -221,10 +238,23 @@ def _check_value(name: str, value: Any, where: str) -> Any:
             f"{where}: {name} must be {getattr(origin, '__name__', origin)}, got {value!r}"
         )
     if origin is float:
-        return float(value)
-    if origin is list:
-        return [float(x) for x in value]
+        value = float(value)
+        numbers = [value]
+    elif origin is list:
+        value = numbers = [float(x) for x in value]
+    else:
+        numbers = []
+    if not all(map(math.isfinite, numbers)):
+        raise ConfigError(f"{where}: {name} must be finite, got {value!r}")
     return value
+
+
+def _number(text: str, tp: type) -> Any:
+    """``text`` as an ``int``/``float`` when it spells one (``"1e-3"``), else unchanged."""
+    try:
+        return tp(text.strip())
+    except ValueError:
+        return text
 
 
 def _unknown(name: str, valid: list[str], what: str, where: str) -> ConfigError:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from .checkpoint import layer_defaults, save_checkpoint, set_tau
+from .checkpoint import layer_defaults, load_checkpoint, save_checkpoint, set_tau
 from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
@@ -238,15 +238,23 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: tuple[int, int, 
     from dyshuffle.models import create_model
 
     stem = cfg.stem if cfg.stem != "auto" else ("cifar" if input_size[-1] <= 64 else "imagenet")
-    return create_model(
-        cfg.model,
-        num_classes=num_classes,
-        stem=stem,
-        mixer=cfg.mixer,
-        pointwise=cfg.pointwise,
-        in_chans=input_size[0],
-        **cfg.mixer_kwargs,
-    )
+    try:
+        return create_model(
+            cfg.model,
+            num_classes=num_classes,
+            stem=stem,
+            mixer=cfg.mixer,
+            pointwise=cfg.pointwise,
+            in_chans=input_size[0],
+            **cfg.mixer_kwargs,
+        )
+    except TypeError as e:  # a keyword that the model or its layers do not take
+        if not cfg.mixer_kwargs:
+            raise
+        raise ConfigError(
+            f"mixer_kwargs {cfg.mixer_kwargs} do not fit {cfg.model} with mixer={cfg.mixer!r} "
+            f"and pointwise={cfg.pointwise!r}: {e}"
+        ) from e
 
 
 def _ema_avg_fn(decay: float):
@@ -320,6 +328,25 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+#: temporary files of the run folder's atomic writes, left behind by a process killed mid-write
+_TEMP_FILES = (
+    ".last.pt.*.tmp",
+    ".best.pt.*.tmp",
+    ".config.yaml.*.tmp",
+    ".metrics.csv.*.tmp",
+    ".results.json.*.tmp",
+    ".curves.png.tmp.png",
+)
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temporary files of earlier, killed writers (only rank 0 writes the folder)."""
+    for pattern in _TEMP_FILES:
+        for path in run_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _default_output(cfg: TrainConfig) -> Path:
@@ -431,7 +458,10 @@ class _Run:
 
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(self.run_dir)
             write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if resume is not None:
+                self._repair_outputs(resume)
         self.writer = None
         if self.main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -452,8 +482,30 @@ class _Run:
                 raise ConfigError("the checkpoint has no EMA weights but the config enables ema")
             self.ema.module.load_state_dict(state["ema"])
             self.ema.n_averaged.fill_(int(state.get("ema_n_averaged", 1)))
+        saved_optimizer = (state.get("config") or {}).get("optimizer", self.cfg.optimizer)
+        if saved_optimizer != self.cfg.optimizer:
+            raise ConfigError(
+                f"the checkpoint was trained with optimizer {saved_optimizer!r}; its state does "
+                f"not fit {self.cfg.optimizer!r} (the optimizer cannot change on resume)"
+            )
+        # options given with --resume override the saved ones: keep the configured
+        # hyperparameters (lr, weight decay, momentum, Nesterov, betas) and peak learning rates
+        configured = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        base_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, hyper in zip(self.optimizer.param_groups, configured):
+            group.update(hyper)
+        self.scheduler.base_lrs = base_lrs
+        # the learning rate of the next step under the configured schedule (--lr, --schedule,
+        # --epochs ...), computed as LambdaLR does (the same numbers when nothing changed)
+        step = self.scheduler.last_epoch
+        lrs = [b * f(step) for f, b in zip(self.scheduler.lr_lambdas, base_lrs)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
@@ -463,6 +515,8 @@ class _Run:
         self.best_epoch = int(state.get("best_epoch", -1))
         self.history = list(state.get("metrics", []))
         self.partial = dict(state.get("partial") or self.partial)
+        if not self.main:  # the saved sums are those of all ranks (see _save_mid_epoch): once
+            self.partial["sums"] = [0.0] * len(self.partial["sums"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         if state.get("rng") is not None:
             _set_rng_state(state["rng"])
@@ -471,6 +525,29 @@ class _Run:
                 f"checkpoint step {self.step_in_epoch} is past the {self.steps_per_epoch} steps of "
                 f"an epoch: the data or batch size changed since it was written"
             )
+
+    def _repair_outputs(self, state: dict[str, Any]) -> None:
+        """Rewrite what the completed epochs of ``state`` imply (rank 0, on resume).
+
+        ``last.pt`` is written after ``best.pt``, ``metrics.csv`` and the curves of its epoch, so
+        a crash before it redoes the epoch and rewrites them; this repairs the run folder of a
+        crash in between (or of checkpoints of earlier versions, which wrote ``last.pt`` first),
+        and drops rows of an epoch that is being redone.
+        """
+        if not self.history:
+            return
+        write_metrics(self.run_dir / "metrics.csv", self.history)
+        if self.epoch >= self.cfg.epochs:  # nothing left to train: the final curves
+            title = f"{self.cfg.model} {self.cfg.mixer} on {self.cfg.data}"
+            plot_curves(self.run_dir / "curves.png", self.history, title)
+        if self.step_in_epoch == 0 and self.best_epoch == self.epoch:
+            best = self.run_dir / "best.pt"
+            try:
+                written = load_checkpoint(best).get("global_step")
+            except (FileNotFoundError, ValueError):
+                written = None
+            if written != self.global_step:  # best.pt of that epoch: the checkpoint itself
+                save_checkpoint(best, state)
 
     # ---- helpers
     def _set_tau(self, step: int) -> float | None:
@@ -495,8 +572,9 @@ class _Run:
         use_ema = self.ema is not None and self.cfg.eval_weights in ("auto", "ema")
         return self.ema.module if use_ema else self.model
 
-    def state(self) -> dict[str, Any]:
-        """The checkpoint dict of the run as it stands."""
+    def state(self, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint dict of the run as it stands (``partial``: the epoch's metric sums so
+        far, if not this rank's)."""
         cfg, data = self.cfg, self.data
         return {
             "model": self.model.state_dict(),
@@ -521,16 +599,23 @@ class _Run:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "metrics": self.history,
-            "partial": self.partial,
+            "partial": self.partial if partial is None else partial,
             "train_seconds": self.train_seconds,
             "dataset": {"name": cfg.data, "source": data.source},
         }
 
-    def save(self, name: str = "last.pt") -> Path:
+    def save(self, name: str = "last.pt", partial: dict[str, Any] | None = None) -> Path:
         path = self.run_dir / name
         if self.main:
-            save_checkpoint(path, self.state())
+            save_checkpoint(path, self.state(partial))
         return path
+
+    def _save_mid_epoch(self, sums: Tensor) -> Path:
+        """``last.pt`` within an epoch; every rank calls this. The checkpoint holds the metric
+        sums of all ranks so far, which a resumed run (of any number of processes) starts from
+        on rank 0 only: every sample is counted once."""
+        total = all_reduce_sum(sums.clone(), self.info)
+        return self.save(partial={**self.partial, "sums": total.tolist()})
 
     def _check(self, bad: Tensor, stop: _StopFlag) -> tuple[bool, bool]:
         """``(non-finite loss seen, stop requested)``, agreed by all ranks."""
@@ -626,7 +711,7 @@ class _Run:
                 if stop_now and not last_step:  # on the last step, the epoch end saves
                     if bar is not None:
                         bar.close()
-                    path = self.save()
+                    path = self._save_mid_epoch(sums)
                     barrier(self.info)
                     raise TrainingInterrupted(
                         f"interrupted by {stop.signal_name} in epoch {self.epoch + 1} "
@@ -635,7 +720,7 @@ class _Run:
                         path,
                     )
                 if save_now and not last_step:
-                    self.save()
+                    self._save_mid_epoch(sums)
             if bar is not None:
                 bar.update(1)
             if cfg.debug_step_delay > 0:
@@ -687,10 +772,12 @@ class _Run:
                 if improved:
                     self.best_top1, self.best_epoch = row["val_top1"], ep
                 if self.main:
-                    self.save("last.pt")
+                    # last.pt last: a crash before it resumes from the previous checkpoint and
+                    # redoes the epoch, rewriting its metrics.csv row, curves and best.pt
+                    self._log_epoch(row)
                     if improved:
                         self.save("best.pt")
-                    self._log_epoch(row)
+                    self.save("last.pt")
                 stop_now = self._check(torch.zeros((), dtype=torch.bool, device=self.device), stop)[
                     1
                 ]

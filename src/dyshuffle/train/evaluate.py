@@ -40,7 +40,8 @@ def evaluate_checkpoint(
         split: ``"val"`` or ``"train"`` (the training images, without augmentation).
         batch_size: images per forward.
         device, amp: as in ``dyshuffle train``.
-        weights: ``"auto"`` (EMA when present), ``"model"`` or ``"ema"``.
+        weights: ``"auto"`` (the weights the run evaluated: its ``--eval-weights``, by default
+            the EMA when kept), ``"model"`` or ``"ema"``.
         permutation: ``"hard"``, ``"soft"`` or ``"both"`` (dynamic models).
         overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
             (``cache_dir``, ``loader``, ``val_subset``, ...).
@@ -51,7 +52,7 @@ def evaluate_checkpoint(
     """
     from dyshuffle.layers import permutation_mode
 
-    from .checkpoint import model_from_checkpoint
+    from .checkpoint import model_from_checkpoint, resolve_weights
     from .config import TrainConfig
     from .distributed import cleanup, setup
     from .engine import build_loaders, evaluate, has_dynamic_layers
@@ -61,7 +62,6 @@ def evaluate_checkpoint(
     if permutation not in ("hard", "soft", "both"):
         raise ValueError(f"unknown permutation {permutation!r}; valid: hard, soft, both")
     model, state = model_from_checkpoint(checkpoint, weights=weights)
-    has_ema = state.get("ema") is not None
     base = dict(state.get("config") or {})
     values = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
     if data is not None:
@@ -113,7 +113,7 @@ def evaluate_checkpoint(
             "data": cfg.data,
             "data_dir": cfg.data_dir,
             "split": split,
-            "weights": "ema" if weights == "ema" or (weights == "auto" and has_ema) else "model",
+            "weights": resolve_weights(state, weights),
             "epoch": state.get("epoch"),
         }
         dynamic = has_dynamic_layers(model)
@@ -158,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--weights", choices=("auto", "model", "ema"), default="auto")
+    p.add_argument(
+        "--weights",
+        choices=("auto", "model", "ema"),
+        default="auto",
+        help="auto: the weights the run evaluated (its --eval-weights; the EMA when kept)",
+    )
     p.add_argument("--permutation", choices=("both", "hard", "soft"), default="both")
     p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
     p.add_argument("--loader", choices=("auto", "memory", "workers"))
