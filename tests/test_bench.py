@@ -207,9 +207,26 @@ def test_variant_options():
         bench.split_variant("conv1x1:groups=2")
 
 
-def test_bad_arguments_name_the_valid_choices():
-    with pytest.raises(ValueError, match="conv1x1"):
-        bench.main(["--device", "cpu", "--variants", "nope", "--part", "layer"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variants", "nope"], "unknown variant 'nope'; valid names: fixed, .*conv1x1"),
+        (["--batch", "32", "0"], "--batch must be at least 1, got 0"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (
+            ["--models", "shufflenet_v2_x1_O"],
+            "unknown model 'shufflenet_v2_x1_O'.*shufflenet_v2_x1_0",
+        ),
+    ],
+)
+def test_bad_arguments_are_usage_errors_that_name_the_value(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--out-dir", str(tmp_path), *args])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
     with pytest.raises(ValueError, match="CHANNELSxSIZE"):
         bench._parse_shape("116-28")
 

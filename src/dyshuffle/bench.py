@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import difflib
 import gc
 import io
 import math
@@ -1147,6 +1148,28 @@ def _is_model_variant(variant: str, refs: dict[str, Any]) -> bool:
     return base in MODEL_VARIANTS and (mod is None or base == "dynamic")
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts and names that would only fail (or measure nothing) later: a usage error now."""
+    if args.from_csv:
+        return
+    for flag, value, low in (
+        ("--warmup", args.warmup, 0),
+        ("--repeats", args.repeats, 1),
+        ("--threads", args.threads, 1),
+        *(("--batch", b, 1) for b in args.batch or ()),
+    ):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    from dyshuffle.models import list_models
+
+    known = set(list_models())
+    for name in args.models:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            parser.error(f"unknown model {name!r} in --models{hint} (dyshuffle table lists them)")
+
+
 def _resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -1158,7 +1181,9 @@ def _resolve_device(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle bench``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in CPU_ENV if k in os.environ)
     command = args.command or (
         (env + " " if env else "") + "dyshuffle bench " + " ".join(shlex.quote(a) for a in argv)
@@ -1179,7 +1204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(out.getvalue())
         return 0
 
-    device = _resolve_device(args.device)
+    try:
+        device = _resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     if device == "cpu":
         torch.set_num_threads(args.threads)
         torch.set_flush_denormal(True)
@@ -1200,7 +1228,10 @@ def main(argv: list[str] | None = None) -> int:
     refs = {ref: load_ref_layers(ref) for ref in args.ref}
     variants = args.variants or [*DEFAULT_VARIANTS, *(f"dynamic@{ref}" for ref in refs)]
     for v in variants:
-        split_variant(v, refs)  # a valid name, a loaded ref, KEY=VALUE options
+        try:
+            split_variant(v, refs)  # a valid name, a loaded ref, KEY=VALUE options
+        except ValueError as e:
+            parser.error(str(e))
     if BASELINE not in variants:
         variants = [BASELINE, *variants]  # every ratio needs the fixed shuffle
     cfg = BenchConfig(
