@@ -159,3 +159,37 @@ def test_predict_a_truncated_image_is_reported(checkpoint, tmp_path, capsys):
     assert main([str(ckpt), str(truncated)]) == 2
     err = capsys.readouterr().err
     assert "truncated.jpg" in err and "not an image PIL can read" in err
+
+
+def test_preprocess_of_file_evaluated_models_is_the_file_loaders_evaluation(tmp_path):
+    """A run evaluated on image files (ImageNet, large folders) cropped its validation images
+    with the FileLoader; predict and inspect crop new images the same way."""
+    from dyshuffle.data import EVAL_CROP_FRACTION, FileLoader
+
+    rng = np.random.default_rng(2)
+    samples = []
+    for i, (w, h) in enumerate([(128, 96), (40, 90), (37, 37), (64, 65)]):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        samples.append((str(path), 0))
+    loader = FileLoader(
+        samples,
+        image_size=32,
+        batch_size=4,
+        train=False,
+        device="cpu",
+        mean=MEAN,
+        std=STD,
+        workers=0,
+    )
+    ((batch, _),) = list(loader.epoch(0))
+    assert loader.crop_fraction == EVAL_CROP_FRACTION < 1
+    mine = []
+    for path, _ in samples:
+        with Image.open(path) as im:
+            mine.append(preprocess(im, (3, 32, 32), MEAN, STD, EVAL_CROP_FRACTION))
+    torch.testing.assert_close(torch.stack(mine), batch, rtol=0, atol=1e-6)
+    with Image.open(samples[0][0]) as im:  # the in-memory evaluation differs for such images
+        assert not torch.allclose(preprocess(im, (3, 32, 32), MEAN, STD), batch[0], atol=0.1)
+    with pytest.raises(ValueError, match="crop_fraction must be in"):
+        preprocess(Image.new("RGB", (8, 8)), (3, 8, 8), MEAN, STD, 0)

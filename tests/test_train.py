@@ -219,6 +219,28 @@ def test_bad_option_values_are_named_before_the_run_folder_exists(
         assert code == 2 and named in err and not out.exists()
 
 
+def test_a_run_on_image_files_records_the_file_loaders_evaluation_crop(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from dyshuffle.data import EVAL_CROP_FRACTION
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["--data", "imagefolder", "--data-dir", str(tmp_path / "data"), "--loader", "workers",
+            "--workers", "0", "--image-size", "16", "--epochs", "1", "--batch-size", "4",
+            "--output", str(out), "--no-tensorboard", *FAST]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "last.pt")["eval_crop_fraction"] == EVAL_CROP_FRACTION < 1
+
+
 def test_bad_data_path_is_named_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(
@@ -324,6 +346,7 @@ def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
     state = load_checkpoint(out / "last.pt")
     assert set(REQUIRED_KEYS) <= set(state)
     assert state["class_names"] == CIFAR10_NAMES and state["input_size"] == [3, 32, 32]
+    assert state["eval_crop_fraction"] == 1.0  # in-memory evaluation: the images as they are
     assert state["model_args"]["mixer"] == "dynamic" and state["model_args"]["stem"] == "cifar"
     assert state["epoch"] == 3 and state["tau"] == pytest.approx(0.5)
     assert state["layer_defaults"] == layer_defaults()

@@ -9,10 +9,19 @@
 from .common import ArrayData, DatasetError, FileData, default_cache_dir
 from .datasets import DATASETS, LOADERS, channel_stats, list_datasets, load_data, resolve_loader
 from .folder import extract_once, parse_layout
-from .loaders import EpochPlan, FileLoader, InMemoryLoader, mix_seed, normalize, random_crop
+from .loaders import (
+    EVAL_CROP_FRACTION,
+    EpochPlan,
+    FileLoader,
+    InMemoryLoader,
+    mix_seed,
+    normalize,
+    random_crop,
+)
 
 __all__ = [
     "DATASETS",
+    "EVAL_CROP_FRACTION",
     "LOADERS",
     "ArrayData",
     "DatasetError",

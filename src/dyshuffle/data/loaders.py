@@ -21,7 +21,20 @@ from torch import Tensor
 
 from .common import DatasetError
 
-__all__ = ["EpochPlan", "FileLoader", "InMemoryLoader", "mix_seed", "normalize", "random_crop"]
+__all__ = [
+    "EVAL_CROP_FRACTION",
+    "EpochPlan",
+    "FileLoader",
+    "InMemoryLoader",
+    "mix_seed",
+    "normalize",
+    "random_crop",
+]
+
+#: evaluation of image files: the shorter side resized to ``size / EVAL_CROP_FRACTION``, then the
+#: center ``size`` crop (torchvision's ImageNet evaluation); in-memory images are already at
+#: their size (fraction 1)
+EVAL_CROP_FRACTION = 0.875
 
 
 def mix_seed(*parts: int) -> int:
@@ -139,6 +152,8 @@ class _EpochLength:
 class InMemoryLoader(_EpochLength):
     """Batches from uint8 images held on the training device, augmented on the device.
 
+    Evaluation takes the images as they are (decoded at their size: ``crop_fraction`` 1).
+
     Args:
         images: uint8 ``(N, C, H, W)``, already on the device.
         labels: int64 ``(N,)`` on the same device.
@@ -151,6 +166,9 @@ class InMemoryLoader(_EpochLength):
         seed, world_size, rank: see :class:`EpochPlan`.
         channels_last: return batches in channels-last memory format.
     """
+
+    #: evaluation crop: the center ``size`` of the shorter side resized to ``size / crop_fraction``
+    crop_fraction = 1.0
 
     def __init__(
         self,
@@ -262,6 +280,9 @@ class FileLoader(_EpochLength):
         workers: loader processes.
     """
 
+    #: evaluation crop: the center ``size`` of the shorter side resized to ``size / crop_fraction``
+    crop_fraction = EVAL_CROP_FRACTION
+
     def __init__(
         self,
         samples: list[tuple[str, int]],
@@ -286,7 +307,10 @@ class FileLoader(_EpochLength):
             if hflip:
                 ops.append(T.RandomHorizontalFlip())
         else:
-            ops = [T.Resize(round(image_size / 0.875), antialias=True), T.CenterCrop(image_size)]
+            ops = [
+                T.Resize(round(image_size / EVAL_CROP_FRACTION), antialias=True),
+                T.CenterCrop(image_size),
+            ]
         self.dataset = _Files(samples, T.Compose([*ops, T.PILToTensor()]))
         self.train, self.device, self.workers = train, torch.device(device), workers
         self.batch_size, self.seed, self.channels_last = batch_size, seed, channels_last

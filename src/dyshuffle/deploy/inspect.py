@@ -709,7 +709,7 @@ def _batches_from_data(
     max_samples: int | None,
 ) -> tuple[Iterable[tuple[Tensor, Tensor]], list[str]]:
     """Normalized validation batches of a data set known to :func:`dyshuffle.data.load_data`."""
-    from dyshuffle.data import ArrayData, load_data
+    from dyshuffle.data import EVAL_CROP_FRACTION, ArrayData, load_data
 
     data = load_data(spec, data_dir, image_size=int(input_size[-1]))
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
@@ -743,8 +743,8 @@ def _batches_from_data(
             chunk = samples[i : i + batch_size]
             xs = []
             for path, _ in chunk:
-                with Image.open(path) as im:
-                    xs.append(preprocess(im, input_size, mean, std))
+                with Image.open(path) as im:  # as the file loader evaluates them
+                    xs.append(preprocess(im, input_size, mean, std, EVAL_CROP_FRACTION))
             yield torch.stack(xs), torch.tensor([lab for _, lab in chunk])
 
     return gen_files(), list(data.class_names)

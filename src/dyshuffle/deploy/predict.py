@@ -1,9 +1,10 @@
 """``dyshuffle predict``: the top-5 classes of images with a checkpoint.
 
 Each image is converted to the checkpoint's channel count, its shorter side resized to the
-checkpoint's input size (bilinear), center-cropped to ``(H, W)`` (the evaluation transform of the
-data loaders) and normalized with the checkpoint's ``mean`` and ``std``. The model runs in
-``eval()``, where every dynamic shuffle applies its hard permutation.
+checkpoint's input size (bilinear; for models evaluated on image files, to the size over the
+checkpoint's ``eval_crop_fraction``), center-cropped to ``(H, W)`` (the evaluation transform of
+the data loader the run evaluated with) and normalized with the checkpoint's ``mean`` and
+``std``. The model runs in ``eval()``, where every dynamic shuffle applies its hard permutation.
 
     dyshuffle predict runs/cifar/last.pt cat.jpg ship.png
     dyshuffle predict runs/cifar/last.pt photos/        (every image file under the folder)
@@ -32,6 +33,7 @@ def preprocess(
     input_size: Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
+    crop_fraction: float = 1.0,
 ) -> Tensor:
     """A PIL image to a normalized ``(C, H, W)`` float tensor.
 
@@ -40,19 +42,32 @@ def preprocess(
         input_size: ``(C, H, W)``.
         mean: per-channel mean in ``[0, 1]`` units.
         std: per-channel standard deviation in ``[0, 1]`` units.
+        crop_fraction: 1 (the in-memory loaders' evaluation: the shorter side resized to the
+            crop) or, for models evaluated on image files, the file loader's fraction
+            (:data:`~dyshuffle.data.EVAL_CROP_FRACTION`: the shorter side resized to
+            ``H / crop_fraction`` with torchvision, then the center crop), as the checkpoint's
+            ``eval_crop_fraction`` says.
     """
     c, h, w = (int(s) for s in input_size)
     if c not in (1, 3):
         raise ValueError(f"images can feed models with 1 or 3 input channels, not {c}")
     if len(mean) != c or len(std) != c:
         raise ValueError(f"mean {list(mean)} and std {list(std)} need {c} values each")
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
     image = image.convert("RGB" if c == 3 else "L")
-    scale = max(h / image.height, w / image.width)  # shorter side to the crop side
-    size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.BILINEAR)
-    left, top = (image.width - w) // 2, (image.height - h) // 2
-    image = image.crop((left, top, left + w, top + h))
+    if crop_fraction != 1.0:  # the FileLoader's evaluation transform, exactly
+        from torchvision import transforms as T
+
+        resize = T.Resize(round(min(h, w) / crop_fraction), antialias=True)
+        image = T.CenterCrop((h, w))(resize(image))
+    else:
+        scale = max(h / image.height, w / image.width)  # shorter side to the crop side
+        size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.BILINEAR)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        image = image.crop((left, top, left + w, top + h))
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     x = x.reshape(h, w, c).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
     m = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         input_size = input_size_of(state)
         names, mean, std = fields_of(state, args.checkpoint, "class_names", "mean", "std")
         class_names = [str(c) for c in names]
+        crop_fraction = float(state.get("eval_crop_fraction", 1.0))  # (older checkpoints: 1)
     except CheckpointError as e:
         print(f"dyshuffle predict: {e}", file=sys.stderr)
         return 2
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         try:
             with Image.open(path) as im:
-                tensors.append(preprocess(im, input_size, mean, std))
+                tensors.append(preprocess(im, input_size, mean, std, crop_fraction))
         except FileNotFoundError:
             print(f"dyshuffle predict: image {path!r} does not exist", file=sys.stderr)
             return 2

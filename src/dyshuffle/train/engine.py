@@ -582,6 +582,8 @@ class _Run:
             "layer_defaults": layer_defaults(),
             "class_names": self.class_names,
             "input_size": list(self.input_size),
+            # how evaluation cropped the images (predict and inspect crop new ones alike)
+            "eval_crop_fraction": float(getattr(self.val_loader, "crop_fraction", 1.0)),
             "mean": list(data.mean),
             "std": list(data.std),
             "epoch": self.epoch,
