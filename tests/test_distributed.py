@@ -34,15 +34,21 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-def test_two_processes_keep_identical_weights_and_reduce_metrics(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+def run_two_processes(worker: str, folder) -> None:
+    """``torchrun --standalone --nproc_per_node=2`` of the script ``worker`` with ``folder`` as
+    its argument (one thread per process)."""
+    script = folder / "worker.py"
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path)]  # fmt: skip
+           str(script), str(folder)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_two_processes_keep_identical_weights_and_reduce_metrics(tmp_path):
+    run_two_processes(WORKER, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
     # identical parameters and (after averaging) BatchNorm statistics on both ranks
@@ -118,13 +124,7 @@ RESUME_WORKER = textwrap.dedent(
 def test_resume_mid_epoch_counts_the_samples_of_every_rank_once(tmp_path):
     """Two processes stopped in the middle of epoch 2 and resumed: the training metrics of that
     epoch are those of the uninterrupted run (the checkpoint holds the sums of both ranks)."""
-    script = tmp_path / "worker.py"
-    script.write_text(RESUME_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(RESUME_WORKER, tmp_path)
     stopped = load_checkpoint(tmp_path / "interrupted.pt")
     assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
     assert stopped["partial"]["sums"][2] == 2 * 32  # images of both ranks in the two steps
