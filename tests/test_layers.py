@@ -133,8 +133,29 @@ def test_choose_groups_errors_name_the_value():
         DynamicShuffle(116, mode="hard")
     with pytest.raises(ValueError, match="init 'zeros'"):
         DynamicShuffle(116, init="zeros")
-    with pytest.raises(ValueError, match="tau must be positive"):
-        DynamicShuffle(116, tau=0.0)
+    for tau in (0.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match=f"tau must be a positive finite number, got {tau}"):
+            DynamicShuffle(116, tau=tau)
+    for reduction in (0, 2.5, True):
+        with pytest.raises(
+            ValueError, match=f"reduction must be a positive integer, got {reduction}"
+        ):
+            DynamicShuffle(116, reduction=reduction)
+    with pytest.raises(
+        ValueError, match=r"groups=5 does not divide channels=48; valid groups: \[1, 2"
+    ):
+        ChannelShuffle(5, 48)
+    with pytest.raises(
+        ValueError,
+        match=r"groups=4 does not divide the 6 input channels; valid groups: \[1, 2, 3, 6\]",
+    ):
+        channel_shuffle(torch.randn(1, 6, 2, 2), 4)
+    with pytest.raises(
+        ValueError, match=r"out_factors must be two positive integers, got \(-4, -4\)"
+    ):
+        StaticDynamicShuffle(48, 36, out_factors=(-4, -4))
+    with pytest.raises(ValueError, match="sets cross_shuffle itself"):
+        StaticDynamicShuffle(48, cross_shuffle=True)
     with pytest.raises(ValueError, match="factor_grad 'gram'.*'channels'"):
         DynamicShuffle(116, factor_grad="gram")
     # a flag given as text (a command line's "false") is refused, not taken as True

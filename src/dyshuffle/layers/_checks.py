@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor
 
 MODES = ("soft", "ste")
@@ -28,8 +31,10 @@ def check_choice(value: str, valid: tuple[str, ...], what: str) -> str:
 
 
 def check_positive(value: float, what: str) -> float:
-    if not value > 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+    """``value`` when it is a positive finite number; else raise naming it."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return value
 
 

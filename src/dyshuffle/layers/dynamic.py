@@ -520,8 +520,10 @@ class DynamicShuffle(nn.Module):
         self.logit_cap = None if logit_cap is None else float(logit_cap)
         self.descriptor_norm = check_flag(descriptor_norm, "descriptor_norm")
         self.fused = check_flag(fused, "fused")
-        if reduction < 1:
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
+        if isinstance(min_hidden, bool) or not isinstance(min_hidden, int) or min_hidden < 1:
+            raise ValueError(f"min_hidden must be a positive integer, got {min_hidden!r}")
         self.reduction = reduction
         self.hidden = max(channels // reduction, min_hidden)
         self.factor_groups = 1 if self.shared else self.groups

@@ -75,6 +75,12 @@ class StaticDynamicShuffle(nn.Module):
         **dynamic_kwargs,
     ) -> None:
         super().__init__()
+        if "cross_shuffle" in dynamic_kwargs:
+            raise ValueError(
+                "StaticDynamicShuffle sets cross_shuffle itself (its permutation is applied "
+                f"within the groups of its static part); got cross_shuffle="
+                f"{dynamic_kwargs['cross_shuffle']!r}"
+            )
         self.static = check_choice(static, STATIC_FORMS, "static form")
         out_channels = in_channels if out_channels is None else out_channels
         if not isinstance(out_channels, int) or out_channels < 1:
@@ -104,6 +110,10 @@ class StaticDynamicShuffle(nn.Module):
         n_out = out_channels // g
         if out_factors is None:
             out_factors = (a_in, b_in) if n_out == a_in * b_in else factor_pair(n_out)
+        if len(out_factors) != 2 or any(
+            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in out_factors
+        ):
+            raise ValueError(f"out_factors must be two positive integers, got {out_factors!r}")
         a_out, b_out = out_factors
         if a_out * b_out != n_out:
             raise ValueError(

@@ -25,7 +25,10 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
         raise ValueError(f"channel_shuffle expects (N, C, H, W), got shape {tuple(x.shape)}")
     c = x.shape[1]
     if not isinstance(groups, int) or groups < 1 or c % groups:
-        raise ValueError(f"groups={groups!r} does not divide the {c} input channels")
+        raise ValueError(
+            f"groups={groups!r} does not divide the {c} input channels; valid groups: "
+            f"{[d for d in range(1, c + 1) if c % d == 0]}"
+        )
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
     return F.channel_shuffle(x, groups)
@@ -44,7 +47,10 @@ class ChannelShuffle(nn.Module):
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         if channels is not None and channels % groups:
-            raise ValueError(f"groups={groups} does not divide channels={channels}")
+            raise ValueError(
+                f"groups={groups} does not divide channels={channels}; valid groups: "
+                f"{[d for d in range(1, channels + 1) if channels % d == 0]}"
+            )
         self.groups = groups
 
     def forward(self, x: Tensor) -> Tensor:
