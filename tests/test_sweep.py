@@ -193,6 +193,16 @@ def test_a_runs_own_seeds_replace_the_files_and_keep_its_label(tmp_path, monkeyp
         assert 'run 1 (mixer="dynamic")' in err and f"got {bad!r}" in err
 
 
+def test_an_unknown_set_option_is_named_with_the_closest_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": "digits"}))
+    spec = {"name": "x", "base": "base.yaml", "runs": [{"mixer": "shuffle"}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["s.yaml", "--dry-run", "--set", "seeed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option 'seeed' (did you mean 'seed'?)" in err and "Traceback" not in err
+
+
 def test_bad_shard_names_the_value(capsys):
     for bad in ("2/2", "x", "1/0"):
         assert main(["unused.yaml", "--dry-run", "--shard", bad]) == 2

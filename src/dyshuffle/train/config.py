@@ -403,6 +403,8 @@ def resolve_config(
     if yaml_path:
         values.update(load_yaml(yaml_path))
     for k, v in cli.items():
+        if k not in _FIELDS:  # (dyshuffle sweep --set KEY=VALUE, or a caller's dict)
+            raise _unknown(k, [n for n in _FIELDS if n not in _HIDDEN], "option", "command line")
         values[k] = _check_value(k, v, "command line")
     return TrainConfig(**values).validate()
 
