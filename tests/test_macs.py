@@ -159,6 +159,18 @@ def test_model_table_command(tmp_path):
     assert main(["--models", "resnet*", "--output", str(out)]) == 2
 
 
+def test_model_table_of_a_pattern_goes_to_standard_output_unless_a_file_is_named(
+    tmp_path, monkeypatch, capsys
+):
+    """A partial table never replaces docs/MODELS.md unasked."""
+    from dyshuffle.tools.model_table import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--models", "shufflenet_v2_x0_5"]) == 0
+    assert "| `shufflenet_v2_x0_5` |" in capsys.readouterr().out
+    assert not (tmp_path / "docs").exists()
+
+
 @pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "mobilenet_v2"])
 def test_replaced_params_are_the_replaced_pointwise_layers(name):
     conv = create_model(name, pointwise="conv")

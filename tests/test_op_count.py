@@ -36,6 +36,17 @@ def test_main_prints_one_row_per_mixer_and_rejects_bad_options(capsys):
     assert e.value.code == 2 and "bogus" in capsys.readouterr().err
 
 
+def test_extra_operators_are_counted_against_the_fixed_shuffle_in_any_order(capsys):
+    argv = ["--model", "shufflenet_v2_x0_5", "--batch", "2", "--mixers"]
+    tables = []
+    for mixers in (["shuffle", "learned"], ["learned", "shuffle"]):
+        assert main([*argv, *mixers]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        tables.append({r.split("|")[1].strip(): r for r in rows[1:]})
+    assert tables[0] == tables[1]
+    assert not tables[0]["learned"].rstrip(" |").endswith("0.0 / 0.0")
+
+
 def test_accelerator_path_by_default_and_the_cpu_path_on_request(capsys):
     import dyshuffle.layers.dynamic as dynamic_module
 

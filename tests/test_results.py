@@ -54,6 +54,19 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_records([path])
 
 
+def test_a_line_that_is_json_but_no_object_names_file_and_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(record("shuffle", 0, 0.5)) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"runs.jsonl:2: not a JSON object \(a list\)"):
+        read_records([path])
+
+
+def test_a_seed_recorded_twice_counts_once_with_its_last_record():
+    rows = [record("shuffle", 0, 80.0), record("shuffle", 1, 82.0), record("shuffle", 0, 90.0)]
+    text = render_results(rows, ["runs.jsonl"])
+    assert text == render_results(rows[1:], ["runs.jsonl"])
+
+
 def test_table_mean_spread_and_delta():
     rows = [record("shuffle", s, v) for s, v in enumerate([80.0, 82.0])]
     rows += [record("dynamic", s, v, top1_soft=v + 1.0) for s, v in enumerate([85.0, 87.0])]

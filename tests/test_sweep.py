@@ -123,6 +123,32 @@ def test_a_run_folder_left_by_a_crash_is_resumed(tmp_path, monkeypatch, capsys):
     assert again["top1_hard"] == first["top1_hard"] and again["params"] == first["params"]
 
 
+def test_force_reruns_a_finished_run_and_the_report_reads_any_records_file(
+    tmp_path, monkeypatch, capsys
+):
+    """--force trains a finished run again (its folder moved aside), and the report counts the
+    seed once; a records file of any name is in its report."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(data="digits", epochs=1, train_subset=128, val_subset=64, progress=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "tensorboard": False}))
+    spec = dict(name="f", base="base.yaml", records="r/mine.jsonl", report="r/R.md",
+                runs=[{"mixer": "shuffle"}])  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["s.yaml"]) == 0
+    assert "| shuffle |" in (tmp_path / "r/R.md").read_text()
+    capsys.readouterr()
+    assert main(["s.yaml", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "--force: the finished run moved to" in out
+    first, second = map(json.loads, (tmp_path / "r/mine.jsonl").read_text().splitlines())
+    assert second["seed"] == first["seed"] and second["train_seconds"] != first["train_seconds"]
+    assert len(list((tmp_path / "runs/sweeps/f/mixer=shuffle").glob("seed0.replaced-*"))) == 1
+    rows = [
+        line for line in (tmp_path / "r/R.md").read_text().splitlines() if "| shuffle |" in line
+    ]
+    assert len(rows) == 1 and "| 1 |" in rows[0]  # one seed, the rerun's record
+
+
 def _dry_run_commands(argv: list[str], capsys) -> list[str]:
     capsys.readouterr()
     assert main([*argv, "--dry-run"]) == 0

@@ -69,9 +69,13 @@ def read_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{p}:{number}: not a JSON object ({e.msg})") from e
+                if not isinstance(record, dict):
+                    kind = type(record).__name__
+                    raise ValueError(f"{p}:{number}: not a JSON object (a {kind})")
+                records.append(record)
     return records
 
 
@@ -103,13 +107,15 @@ class Group:
 
 
 def group_records(records: Sequence[dict[str, Any]]) -> list[Group]:
-    """Group runs that differ only by seed (and by measured values).
+    """Group runs that differ only by seed (and by measured values); of records of the same
+    configuration and seed, the last one.
 
     The parameter count is part of the key: runs with the same options but different defaults
     (a layer's default changed between commits) are different models and stay apart.
     """
     groups: dict[tuple, Group] = {}
-    for r in records:
+    latest: dict[tuple, int] = {}  # a seed run again (sweep --force): its last record counts
+    for i, r in enumerate(records):
         key = (
             r["dataset"],
             r["model"],
@@ -122,7 +128,9 @@ def group_records(records: Sequence[dict[str, Any]]) -> list[Group]:
             # a default changed between runs: same options, another architecture
             int(r["params"]),
         )
-        groups.setdefault(key, Group(key)).records.append(r)
+        latest[(key, r.get("seed"))] = i
+    for (key, _), i in sorted(latest.items(), key=lambda item: item[1]):
+        groups.setdefault(key, Group(key)).records.append(records[i])
     return list(groups.values())
 
 

@@ -277,8 +277,15 @@ def run_sweep(
             continue
         resume = None
         if (out / "last.pt").exists():  # an interrupted run of this sweep: continue it
-            print(f"[sweep] resuming {out}", flush=True)
             resume = load_checkpoint(out / "last.pt")
+            finished = int(resume.get("epoch", 0)) >= cfg.epochs and not resume.get("step_in_epoch")
+            if force and finished:  # a rerun asked for: the finished run's folder moves aside
+                aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                out.rename(aside)
+                print(f"[sweep] --force: the finished run moved to {aside}", flush=True)
+                resume = None
+            else:
+                print(f"[sweep] resuming {out}", flush=True)
         t0 = time.monotonic()
         result = train(cfg, resume=resume, command=command).results
         longest = max(longest, time.monotonic() - t0)
@@ -312,7 +319,8 @@ def run_sweep(
         if note:
             record["note"] = note
         append_record(records_path, record)
-        write_report(report, sorted(records_path.parent.glob("*_runs.jsonl")))
+        # the records file itself and the record files beside it (results/*_runs.jsonl)
+        write_report(report, sorted({records_path, *records_path.parent.glob("*_runs.jsonl")}))
         new.append(record)
     return new
 

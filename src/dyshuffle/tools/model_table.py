@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "(ImageNet and CIFAR stems) with the dynamic-over-fixed overhead in percent.",
     )
     parser.add_argument(
-        "--output", default="docs/MODELS.md", help="Markdown file to write ('-': standard output)"
+        "--output",
+        default=None,
+        help="Markdown file to write ('-': standard output; default: docs/MODELS.md for all "
+        "models, standard output for a --models pattern)",
     )
     parser.add_argument(
         "--models", default="*", help="fnmatch pattern of model names (default: all)"
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         help="do not write; exit 1 when --output differs from what would be written",
     )
     args = parser.parse_args(argv)
+    if args.output is None:  # a partial table never replaces the full one unasked
+        args.output = "docs/MODELS.md" if args.models == "*" else "-"
     try:
         text = build(args.models)
     except ValueError as err:
