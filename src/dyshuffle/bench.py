@@ -968,7 +968,11 @@ def markdown_section(
     extra = ", ".join(x for x in (f"commit {commit}" if commit else "", extra) if x)
     cond = (
         f"device **{r0.get('device', '?')}** ({r0.get('device_name', '?')}"
-        + (f", {r0.get('threads')} threads" if r0.get("threads") not in (None, "") else "")
+        + (
+            f", {r0.get('threads')} thread{'' if str(r0.get('threads')) == '1' else 's'}"
+            if r0.get("threads") not in (None, "")
+            else ""
+        )
         + f"), precision **{r0.get('precision', '?')}**, layout **{r0.get('layout', '?')}**, "
         f"torch {r0.get('torch', '?')}, compile {r0.get('compile', 'none')}"
         + (f", {r0.get('cpu_env')}" if r0.get("cpu_env") else "")
@@ -1151,6 +1155,9 @@ def _is_model_variant(variant: str, refs: dict[str, Any]) -> bool:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Counts and names that would only fail (or measure nothing) later: a usage error now."""
     if args.from_csv:
+        for path in args.from_csv:
+            if not Path(path).is_file():
+                parser.error(f"--from-csv {path!r} does not exist")
         return
     for flag, value, low in (
         ("--warmup", args.warmup, 0),
