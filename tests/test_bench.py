@@ -219,6 +219,7 @@ def test_variant_options():
             ["--models", "shufflenet_v2_x1_O"],
             "unknown model 'shufflenet_v2_x1_O'.*shufflenet_v2_x1_0",
         ),
+        (["--from-csv", "missing.csv"], "--from-csv 'missing.csv' does not exist"),
     ],
 )
 def test_bad_arguments_are_usage_errors_that_name_the_value(args, message, capsys, tmp_path):
