@@ -108,12 +108,14 @@ RESUME_WORKER = textwrap.dedent(
     try:
         run("resumed")
         raise SystemExit("not interrupted")
-    except engine.TrainingInterrupted:
-        pass
+    except engine.TrainingInterrupted as e:
+        message = str(e)
     engine._Run._check = check
     last = os.path.join(out, "resumed", "last.pt")
     if info.rank == 0:
         shutil.copy(last, os.path.join(out, "interrupted.pt"))
+        with open(os.path.join(out, "interrupted.txt"), "w") as f:
+            f.write(message)
     run("resumed", load_checkpoint(last))
     cleanup()
     """
@@ -125,6 +127,8 @@ def test_resume_mid_epoch_counts_the_samples_of_every_rank_once(tmp_path):
     """Two processes stopped in the middle of epoch 2 and resumed: the training metrics of that
     epoch are those of the uninterrupted run (the checkpoint holds the sums of both ranks)."""
     run_two_processes(RESUME_WORKER, tmp_path)
+    hint = "torchrun --nproc_per_node=2 -m dyshuffle.cli train --resume "
+    assert hint + str(tmp_path / "resumed") in (tmp_path / "interrupted.txt").read_text()
     stopped = load_checkpoint(tmp_path / "interrupted.pt")
     assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
     assert stopped["partial"]["sums"][2] == 2 * 32  # images of both ranks in the two steps

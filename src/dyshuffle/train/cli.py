@@ -11,6 +11,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dyshuffle train: {e}", file=sys.stderr)
         return EXIT_NAN
     except TrainingInterrupted as e:
-        print(f"dyshuffle train: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once, not from every process of torchrun
+            print(f"dyshuffle train: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

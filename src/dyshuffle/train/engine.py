@@ -718,7 +718,7 @@ class _Run:
                     raise TrainingInterrupted(
                         f"interrupted by {stop.signal_name} in epoch {self.epoch + 1} "
                         f"after step {self.step_in_epoch}/{steps}; checkpoint saved to {path}; "
-                        f"continue with: dyshuffle train --resume {self.run_dir}",
+                        f"continue with: {self._resume_command()}",
                         path,
                     )
                 if save_now and not last_step:
@@ -788,10 +788,19 @@ class _Run:
                     raise TrainingInterrupted(
                         f"interrupted by {stop.signal_name} at the end of epoch {ep}; checkpoint "
                         f"saved to {self.run_dir / 'last.pt'}; continue with: "
-                        f"dyshuffle train --resume {self.run_dir}",
+                        f"{self._resume_command()}",
                         self.run_dir / "last.pt",
                     )
         return self._finish()
+
+    def _resume_command(self) -> str:
+        """How to continue this run (under torchrun, with torchrun: any number of processes)."""
+        if self.info.enabled:
+            return (
+                f"torchrun --nproc_per_node={self.info.world_size} -m dyshuffle.cli train "
+                f"--resume {self.run_dir}"
+            )
+        return f"dyshuffle train --resume {self.run_dir}"
 
     def _print_header(self) -> None:
         from dyshuffle.macs import count_params
