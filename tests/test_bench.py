@@ -232,6 +232,20 @@ def test_bad_arguments_are_usage_errors_that_name_the_value(args, message, capsy
         bench._parse_shape("116-28")
 
 
+@pytest.mark.parametrize(
+    "args, device, expected",
+    [
+        ([], "cpu", ([1, 32, 256], 2, 10)),
+        ([], "cuda", ([1, 32, 256, 1024], 2, 10)),
+        (["--quick"], "cpu", ([1, 32], 1, 5)),
+        (["--quick", "--repeats", "20", "--batch", "256"], "cpu", ([256], 1, 20)),
+        (["--warmup", "0", "--batch", "8"], "cuda", ([8], 0, 10)),
+    ],
+)
+def test_quick_sets_only_what_is_not_given(args, device, expected):
+    assert bench._schedule(bench._parser().parse_args(args), device) == expected
+
+
 def test_gpu_path_needs_only_torch(tmp_path):
     """scripts/gpu_bench.sh runs on a bare machine: nothing beyond torch on the benchmark's path."""
     import subprocess

@@ -390,6 +390,19 @@ def test_evaluate_uses_the_weights_the_run_evaluated(tmp_path, capsys):
     assert all(torch.equal(v, state["ema"][k]) for k, v in model.state_dict().items())
     assert evaluate_cli.main([str(out), "--weights", "ema", "--json", str(ev_json)]) == 0
     assert json.loads(ev_json.read_text())["weights"] == "ema"
+    # --threads: the same numbers with one thread (the test restores the count)
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            evaluate_cli.main([str(out / "best.pt"), "--threads", "1", "--json", str(ev_json)]) == 0
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(ev_json.read_text())["top1"] == res["top1"]
+    capsys.readouterr()
+    assert evaluate_cli.main([str(out), "--threads", "-1"]) == 2
+    assert "--threads must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_bf16_channels_last_run_keeps_float32_weights(tmp_path, capsys):

@@ -1088,8 +1088,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="skip model configurations MODEL/STEM/BATCH matching a regex",
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 2; --quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 10; --quick: 5)")
     p.add_argument(
         "--min-block-ms",
         type=float,
@@ -1113,7 +1113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="batches 1 and 32, 5 repeats, 1 warm-up: a CPU run of a few minutes",
+        help="batches 1 and 32, 5 repeats, 1 warm-up (unless given): a CPU run of a few minutes",
     )
     p.add_argument("--out-dir", default="results/bench", help="folder of the CSV files")
     p.add_argument(
@@ -1160,8 +1160,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 parser.error(f"--from-csv {path!r} does not exist")
         return
     for flag, value, low in (
-        ("--warmup", args.warmup, 0),
-        ("--repeats", args.repeats, 1),
+        ("--warmup", 0 if args.warmup is None else args.warmup, 0),
+        ("--repeats", 1 if args.repeats is None else args.repeats, 1),
         ("--threads", args.threads, 1),
         *(("--batch", b, 1) for b in args.batch or ()),
     ):
@@ -1175,6 +1175,17 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             parser.error(f"unknown model {name!r} in --models{hint} (dyshuffle table lists them)")
+
+
+def _schedule(args: argparse.Namespace, device: str) -> tuple[list[int], int, int]:
+    """Batch sizes, warm-up and timed runs: what was given, else the defaults (``--quick``:
+    batches up to 32, 1 warm-up, 5 runs)."""
+    batches = args.batch or ([1, 32, 256] if device == "cpu" else [1, 32, 256, 1024])
+    if args.quick and not args.batch:
+        batches = [b for b in batches if b <= 32] or batches[:1]
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
+    return batches, warmup, repeats
 
 
 def _resolve_device(name: str) -> str:
@@ -1227,11 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     else:
         torch.backends.cudnn.benchmark = True
-    batches = args.batch or ([1, 32, 256] if device == "cpu" else [1, 32, 256, 1024])
-    warmup, repeats = args.warmup, args.repeats
-    if args.quick:
-        batches = [b for b in batches if b <= 32] or batches[:1]
-        warmup, repeats = 1, 5
+    batches, warmup, repeats = _schedule(args, device)
     refs = {ref: load_ref_layers(ref) for ref in args.ref}
     variants = args.variants or [*DEFAULT_VARIANTS, *(f"dynamic@{ref}" for ref in refs)]
     for v in variants:

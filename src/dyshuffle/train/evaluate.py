@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int)
     p.add_argument("--val-subset", type=int, help="evaluate the first N of a fixed random order")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (default 0: PyTorch's own choice)"
+    )
     args = p.parse_args(argv)
     overrides = {
         k: getattr(args, k)
@@ -178,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     from dyshuffle.data import DatasetError
 
+    if args.threads < 0:
+        print(
+            f"dyshuffle evaluate: error: --threads must be 0 or more, got {args.threads}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         out = evaluate_checkpoint(
             args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
