@@ -1160,12 +1160,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 parser.error(f"--from-csv {path!r} does not exist")
         return
     for flag, value, low in (
-        ("--warmup", 0 if args.warmup is None else args.warmup, 0),
-        ("--repeats", 1 if args.repeats is None else args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+        ("--repeats", args.repeats, 1),
         ("--threads", args.threads, 1),
         *(("--batch", b, 1) for b in args.batch or ()),
     ):
-        if value < low:
+        if value is not None and value < low:  # (None: the default)
             parser.error(f"{flag} must be at least {low}, got {value}")
     from dyshuffle.models import list_models
 

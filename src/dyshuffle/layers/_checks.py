@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 from torch import Tensor
 
@@ -36,6 +37,25 @@ def check_positive(value: float, what: str) -> float:
     if not (real and value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return value
+
+
+def integer(value: object) -> int | None:
+    """``value`` as a Python ``int`` when it is an integer (NumPy's too; not a ``bool``), else
+    ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_positive_int(value: object, what: str) -> int:
+    """``value`` as an ``int`` when it is a positive integer; else raise naming it."""
+    n = integer(value)
+    if n is None or n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return n
 
 
 def check_flag(value: object, what: str) -> bool:

@@ -28,6 +28,7 @@ from ._checks import (
     check_flag,
     check_input,
     check_positive,
+    check_positive_int,
 )
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
@@ -520,12 +521,8 @@ class DynamicShuffle(nn.Module):
         self.logit_cap = None if logit_cap is None else float(logit_cap)
         self.descriptor_norm = check_flag(descriptor_norm, "descriptor_norm")
         self.fused = check_flag(fused, "fused")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
-        if isinstance(min_hidden, bool) or not isinstance(min_hidden, int) or min_hidden < 1:
-            raise ValueError(f"min_hidden must be a positive integer, got {min_hidden!r}")
-        self.reduction = reduction
-        self.hidden = max(channels // reduction, min_hidden)
+        self.reduction = check_positive_int(reduction, "reduction")
+        self.hidden = max(channels // self.reduction, check_positive_int(min_hidden, "min_hidden"))
         self.factor_groups = 1 if self.shared else self.groups
         self.num_logits = self.factor_groups * (self.a**2 + self.b**2)
         #: orthogonal regularizer of the last training forward (see :func:`orthogonal_loss`)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Sequence
 from functools import cache
 
 import torch
 from torch import Tensor
+
+from ._checks import check_positive_int, integer
 
 __all__ = [
     "EXACT_ASSIGNMENT_MAX",
@@ -49,17 +50,6 @@ def factor_pair(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-def _integer(value: object) -> int | None:
-    """``value`` as a Python ``int`` when it is an integer (NumPy's too; not a ``bool``), else
-    ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def choose_groups(
     channels: int,
     groups: int | None = None,
@@ -83,20 +73,18 @@ def choose_groups(
     Raises:
         ValueError: naming the bad value and the valid choices.
     """
-    if _integer(channels) is None or channels < 1:
-        raise ValueError(f"channels must be a positive integer, got {channels!r}")
-    channels = _integer(channels)
+    channels = check_positive_int(channels, "channels")
     if groups is not None:
-        if _integer(groups) is None or groups < 1 or channels % groups:
+        if integer(groups) is None or groups < 1 or channels % groups:
             raise ValueError(
                 f"groups={groups!r} does not divide channels={channels}; "
                 f"valid groups: {_divisors(channels)}"
             )
-        groups = _integer(groups)
+        groups = integer(groups)
     if factors is not None:
-        if len(factors) != 2 or any(_integer(f) is None or f < 1 for f in factors):
+        if len(factors) != 2 or any(integer(f) is None or f < 1 for f in factors):
             raise ValueError(f"factors must be two positive integers (a, b), got {factors!r}")
-        factors = (_integer(factors[0]), _integer(factors[1]))
+        factors = (integer(factors[0]), integer(factors[1]))
         n = factors[0] * factors[1]
         if channels % n:
             raise ValueError(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_flag, check_input
+from ._checks import check_choice, check_flag, check_input, integer
 from .dynamic import DynamicShuffle
 from .permutation import _divisors, choose_groups, factor_pair
 from .shuffle import channel_shuffle
@@ -110,11 +110,9 @@ class StaticDynamicShuffle(nn.Module):
         n_out = out_channels // g
         if out_factors is None:
             out_factors = (a_in, b_in) if n_out == a_in * b_in else factor_pair(n_out)
-        if len(out_factors) != 2 or any(
-            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in out_factors
-        ):
+        if len(out_factors) != 2 or any(integer(f) is None or f < 1 for f in out_factors):
             raise ValueError(f"out_factors must be two positive integers, got {out_factors!r}")
-        a_out, b_out = out_factors
+        a_out, b_out = map(integer, out_factors)
         if a_out * b_out != n_out:
             raise ValueError(
                 f"out_factors={tuple(out_factors)} multiply to {a_out * b_out}, but "

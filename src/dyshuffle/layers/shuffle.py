@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .permutation import _divisors
+
 __all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]
 
 
@@ -27,7 +29,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     if not isinstance(groups, int) or groups < 1 or c % groups:
         raise ValueError(
             f"groups={groups!r} does not divide the {c} input channels; valid groups: "
-            f"{[d for d in range(1, c + 1) if c % d == 0]}"
+            f"{_divisors(c)}"
         )
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
@@ -49,7 +51,7 @@ class ChannelShuffle(nn.Module):
         if channels is not None and channels % groups:
             raise ValueError(
                 f"groups={groups} does not divide channels={channels}; valid groups: "
-                f"{[d for d in range(1, channels + 1) if channels % d == 0]}"
+                f"{_divisors(channels)}"
             )
         self.groups = groups
 

@@ -143,14 +143,8 @@ def _table(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "| extra compute ops per layer, infer / train |"
     )
     print("|---|---|---|---|---|")
-    # extra operators are counted against the fixed shuffle (measured first), else the first mixer
-    specs = list(args.mixers)
-    first = next((i for i, spec in enumerate(specs) if _mixer(spec)[0] == "shuffle"), 0)
-    order = [first, *(i for i in range(len(specs)) if i != first)]
-    rows: dict[int, str] = {}
-    base = None
-    for i in order:
-        spec = specs[i]
+    counted = []
+    for spec in args.mixers:
         name, kwargs = _mixer(spec)
         try:
             model = create_model(
@@ -159,19 +153,18 @@ def _table(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             p.error(f"mixer {spec!r}: {e}")
         layers = sum(isinstance(m, DynamicShuffle) for m in model.modules())
-        infer, train = count_ops(model, x, False), count_ops(model, x, True)
-        if base is None:
-            base = (infer, train)
+        counted.append((spec, name, layers, count_ops(model, x, False), count_ops(model, x, True)))
+    # the extra operators: over the fixed shuffle when it is listed, else over the first mixer
+    base = next((c for c in counted if c[1] == "shuffle"), counted[0])[3:]
+    for spec, _, layers, infer, train in counted:
         extra = "-"
         if layers:
             extra = (
                 f"{(infer[1] - base[0][1]) / layers:.1f} / {(train[1] - base[1][1]) / layers:.1f}"
             )
-        rows[i] = (
+        print(
             f"| {spec} | {layers} | {infer[0]} ({infer[1]}) | {train[0]} ({train[1]}) | {extra} |"
         )
-    for i in range(len(specs)):  # in the order given
-        print(rows[i])
     return 0
 
 

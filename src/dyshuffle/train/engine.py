@@ -538,8 +538,7 @@ class _Run:
             return
         write_metrics(self.run_dir / "metrics.csv", self.history)
         if self.epoch >= self.cfg.epochs:  # nothing left to train: the final curves
-            title = f"{self.cfg.model} {self.cfg.mixer} on {self.cfg.data}"
-            plot_curves(self.run_dir / "curves.png", self.history, title)
+            self._plot_curves()
         if self.step_in_epoch == 0 and self.best_epoch == self.epoch:
             best = self.run_dir / "best.pt"
             try:
@@ -843,9 +842,12 @@ class _Run:
             self.writer.flush()
         # the figure costs about a second: redraw it at most once a minute and after the last epoch
         if row["epoch"] == cfg.epochs or time.time() - self._last_plot > 60:
-            title = f"{cfg.model} {cfg.mixer} on {cfg.data}"
-            plot_curves(self.run_dir / "curves.png", self.history, title)
+            self._plot_curves()
             self._last_plot = time.time()
+
+    def _plot_curves(self) -> None:
+        title = f"{self.cfg.model} {self.cfg.mixer} on {self.cfg.data}"
+        plot_curves(self.run_dir / "curves.png", self.history, title)
 
     def _finish(self) -> TrainResult:
         from dyshuffle.layers import permutation_mode
