@@ -149,6 +149,38 @@ def test_force_reruns_a_finished_run_and_the_report_reads_any_records_file(
     assert len(rows) == 1 and "| 1 |" in rows[0]  # one seed, the rerun's record
 
 
+def test_a_set_option_that_changes_training_is_another_run(tmp_path, monkeypatch, capsys):
+    """`--set epochs=2` after a 1-epoch sweep trains again, in its own folder, and the report
+    keeps the two apart; `--set threads=2` (how, not what) leaves the recorded run recorded."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(data="digits", epochs=1, train_subset=128, val_subset=64, progress=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "tensorboard": False}))
+    spec = dict(name="s", base="base.yaml", records="r/x_runs.jsonl", report="r/R.md",
+                runs=[{"mixer": "shuffle"}, {"mixer": "shuffle", "lr": 0.05}])  # fmt: skip
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["s.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["s.yaml", "--set", "threads=2"]) == 0
+    assert capsys.readouterr().out.count("already recorded on cpu") == 2
+    assert main(["s.yaml", "--set", "epochs=2", "--set", "lr=0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "already recorded" not in out and "resuming" not in out
+    records = [json.loads(line) for line in (tmp_path / "r/x_runs.jsonl").read_text().splitlines()]
+    assert [(r["epochs"], r["options"]) for r in records] == [
+        (1, {}),
+        (1, {"lr": 0.05}),
+        (2, {"lr": 0.2}),
+        (2, {"lr": 0.05}),  # the run's own option wins over --set, as in training
+    ]
+    assert records[2]["sweep_settings"] == {"epochs": 2, "lr": 0.2}
+    assert (tmp_path / "runs/sweeps/s/epochs=2,lr=0.2,mixer=shuffle/seed0/last.pt").is_file()
+    report = (tmp_path / "r/R.md").read_text().splitlines()
+    assert len([line for line in report if "| shuffle |" in line]) == 4
+    capsys.readouterr()
+    assert main(["s.yaml", "--set", "epochs=2", "--set", "lr=0.2"]) == 0
+    assert capsys.readouterr().out.count("already recorded on cpu") == 2
+
+
 def _dry_run_commands(argv: list[str], capsys) -> list[str]:
     capsys.readouterr()
     assert main([*argv, "--dry-run"]) == 0

@@ -19,6 +19,12 @@ already recorded for the same sweep, run, seed and device (the CUDA card's name,
 skipped, so an interrupted sweep continues where it stopped, and a machine of another kind runs
 its own baselines. ``RESULTS.md`` is regenerated from all record files after each run.
 
+``--set key=value`` applies an option to every run that does not set it itself. One that
+changes what a run learns (``epochs``, ``lr``, ``mixer_kwargs`` ...) makes other runs: it is part
+of their labels, folders and recorded options, so the runs recorded without it are neither
+skipped for them nor averaged with them; one that only says where or how a run goes
+(``data_dir``, ``workers``, ``threads`` ...: ``NEUTRAL_KEYS``) does not.
+
 A run's own ``seeds`` replace the file's for that run (a question answered on one seed stays on
 one seed when the file is run again); ``--seeds`` on the command line replaces both.
 
@@ -55,6 +61,9 @@ SPEC_KEYS = ("name", "base", "dataset", "records", "seeds", "set", "runs", "repo
 MODEL_KEYS = ("model", "mixer", "pointwise")
 #: run options that are not about the method (kept out of the configuration's label)
 PLUMBING_KEYS = ("data_dir", "output", "progress", "tensorboard", "cache_dir", "device", "workers")
+#: options that change where and how a run is seen, never what it learns: a ``--set`` of one of
+#: them leaves a recorded run recorded (e.g. ``data_dir``, which differs from machine to machine)
+NEUTRAL_KEYS = (*PLUMBING_KEYS, "threads", "log_every", "save_every_steps", "debug_step_delay")
 
 
 class SweepSpec:
@@ -148,7 +157,7 @@ def run_label(run: dict[str, Any]) -> str:
 def _method_options(cfg_run: dict[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in cfg_run.items():
-        if key in MODEL_KEYS or key in PLUMBING_KEYS or key == "seed":
+        if key in MODEL_KEYS or key in PLUMBING_KEYS or key in ("seed", "epochs"):
             continue
         if key == "mixer_kwargs":
             options.update({f"mixer.{k}": v for k, v in value.items()})
@@ -255,7 +264,12 @@ def run_sweep(
         k, w = shard
         jobs = jobs[k::w]  # positions i with i % w == k
         print(f"[sweep] shard {k}/{w}: {len(jobs)} job(s) of this sweep", flush=True)
+    # a --set option that changes what a run learns (epochs, lr, a mixer option ...) makes
+    # another run: part of its label (so the run recorded without it is not taken for it), of
+    # its folder and of its record's options (so the report does not average the two)
+    changing = {k: v for k, v in (extra or {}).items() if k not in NEUTRAL_KEYS}
     for seed, run in jobs:
+        run = {**changing, **run}  # the run's own options win, as in training
         label = run_label(run)
         elapsed = time.monotonic() - start
         if time_budget and not dry_run and elapsed + longest > time_budget:
@@ -299,7 +313,7 @@ def run_sweep(
             "options": _method_options(run),
             "recipe": spec.name,
             "base": spec.base,
-            "sweep_settings": spec.common,
+            "sweep_settings": {**spec.common, **(extra or {})},
             "seed": seed,
             "epochs": cfg.epochs,
             "top1_hard": result["top1"],
