@@ -128,6 +128,53 @@ def test_markdown_section_is_written_once_and_keeps_the_rest(tiny_run, tmp_path)
     assert again.count("| layer | C24 4x4 | 2 | infer | dynamic |") == 1
 
 
+def test_from_csv_shows_the_numbers_the_run_showed(tmp_path, monkeypatch, capsys):
+    """The CSV keeps 6 significant digits; the run's own table must not show more (102.350123
+    ms is 102.35 in the CSV, which the table gives as 102.3; 1,063,171.4 samples/s are
+    1.06317e+06), so that ``--from-csv`` regenerates the section the run printed."""
+
+    def measured(cfg, precision, layout, on_rows=None):
+        common = dict(device="cpu", device_name="test cpu", torch=torch.__version__,
+                      precision=precision, layout=layout, threads=1, compile=cfg.compile,
+                      cpu_env="", commit=cfg.commit, command=cfg.command, part="model",
+                      target="shufflenet_v2_x0_5 cifar", batch=32, repeats=8, note="")  # fmt: skip
+        rows = [
+            dict(
+                common,
+                variant=variant,
+                mode="infer",
+                latency_ms=lat,
+                latency_p25_ms=lat * 0.99,
+                latency_p75_ms=lat * 1.01,
+                throughput_per_s=tput,
+                params=341_000,
+                macs=43.7e6,
+                latency_ratio_paired=lat / 102.350123,
+            )
+            for variant, lat, tput in [("fixed", 102.350123, 1_063_171.4), ("dynamic", 117.55, 3e5)]
+        ]
+        return bench.add_ratios(rows)
+
+    monkeypatch.setattr(bench, "run_benchmark", measured)
+    argv = ["--device", "cpu", "--threads", "1", "--part", "model", "--variants", "fixed",
+            "dynamic", "--out-dir", str(tmp_path), "-q"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    live = capsys.readouterr().out
+    (path,) = tmp_path.glob("*.csv")
+    assert bench.main(["--from-csv", str(path)]) == 0
+    again = capsys.readouterr().out
+
+    def lines(text: str) -> list[str]:  # but the command's, where the run adds its date
+        return [x for x in text.splitlines() if x.strip() and not x.startswith("Command:")]
+
+    assert lines(again) == lines(live)
+    assert "| fixed | 102.3 (101.3-103.4) | 1.00 | 1,063,170 |" in again
+
+
 def test_saved_tensor_bytes_counts_each_storage_once_and_skips_parameters():
     x = torch.randn(8, 16, requires_grad=True)
     assert bench.saved_tensor_bytes(lambda: (x * x).sum().backward()) == x.numel() * 4

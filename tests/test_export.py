@@ -313,6 +313,39 @@ def test_an_opset_the_exporter_cannot_reach_and_a_folder_output_are_errors(tmp_p
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_cli_export_keeps_the_onnx_converters_chatter_off_the_terminal(
+    tmp_path, capfd, monkeypatch
+):
+    """The converter logs its opset down-conversion attempts (a torch warning, onnxscript
+    messages and a traceback); the terminal (file descriptors 1 and 2) gets the command's own
+    lines only. When the converter raises, its messages come with the error."""
+    import logging
+
+    ckpt, _ = _checkpoint(tmp_path, "shufflenet_v2_x0_5", "shuffle")
+    loggers = ("torch.onnx", "onnxscript", "onnx_ir")
+    before = [(logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in loggers]
+    out = tmp_path / "m17.onnx"
+    assert main([str(ckpt), "--format", "onnx", "--opset", "17", "--output", str(out)]) == 2
+    printed = capfd.readouterr()
+    assert printed.out == "" and re.fullmatch(
+        r"dyshuffle export: the ONNX exporter could not convert the model to opset 17 \(it "
+        r"produced opset (\d+)\); use --opset \1 or above, or leave --opset out\n",
+        printed.err,
+    )
+    after = [(logging.getLogger(n).handlers, logging.getLogger(n).propagate) for n in loggers]
+    assert after == before
+
+    def failing_export(*args, **kwargs):
+        logging.getLogger("onnxscript.optimizer").warning("a hint before the failure")
+        raise RuntimeError("the converter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError, match="the converter failed"):
+        main([str(ckpt), "--format", "onnx", "--output", str(out)])
+    assert capfd.readouterr().err == "onnxscript.optimizer: a hint before the failure\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_exported_files_leave_the_joint_index_tables_out(fmt, tmp_path, monkeypatch):
     """The layers' joint index tables (2 MiB per 464-channel layer) are not written; the eager

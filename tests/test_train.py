@@ -26,6 +26,7 @@ from dyshuffle.train.checkpoint import (
     layer_defaults,
     load_checkpoint,
     model_from_checkpoint,
+    resolve_weights,
     save_checkpoint,
 )
 from dyshuffle.train.config import ConfigError, TrainConfig, load_yaml, resolve_config
@@ -288,6 +289,37 @@ def test_results_name_the_commit_of_the_start(tmp_path, capsys, monkeypatch):
     assert json.loads((out / "results.json").read_text())["commit"] == "a" * 40
 
 
+def test_relative_data_dir_is_stored_absolute_for_resume_and_evaluate(
+    tmp_path, capsys, monkeypatch
+):
+    """A run started with ``--data-dir data`` resumes and evaluates from another directory: the
+    checkpoint names the folder the user meant, the recorded command stays as typed."""
+    make_cifar(tmp_path / "data", "cifar10", per_file=4, test=8)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", "cifar10", "--data-dir", "data", "--output", "run", "--epochs", "1",
+            "--batch-size", "8", "--no-tensorboard", *FAST]  # fmt: skip
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0, stdout
+    run = tmp_path / "run"
+    data = str(tmp_path / "data")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data_dir"] == data
+    assert load_checkpoint(run / "last.pt")["config"]["data_dir"] == data
+    assert json.loads((run / "results.json").read_text())["command"].endswith(
+        "--data-dir data --output run --epochs 1 --batch-size 8 --no-tensorboard " + " ".join(FAST)
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "data").mkdir()  # a folder of the same name here must not be read
+    code = evaluate_cli.main([str(run), "--json", "ev.json", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    ev = json.loads((elsewhere / "ev.json").read_text())
+    assert ev["count"] == 8 and ev["data_dir"] == data
+    code, stdout, err = run_cli(["--resume", str(run), "--epochs", "2", *FAST], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
 def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
     make_cifar(tmp_path / "data", "cifar10", per_file=20, test=40)
     out = tmp_path / "run"
@@ -524,6 +556,22 @@ def _checkpoint_of(model: torch.nn.Module, path, **extra) -> None:
         **extra,
     }
     save_checkpoint(path, state)
+
+
+def test_ema_weights_of_a_checkpoint_without_ema_is_one_error(tmp_path, capsys):
+    """``weights="ema"`` without saved EMA weights: the same message from every entry point."""
+    message = (
+        "the checkpoint holds no EMA weights (its run had no --ema); valid weights: auto, model"
+    )
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="shuffle")
+    _checkpoint_of(model, tmp_path / "last.pt")
+    with pytest.raises(ValueError) as direct:
+        resolve_weights(load_checkpoint(tmp_path / "last.pt"), "ema")
+    with pytest.raises(ValueError) as rebuilt:
+        model_from_checkpoint(tmp_path / "last.pt", weights="ema")
+    assert str(direct.value) == str(rebuilt.value) == message
+    assert evaluate_cli.main([str(tmp_path), "--weights", "ema", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"dyshuffle evaluate: error: {message}\n"
 
 
 @pytest.mark.parametrize("pointwise", ["conv", "sds"])

@@ -1294,7 +1294,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
                 rows = read_csv(path) if path.exists() else []
             write_csv(rows, path)
-            section = markdown_section(path.stem, rows, command, today)
+            # the section shows the numbers as the CSV keeps them (6 significant digits), so
+            # that --from-csv regenerates it to the digit
+            section = markdown_section(path.stem, read_csv(path), command, today)
             sections.append(section)
             if args.markdown:
                 update_markdown(args.markdown, path.stem, section)

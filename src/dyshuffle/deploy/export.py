@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +45,43 @@ FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".ts", "exported-prog
 
 #: ONNX files above this size keep their weights in a side file (the protobuf limit is 2 GiB)
 _ONNX_INLINE_LIMIT = 1 << 30
+
+
+#: loggers of the ONNX converter: torch's exporter, onnxscript (optimizer, version converter)
+_CONVERTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _converter_quiet() -> Iterator[_Collect]:
+    """Keep the ONNX converter's log messages and warnings (e.g. its opset down-conversion
+    attempts, with tracebacks) off the terminal; they are printed to stderr only when the
+    conversion raises. Every logger's handlers and ``propagate`` flag are restored."""
+    collect = _Collect()
+    saved = []
+    for name in _CONVERTER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers, logger.propagate = [collect], False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield collect
+    except BaseException:
+        for record in collect.records:
+            print(logging.Formatter("%(name)s: %(message)s").format(record), file=sys.stderr)
+        raise
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
 
 
 def _check_format(fmt: str) -> str:
@@ -118,8 +156,7 @@ def save_onnx(
         meta: string key/values stored as ONNX ``metadata_props``.
     """
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _converter_quiet():
         onnx_program = torch.onnx.export(
             program,
             (),

@@ -152,6 +152,10 @@ def set_tau(model: nn.Module, tau: float) -> None:
             m.tau = float(tau)
 
 
+#: the error of ``weights="ema"`` for a checkpoint without EMA weights
+_NO_EMA = "the checkpoint holds no EMA weights (its run had no --ema); valid weights: auto, model"
+
+
 def resolve_weights(state: dict[str, Any], weights: str = "auto") -> str:
     """The weights of checkpoint ``state`` that ``weights`` names: ``"model"`` or ``"ema"``.
 
@@ -166,7 +170,7 @@ def resolve_weights(state: dict[str, Any], weights: str = "auto") -> str:
         raise ValueError(f"unknown weights {weights!r}; valid: 'auto', 'model', 'ema'")
     has_ema = state.get("ema") is not None
     if weights == "ema" and not has_ema:
-        raise ValueError("the checkpoint holds no EMA weights")
+        raise ValueError(_NO_EMA)
     if weights == "auto":
         weights = "ema" if has_ema and state.get("eval_weights", "ema") == "ema" else "model"
     return weights
@@ -185,14 +189,16 @@ def model_from_checkpoint(
 
     Returns:
         ``(model in eval mode, checkpoint dict)``.
+
+    Raises:
+        ValueError: an unknown ``weights``, or ``"ema"`` for a checkpoint without EMA weights
+            (:func:`resolve_weights`).
     """
     from dyshuffle.models import create_model
 
     if weights not in ("auto", "model", "ema"):
         raise ValueError(f"unknown weights {weights!r}; valid: 'auto', 'model', 'ema'")
     state = load_checkpoint(path, map_location)
-    if weights == "ema" and state.get("ema") is None:
-        raise ValueError(f"checkpoint {path} holds no EMA weights")
     use_ema = resolve_weights(state, weights) == "ema"
     # the dynamic layers' defaults when the checkpoint was written, where they differ from now
     saved = state.get("layer_defaults")

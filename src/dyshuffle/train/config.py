@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -198,6 +199,8 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _HIDDEN = {"debug_step_delay"}
+#: folders, stored absolute (a run resumed or evaluated from elsewhere reads the same ones)
+PATH_FIELDS = ("data_dir", "cache_dir")
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -394,7 +397,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def resolve_config(
     cli: dict[str, Any], yaml_path: str | None = None, base: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Defaults < ``base`` (a saved config) < YAML recipe < command line; validated."""
+    """Defaults < ``base`` (a saved config) < YAML recipe < command line; validated.
+
+    ``data_dir`` and ``cache_dir`` are made absolute (against the current directory), so that
+    a saved configuration names the same folders from any working directory.
+    """
     values: dict[str, Any] = {}
     if base:
         for k, v in base.items():
@@ -406,6 +413,9 @@ def resolve_config(
         if k not in _FIELDS:  # (dyshuffle sweep --set KEY=VALUE, or a caller's dict)
             raise _unknown(k, [n for n in _FIELDS if n not in _HIDDEN], "option", "command line")
         values[k] = _check_value(k, v, "command line")
+    for k in PATH_FIELDS:
+        if values.get(k):
+            values[k] = os.path.abspath(os.path.expanduser(values[k]))
     return TrainConfig(**values).validate()
 
 
