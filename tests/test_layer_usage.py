@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from dyshuffle import DynamicShuffle, LearnedShuffle, StaticDynamicShuffle
-from dyshuffle.layers import choose_groups, compact_index
+from dyshuffle.layers import (
+    channel_shuffle,
+    choose_groups,
+    compact_index,
+    fused,
+    fused_cpu,
+    permutation_mode,
+)
 
 MIXERS = [
     (DynamicShuffle, {}),
@@ -153,3 +160,146 @@ def test_rectangular_sds_lists_the_groups_that_divide_both_widths():
     ):
         StaticDynamicShuffle(48, 36, groups=8)
     assert StaticDynamicShuffle(48, 36, groups=6).groups == 6
+
+
+def randomized(layer: DynamicShuffle) -> DynamicShuffle:
+    """Large random generator weights, so that different inputs choose different permutations."""
+    with torch.no_grad():
+        for p in layer.generator.parameters():
+            nn.init.normal_(p, 0.0, 3.0 / p.shape[-1] ** 0.5)
+    return layer
+
+
+def distinct(idx: torch.Tensor) -> int:
+    return len({tuple(r) for r in idx.tolist()})
+
+
+@pytest.mark.parametrize("cls", [DynamicShuffle, StaticDynamicShuffle])
+def test_inspection_in_training_leaves_the_running_statistics_alone(cls):
+    """``permutation``, ``factor_matrices``, ``decision_margin`` and ``decide`` in ``train()``
+    with ``descriptor_norm``: the batch's statistics, as the training forward, and no update of
+    the running ones (nor of ``num_batches_tracked``)."""
+    torch.manual_seed(0)
+    model = cls(24, descriptor_norm=True).train()
+    layer = model if cls is DynamicShuffle else model.permute
+    randomized(layer)
+    x = 3.0 + torch.randn(8, 24, 4, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = layer.permutation(x)
+    a_mat, b_mat = layer.factor_matrices(x)
+    margin = layer.decision_margin(x)
+    decision = layer.decide(x)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(decision.permutation, idx) and torch.equal(decision.margin, margin)
+    assert torch.equal(decision.a, a_mat) and torch.equal(decision.b, b_mat)
+    # what they report is what the training forward does with this batch
+    with torch.no_grad():
+        y = layer(x)
+    assert distinct(idx) > 1
+    assert torch.equal(y, x.gather(1, idx[:, :, None, None].expand_as(x)))
+    assert layer.descriptor_bn.num_batches_tracked.item() == 1  # the forward's update alone
+
+
+SOFT_MIXERS = [
+    (DynamicShuffle, {"mode": "soft"}),
+    (DynamicShuffle, {"mode": "soft", "shared": False, "groups": 4, "factors": (3, 4)}),
+    (StaticDynamicShuffle, {"mode": "soft"}),
+    (StaticDynamicShuffle, {"out_channels": 96, "mode": "soft"}),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", SOFT_MIXERS)
+@pytest.mark.parametrize("training", [True, False])
+def test_soft_matrices_keep_the_memory_format_of_the_input(cls, kwargs, training):
+    """``"soft"`` training and soft evaluation (``permutation_mode``) give a channels_last output
+    for a channels_last input, as the gather does, with the values and gradients of NCHW."""
+    torch.manual_seed(0)
+    layer = cls(48, **kwargs).train(training)
+    x = torch.randn(3, 48, 5, 4)
+    results = []
+    with permutation_mode(layer, "soft"):
+        for channels_last in (False, True):
+            xi = layout(x, channels_last).requires_grad_()
+            y = layer(xi)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt)
+            weights = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+            (grad,) = torch.autograd.grad(y, xi, weights)
+            results.append((y, grad))
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("training,mode", [(False, "ste"), (True, "ste"), (True, "soft")])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_bfloat16_input_of_a_float32_layer_is_taken_on_every_path(
+    training, mode, channels_last, autocast
+):
+    """As on the fused kernel's path (eval, channels_last): the generator in float32, the output
+    in the input's dtype, a permutation of its values in eval and STE training; the gradients in
+    the dtypes of what they are the gradients of. With autocast too."""
+    torch.manual_seed(0)
+    layer = randomized(DynamicShuffle(48, mode=mode)).train(training)
+    x32 = torch.randn(6, 48, 5, 4).to(torch.bfloat16).float()  # values that bf16 holds exactly
+    x = layout(x32.to(torch.bfloat16), channels_last).requires_grad_(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+        idx = layer.permutation(x)
+    assert y.dtype == torch.bfloat16 and distinct(idx) > 1
+    if not autocast:  # the float32 generator decides as for the float32 values
+        assert torch.equal(idx, layer.permutation(x32))
+    if mode == "ste":
+        assert torch.equal(y, x.detach().gather(1, idx[:, :, None, None].expand_as(x)))
+    else:
+        torch.testing.assert_close(y.float(), layer(x32), atol=0.05, rtol=0.02)
+    if training:
+        y.float().pow(2).sum().backward()
+        assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+        grads = [p.grad for p in layer.generator.parameters()]
+        assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+needs_cpu_kernel = pytest.mark.skipif(
+    fused._INTERPRETED or not fused.ENABLED or fused_cpu._compiler() is None,
+    reason="the C kernel is not used under Triton's interpreter, with DYSHUFFLE_FUSED=0 or "
+    "without a C compiler",
+)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_cpu_kernel_and_the_pytorch_path_agree_on_a_bfloat16_input(autocast):
+    torch.manual_seed(0)
+    layer = randomized(DynamicShuffle(48)).eval()
+    x = torch.randn(16, 48, 5, 4).to(torch.bfloat16, memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert layer._fusable(x, ())
+        out = layer(x)
+        layer.fused = False
+        ref, idx = layer(x), layer.permutation(x)
+    assert out.dtype == ref.dtype == torch.bfloat16 and distinct(idx) > 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref)
+    assert torch.equal(ref, x.gather(1, idx[:, :, None, None].expand_as(x)))
+
+
+@needs_cpu_kernel
+def test_nan_inputs_get_the_identity_factors_on_the_kernel_and_the_pytorch_path():
+    """A NaN in a sample makes its scores NaN; both paths then choose the first candidates, the
+    identity factors, so its NaNs land in the same channels (the fixed cross-group shuffle's)."""
+    torch.manual_seed(0)
+    layer = randomized(DynamicShuffle(48, init="random")).eval()
+    x = torch.randn(6, 48, 5, 4).contiguous(memory_format=torch.channels_last)
+    x[1, 7, 2, 3] = float("nan")
+    x[4, 40, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert layer._fusable(x, ())
+        out = layer(x)
+        layer.fused = False
+        ref = layer(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    fixed = channel_shuffle(x, layer.groups)
+    for i in range(6):
+        same = torch.equal(ref[i].nan_to_num(7.0), fixed[i].nan_to_num(7.0))
+        assert same == (i in (1, 4)), i  # the other samples keep their own choices

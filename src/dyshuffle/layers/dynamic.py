@@ -159,16 +159,20 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
         groups: ``G``.
 
     Returns:
-        ``(N, G * a_out * b_out, H, W)``.
+        ``(N, G * a_out * b_out, H, W)``, in the memory format of ``x`` (channels_last or not).
     """
     n, c, h, w = x.shape
     a, b = a_mat.shape[-1], b_mat.shape[-1]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grid = x.reshape(n, groups, a, b, h * w)  # (N, G, a, b, P)
     a_mat = _as_dtype(a_mat, x.dtype).expand(n, groups, -1, -1)
     b_mat = _as_dtype(b_mat, x.dtype).expand(n, groups, -1, -1)
     y = torch.einsum("ngik,ngkjp->ngijp", a_mat, grid)  # rows:    A X
     y = torch.einsum("ngjl,ngilp->ngijp", b_mat, y)  # columns: (A X) B^T
-    return y.reshape(n, groups * a_mat.shape[-2] * b_mat.shape[-2], h, w)
+    y = y.reshape(n, groups * a_mat.shape[-2] * b_mat.shape[-2], h, w)
+    # the input's layout, as the gather keeps it (the same products on channels_last views of
+    # the pixels took 3x as long on the CPU as this copy back)
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -470,6 +474,12 @@ class DynamicShuffle(nn.Module):
             always the PyTorch operators. The
             permutation is the same but for samples whose two best candidates score within
             rounding of each other (the kernel computes the generator in float32).
+
+    An input of another floating dtype than the layer's (say bfloat16 features in a float32
+    layer, without autocast) is taken on every path: the generator runs in the layer's dtype and
+    the output, a permutation of the input's values, keeps the input's dtype and memory format.
+    An input whose descriptor holds a NaN gets NaN scores, and every path then chooses the first
+    candidates, the identity factors (``torch.argmax`` takes the first NaN).
     """
 
     def __init__(
@@ -641,9 +651,27 @@ class DynamicShuffle(nn.Module):
         """
         inputs = (x, *parts) if self.descriptor_grad else tuple(p.detach() for p in (x, *parts))
         pooled = _pooled_parts(inputs, self.training)
+        if not torch.is_autocast_enabled(pooled.device.type):
+            # an input of another dtype: the generator runs in its own, as in the fused kernels
+            pooled = _as_dtype(pooled, self.generator[0].weight.dtype)
         if self.descriptor_bn is not None:
             pooled = self.descriptor_bn(pooled)
         return self.generator(pooled)
+
+    def _inspected_logits(self, x: Tensor, parts: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`logits` of the checked inputs for the inspection methods (:meth:`permutation`,
+        :meth:`factor_matrices`, :meth:`decision_margin`, :meth:`decide`), which leave the layer
+        as they found it: in training the descriptor normalization (``descriptor_norm``) uses the
+        batch's statistics, as :meth:`forward` does, without updating its running statistics."""
+        inputs = self._inputs(x, parts)
+        bn = getattr(self, "descriptor_bn", None)  # (a subclass's generator may have none)
+        if bn is None or not (bn.training and bn.track_running_stats):
+            return self.logits(*inputs)
+        bn.track_running_stats = False  # BatchNorm: batch statistics, no running update
+        try:
+            return self.logits(*inputs)
+        finally:
+            bn.track_running_stats = True
 
     def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
@@ -651,7 +679,7 @@ class DynamicShuffle(nn.Module):
         ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
         whose permutation does not depend on the input. ``parts``: as in :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts))
         return a_mat, b_mat
 
     def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -799,8 +827,7 @@ class DynamicShuffle(nn.Module):
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
         ``parts``: as in :meth:`forward`.
         """
-        inputs = self._inputs(x, parts)
-        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
+        a_mat, b_mat, both = self._softmax_factors(self._inspected_logits(x, parts))
         return self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
 
     @torch.no_grad()
@@ -818,7 +845,7 @@ class DynamicShuffle(nn.Module):
         margin is that of the softmax factors, not of the identities the layer applies.
         ``parts``: as in :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self.logits(*self._inputs(x, parts)))
+        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts))
         return self._margin(a_mat, b_mat, x.shape[0])
 
     @torch.no_grad()
@@ -828,7 +855,7 @@ class DynamicShuffle(nn.Module):
         :meth:`factor_matrices` and :meth:`decision_margin` give one by one (for an inspection
         of what the layer chooses).
         ``parts``: as in :meth:`forward`."""
-        logits = self._softmax_logits(self.logits(*self._inputs(x, parts)))
+        logits = self._softmax_logits(self._inspected_logits(x, parts))
         a_mat, b_mat, both = self._softmax_of(logits)
         idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
         return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]), logits)

@@ -116,7 +116,7 @@ static int64_t choose(const problem* q, int64_t n, float* scratch) {
     for (int64_t l = 0; l < nl; l++) logits[l] = q->b2[l];
     for (int64_t j = 0; j < q->hidden; j++) {
         float hj = dot(q->w1 + j * channels, pooled, channels) + q->b1[j];
-        if (!(hj > 0.0f)) hj = 0.0f;
+        if (hj < 0.0f) hj = 0.0f; /* ReLU that keeps NaN, as torch.relu does */
         for (int64_t l = 0; l < nl; l++) logits[l] += q->w2[l * q->hidden + j] * hj;
     }
     /* softmax of every row (segment[l]: the row of logit l); rows are at most nl */
@@ -135,7 +135,8 @@ static int64_t choose(const problem* q, int64_t n, float* scratch) {
     }
     for (int64_t l = 0; l < nl; l++) soft[l] /= row_sum[q->segment[l]];
 
-    /* each factor's nearest permutation: argmax_k <M, P_k>, the first on ties */
+    /* each factor's nearest permutation: argmax_k <M, P_k>, the first on ties (and the first
+     * when all are NaN, as torch.argmax) */
     int64_t best_a = 0, best_b = q->num_a;
     float score_a = -INFINITY, score_b = -INFINITY;
     for (int64_t k = 0; k < nk; k++) {
