@@ -5,10 +5,13 @@
 
 Every model has ``forward_features``, ``forward_head(x, pre_logits=False)``,
 ``reset_classifier(num_classes)``, ``num_features`` and ``model_args`` (the keywords that rebuild
-it with :func:`create_model`).
+it with :func:`create_model`), and, for detection and segmentation necks, timm's
+``feature_info``, ``forward_intermediates`` and ``prune_intermediate_layers``;
+``create_model(name, features_only=True, out_indices=...)`` returns a :class:`FeatureListNet`.
 """
 
 from ._blocks import ClassifierModel
+from ._features import FeatureInfo, FeatureListNet, feature_take_indices
 from ._registry import (
     POINTWISE,
     STEMS,
@@ -30,6 +33,8 @@ __all__ = [
     "POINTWISE",
     "STEMS",
     "ClassifierModel",
+    "FeatureInfo",
+    "FeatureListNet",
     "InvertedResidual",
     "MobileInvertedResidual",
     "MobileNetV2",
@@ -37,6 +42,7 @@ __all__ = [
     "ShuffleNetV2",
     "ShuffleV1Unit",
     "create_model",
+    "feature_take_indices",
     "is_model",
     "list_models",
     "model_entrypoint",

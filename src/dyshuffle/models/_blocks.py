@@ -1,4 +1,4 @@
-"""Building blocks shared by the backbones: the classifier interface and small conv helpers."""
+"""Building blocks shared by the backbones: the model interface and small conv helpers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..layers import StaticDynamicShuffle
+from ._features import Indices, feature_take_indices
 
 __all__ = ["ClassifierModel", "ConvBNAct", "make_divisible", "pointwise_conv"]
 
@@ -77,18 +78,24 @@ def pointwise_conv(
 class ClassifierModel(nn.Module):
     """The interface every model of the zoo shares (after timm).
 
-    Subclasses build their body, call :meth:`_init_head` and implement :meth:`forward_features`.
-    ``forward(x) == forward_head(forward_features(x))``.
+    A subclass builds its body, lists it in :meth:`_body` (the modules that
+    :meth:`forward_features` applies in order), sets ``feature_info`` and calls
+    :meth:`_init_head`. ``forward(x) == forward_head(forward_features(x))``.
 
     Attributes:
         num_features: channels of the feature map that :meth:`forward_features` returns.
         num_classes: classifier outputs (0: no classifier).
         model_args: the :func:`~dyshuffle.models.create_model` keywords that rebuild the model.
+        feature_info: the feature maps a detection or segmentation neck can take, in timm's
+            form: one ``dict(num_chs=..., reduction=..., module=...)`` per feature (channels,
+            input size / feature size, and the name in :meth:`_body` of the module whose output
+            it is), stem first, the output of :meth:`forward_features` last.
     """
 
     num_features: int
     num_classes: int
     model_args: dict[str, Any]
+    feature_info: list[dict[str, Any]]
 
     def _init_head(self, num_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         self.num_features = num_features
@@ -96,9 +103,94 @@ class ClassifierModel(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes)
 
+    def _body(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` pairs that :meth:`forward_features` applies in this order."""
+        raise NotImplementedError
+
     def forward_features(self, x: Tensor) -> Tensor:
         """``(N, in_chans, H, W)`` -> ``(N, num_features, H', W')``."""
-        raise NotImplementedError
+        for _, module in self._body():
+            x = module(x)
+        return x
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """:meth:`forward_features` that also returns the feature maps of ``feature_info``.
+
+        timm's contract for convolutional networks.
+
+        Args:
+            x: ``(N, in_chans, H, W)``.
+            indices: the features to return: ``None`` (all), an int ``n`` (the last ``n``) or a
+                sequence of indices into ``feature_info`` (negative ones count from the end).
+            norm: accepted for timm; there is no final norm layer to apply.
+            stop_early: stop after the deepest feature asked for (the final output is then that
+                feature).
+            output_fmt: ``"NCHW"``, the only layout.
+            intermediates_only: return only the list of features.
+
+        Returns:
+            ``(forward_features(x), features)`` or ``features``: the chosen feature maps, in
+            network order, ``features[i]`` of shape ``(N, num_chs, H / reduction, W / reduction)``.
+
+        Raises:
+            ValueError: for bad ``indices`` or another ``output_fmt``, naming the value.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        taps = {f["module"]: i for i, f in enumerate(self.feature_info)}
+        intermediates = []
+        for name, module in self._body():
+            x = module(x)
+            i = taps.get(name)
+            if i is None:
+                continue
+            if i in take:
+                intermediates.append(x)
+            if i == max_index and (stop_early or intermediates_only):
+                break
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Remove the layers after the deepest feature of ``indices`` (timm's contract).
+
+        The modules of :meth:`_body` after that feature become ``nn.Identity``, so
+        :meth:`forward_features` ends there and ``num_features`` is its channel count.
+
+        Args:
+            indices: the features to keep (as in :meth:`forward_intermediates`).
+            prune_norm: accepted for timm; there is no final norm layer.
+            prune_head: remove the classifier (``reset_classifier(0)``); done anyway when the
+                body is cut, since the classifier no longer fits its input.
+
+        Returns:
+            The absolute indices of the kept features, sorted.
+
+        Raises:
+            ValueError: for bad ``indices``, naming the value.
+        """
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        names = [name for name, _ in self._body()]
+        cut = names.index(self.feature_info[max_index]["module"]) + 1
+        for name in names[cut:]:
+            parent, _, child = name.rpartition(".")
+            setattr(self.get_submodule(parent), child, nn.Identity())
+        pruned_end = cut < len(names)
+        if pruned_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or pruned_end:
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pooling, dropout and the classifier.

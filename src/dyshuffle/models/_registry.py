@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ..layers import get_mixer, list_mixers
+from ._features import FeatureListNet, Indices
 
 __all__ = [
     "STAGES",
@@ -130,9 +131,11 @@ def create_model(
     mixer: str | Callable[..., nn.Module] = "shuffle",
     pointwise: str = "conv",
     in_chans: int = 3,
+    features_only: bool = False,
+    out_indices: Indices = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or a feature extractor of one (``features_only=True``).
 
     The model keeps its arguments as ``model.model_args`` (``name`` included), so
     ``create_model(**model.model_args)`` rebuilds the same architecture.
@@ -149,14 +152,23 @@ def create_model(
         pointwise: ``"conv"`` or ``"sds"`` (static-dynamic shuffle in place of the 1x1
             convolutions, where the model supports it).
         in_chans: input channels.
+        features_only: return a :class:`~dyshuffle.models.FeatureListNet`: the model cut after
+            its deepest chosen feature, whose forward returns the list of the chosen feature
+            maps (``num_classes`` then does not matter).
+        out_indices: with ``features_only``, the features to return, as indices into
+            ``model.feature_info`` (negative ones count from the end), or an int ``n`` for the
+            last ``n``; ``None``: all.
         **kwargs: ``pointwise_kwargs`` (a dict for the static-dynamic shuffle layers of
             ``pointwise="sds"``); every other keyword reaches the mixer.
 
     Raises:
-        ValueError: unknown model, stem, mixer or pointwise, naming the valid choices.
+        ValueError: unknown model, stem, mixer or pointwise, naming the valid choices; bad
+            ``out_indices``, naming the value.
     """
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
     builder = model_entrypoint(name)
-    return builder(
+    model = builder(
         num_classes=num_classes,
         stem=stem,
         mixer=mixer,
@@ -164,6 +176,7 @@ def create_model(
         in_chans=in_chans,
         **kwargs,
     )
+    return FeatureListNet(model, out_indices) if features_only else model
 
 
 def finalize(model: nn.Module, name: str, args: dict[str, Any]) -> nn.Module:

@@ -4,6 +4,11 @@ Importing :mod:`dyshuffle.models` registers every name with timm's registry if t
 imported, and otherwise as soon as timm is imported (a one-shot import hook), so importing the
 zoo never pays for importing timm. Names timm already has are left alone; nothing here raises
 when timm is absent.
+
+``timm.create_model(name, features_only=True, out_indices=..., feature_cls=...)`` wraps the model
+in timm's own feature extractors (``feature_cls``: ``"getter"``, the default, which uses the
+model's ``forward_intermediates``; ``"list"``, ``"dict"`` or ``"hook"``); ``out_indices``
+defaults to every feature of ``model.feature_info``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,41 @@ from ._registry import create_model, list_models
 
 __all__ = ["install_timm_hook", "register_timm_models"]
 
+#: ``feature_cls`` names of ``timm.create_model(..., features_only=True)`` that our models take
+FEATURE_CLASSES = ("getter", "list", "dict", "hook")
+
+
+def _timm_features(model: nn.Module, out_indices: Any = None, feature_cls: Any = None) -> nn.Module:
+    """``model`` in the timm feature extractor ``feature_cls`` (timm is imported: timm called us).
+
+    Raises:
+        ValueError: for an unknown ``feature_cls`` or bad ``out_indices``, naming the value.
+    """
+    from timm.models._features import (
+        FeatureDictNet,
+        FeatureGetterNet,
+        FeatureHookNet,
+        FeatureListNet,
+    )
+
+    from ._features import feature_take_indices
+
+    kind = "getter" if feature_cls is None else feature_cls
+    if kind not in FEATURE_CLASSES:
+        raise ValueError(
+            f"unknown feature_cls {feature_cls!r}; valid: {', '.join(map(repr, FEATURE_CLASSES))}"
+        )
+    take, _ = feature_take_indices(len(model.feature_info), out_indices)  # ValueError, not assert
+    if kind == "getter":
+        return FeatureGetterNet(model, out_indices=take)
+    if kind == "hook":
+        return FeatureHookNet(model, out_indices=take)
+    # timm's list and dict extractors rebuild the body from the model's children: a feature
+    # inside a Sequential child (MobileNetV2's ``features.3``) needs that child flattened
+    flatten = any("." in f["module"] for f in model.feature_info)
+    cls = FeatureListNet if kind == "list" else FeatureDictNet
+    return cls(model, out_indices=take, flatten_sequential=flatten)
+
 
 def _entrypoint(name: str) -> Callable[..., nn.Module]:
     def entrypoint(
@@ -30,13 +70,23 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
         cache_dir: Any = None,
         device: Any = None,
         dtype: Any = None,
+        features_only: bool = False,
+        out_indices: Any = None,
+        feature_cls: Any = None,
         **kwargs: Any,
     ) -> nn.Module:
         if pretrained:
             raise ValueError(
                 f"dyshuffle model {name!r} has no pretrained weights; pass pretrained=False"
             )
+        if not features_only and (out_indices is not None or feature_cls is not None):
+            raise ValueError(
+                f"out_indices={out_indices!r} and feature_cls={feature_cls!r} need "
+                f"features_only=True"
+            )
         model = create_model(name, **kwargs)
+        if features_only:
+            model = _timm_features(model, out_indices, feature_cls)
         if device is not None or dtype is not None:  # asked for by the caller, not decided here
             model = model.to(device=device, dtype=dtype)
         return model

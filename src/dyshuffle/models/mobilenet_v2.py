@@ -130,9 +130,10 @@ class MobileNetV2(ClassifierModel):
                 f"static-dynamic shuffle options go in pointwise_kwargs"
             )
         cifar = stem == "cifar"
-        features: list[nn.Module] = [
-            ConvBNAct(in_chans, stem_channels, 3, 1 if cifar else 2, act=nn.ReLU6)
-        ]
+        reduction = 1 if cifar else 2
+        features: list[nn.Module] = [ConvBNAct(in_chans, stem_channels, 3, reduction, act=nn.ReLU6)]
+        # the features (timm's MobileNetV2): the last block of each reduction, then the last conv
+        ends = [dict(num_chs=stem_channels, reduction=reduction, module="features.0")]
         cin = stem_channels
         for t, c, n, s in settings:
             if cifar and c == 24:
@@ -144,7 +145,18 @@ class MobileNetV2(ClassifierModel):
                     )
                 )
                 cin = c
+            reduction *= s
+            ends.append(
+                dict(num_chs=c, reduction=reduction, module=f"features.{len(features) - 1}")
+            )
         features.append(ConvBNAct(cin, last_channels, 1, act=nn.ReLU6))
+        self.feature_info = [
+            *(f for f, after in zip(ends, ends[1:]) if after["reduction"] != f["reduction"]),
+            ends[-1],
+            dict(
+                num_chs=last_channels, reduction=reduction, module=f"features.{len(features) - 1}"
+            ),
+        ]
         self.features = nn.Sequential(*features)
         for m in self.features.modules():  # torchvision's initialization
             if isinstance(m, nn.Conv2d):
@@ -158,8 +170,8 @@ class MobileNetV2(ClassifierModel):
         nn.init.normal_(fc.weight, 0, 0.01)
         nn.init.zeros_(fc.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.features(x)
+    def _body(self) -> list[tuple[str, nn.Module]]:
+        return [(f"features.{i}", m) for i, m in self.features.named_children()]
 
 
 def _create_mobilenet_v2(**kwargs: Any) -> MobileNetV2:

@@ -167,6 +167,9 @@ class ShuffleNetV1(ClassifierModel):
         self.stage_repeats, self.stage_channels = tuple(stage_repeats), tuple(stage_channels)
         self.conv1 = ConvBNAct(in_chans, stage_channels[0], 3, 2 if stem == "imagenet" else 1)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        reduction = 2 if stem == "imagenet" else 1
+        self.feature_info = [dict(num_chs=stage_channels[0], reduction=reduction, module="conv1")]
+        reduction *= 2 if stem == "imagenet" else 1  # the max-pool
         cin = stage_channels[0]
         for i, (repeats, cout) in enumerate(zip(stage_repeats, stage_channels[1:]), start=2):
             units = [
@@ -182,12 +185,14 @@ class ShuffleNetV1(ClassifierModel):
                 for j in range(repeats)
             ]
             setattr(self, f"stage{i}", nn.Sequential(*units))
+            reduction *= 2
+            self.feature_info.append(dict(num_chs=cout, reduction=reduction, module=f"stage{i}"))
             cin = cout
         self._init_head(cin, num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.conv1(x))
-        return self.stage4(self.stage3(self.stage2(x)))
+    def _body(self) -> list[tuple[str, nn.Module]]:
+        names = ("conv1", "maxpool", "stage2", "stage3", "stage4")
+        return [(name, getattr(self, name)) for name in names]
 
 
 def _create_shufflenet_v1(conv_groups: int, width: float, **kwargs: Any) -> ShuffleNetV1:

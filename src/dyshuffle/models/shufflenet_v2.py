@@ -153,6 +153,9 @@ class ShuffleNetV2(ClassifierModel):
             nn.ReLU(inplace=True),
         )
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        reduction = stride
+        self.feature_info = [dict(num_chs=stem_channels, reduction=reduction, module="conv1")]
+        reduction *= 2 if stem == "imagenet" else 1  # the max-pool
         cin = stem_channels
         for i, (repeats, cout) in enumerate(zip(stage_repeats, stage_channels[1:4]), start=2):
             units = [
@@ -168,18 +171,22 @@ class ShuffleNetV2(ClassifierModel):
                 for j in range(repeats)
             ]
             setattr(self, f"stage{i}", nn.Sequential(*units))
+            reduction *= 2
+            self.feature_info.append(dict(num_chs=cout, reduction=reduction, module=f"stage{i}"))
             cin = cout
         self.conv5 = nn.Sequential(
             nn.Conv2d(cin, stage_channels[-1], 1, 1, 0, bias=False),
             nn.BatchNorm2d(stage_channels[-1]),
             nn.ReLU(inplace=True),
         )
+        self.feature_info.append(
+            dict(num_chs=stage_channels[-1], reduction=reduction, module="conv5")
+        )
         self._init_head(stage_channels[-1], num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.conv1(x))
-        x = self.stage4(self.stage3(self.stage2(x)))
-        return self.conv5(x)
+    def _body(self) -> list[tuple[str, nn.Module]]:
+        names = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+        return [(name, getattr(self, name)) for name in names]
 
 
 def _create_shufflenet_v2(width: float, **kwargs: Any) -> ShuffleNetV2:
