@@ -357,3 +357,13 @@ def test_cli_checks_its_arguments_before_reading_data(tmp_path, capsys, args, me
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_an_unknown_data_set_before_asking_for_its_folder(tmp_path, capsys):
+    from dyshuffle.deploy.inspect import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "last.pt"), "--data", "mnist", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'mnist'" in err and "'cifar10'" in err
+    assert "needs --data-dir" not in err and not (tmp_path / "out").exists()

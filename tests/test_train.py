@@ -169,6 +169,7 @@ def test_unknown_or_bad_config_values_are_named(tmp_path, capsys):
     assert (
         code == 2 and "unknown option '--lrr' (did you mean '--lr'?)" in err and "--epochs" in err
     )
+    assert err.startswith("dyshuffle train: error: unknown option") and err.count("dyshuffle") == 1
     with pytest.raises(SystemExit) as e:
         cli.main(["--data", "cifar"])  # ambiguous names do not exist
     err = capsys.readouterr().err

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
 
+from ..data.datasets import list_datasets
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
 __all__ = [
@@ -771,8 +772,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help="data set name understood by dyshuffle.data.load_data "
-        "(digits, cifar10, cifar100, tiny-imagenet, imagenet, imagefolder)",
+        choices=list_datasets(),
+        help="data set name understood by dyshuffle.data.load_data",
     )
     p.add_argument("--data-dir", default=None, help="the data set's folder (not for digits)")
     p.add_argument("--output", required=True, help="folder for report.md and the PNG figures")

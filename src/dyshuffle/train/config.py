@@ -263,7 +263,8 @@ def _number(text: str, tp: type) -> Any:
 def _unknown(name: str, valid: list[str], what: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+    prefix = f"{where}: " if where else ""
+    return ConfigError(f"{prefix}unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -425,4 +426,4 @@ def unknown_options(extra: list[str], parser: argparse.ArgumentParser) -> Config
         s for a in parser._actions for s in a.option_strings if a.help is not argparse.SUPPRESS
     )
     bad = [e.split("=", 1)[0] for e in extra if e.startswith("-")] or extra
-    return _unknown(bad[0], valid, "option", "dyshuffle train")
+    return _unknown(bad[0], valid, "option", "")  # the caller names the command

@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         help="data set (default: the training one)",
     )
     p.add_argument("--data-dir", help="its folder or archive (default: the training one)")
-    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument(
+        "--split",
+        choices=("val", "train"),
+        default="val",
+        help="val (default) or train (every training image: --train-subset is not applied)",
+    )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
@@ -166,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--permutation", choices=("both", "hard", "soft"), default="both")
     p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
-    p.add_argument("--loader", choices=("auto", "memory", "workers"))
-    p.add_argument("--workers", type=int)
-    p.add_argument("--val-subset", type=int, help="evaluate the first N of a fixed random order")
+    p.add_argument(
+        "--loader", choices=("auto", "memory", "workers"), help="(default: the training one)"
+    )
+    p.add_argument("--workers", type=int, help="(default: the training one)")
+    p.add_argument(
+        "--val-subset",
+        type=int,
+        help="evaluate the first N of a fixed random order (default: the training run's, "
+        "whose validation it repeats; 0: every image)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads (default 0: PyTorch's own choice)"
