@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,93 @@ def test_sds_rows_are_compared_with_the_model_whose_convolutions_they_replace():
     alone = render_results(sds).splitlines()
     row = next(line for line in alone if line.startswith("| shufflenet_v2_x1_0 | shuffle | sds |"))
     assert row.split("|")[11].strip() == "-"
+
+
+def _table_cell(text: str, key: tuple) -> str:
+    """The `hard - fixed` cell of the table row of the configuration with group key ``key``."""
+    _dataset, model, mixer, pointwise, options, epochs, recipe, device, params = key
+    start = f"| {model} | {mixer} | {pointwise} | {options} | {epochs} | {recipe or '-'} "
+    start += f"| {device} |"
+    (row,) = [line for line in text.splitlines() if line.startswith(start)]
+    return row.split("|")[11].strip()
+
+
+def _figure_records() -> list[dict]:
+    rows = [record("shuffle", s, v) for s, v in enumerate([80.0, 80.2, 79.8])]
+    rows += [record("dynamic", s, v) for s, v in enumerate([81.0, 80.5, 80.9])]
+    rows.append(record("dynamic", 0, 79.0, options={"mixer.shared": False}))  # one seed
+    rows += [record("learned", s, v) for s, v in enumerate([79.5, 80.1])]
+    sds = {"mixer.pointwise_kwargs": {"static": "dense"}}
+    rows += [record("shuffle", s, 70.0 + s, pointwise="sds", options=sds) for s in range(2)]
+    # another schedule: the standard model alone, and another with no standard model
+    rows.append(record("shuffle", 0, 85.0, epochs=48))
+    rows += [record("dynamic", 0, 60.0, epochs=2), record("learned", 0, 61.0, epochs=2)]
+    return rows
+
+
+def test_figure_series_plots_the_tables_hard_minus_fixed():
+    from dyshuffle.results import figure_series
+
+    rows = _figure_records()
+    text = render_results(rows)
+    (fig,) = figure_series(rows)  # the 48- and 2-epoch settings have nothing to compare
+    assert fig.setting == ("cifar10", "shufflenet_v2_x1_0", 24, "", "cpu")
+    assert fig.name == "hard-minus-fixed__cifar10__shufflenet_v2_x1_0__24ep__cpu.png"
+    assert fig.base.key[2] == "shuffle" and len(fig.base.records) == 3
+    # every configuration but the standard model, each the table's number
+    assert len(fig.rows) == 4
+    for row in fig.rows:
+        assert _table_cell(text, row.key) == str(row.delta)
+        assert row.delta.diff == pytest.approx(sum(row.seeds) / len(row.seeds))
+    by_label = {row.label: row for row in fig.rows}
+    # grouped by kind (dynamic first), best first within one
+    assert list(by_label) == [
+        "dynamic",
+        "dynamic: shared=False",
+        "learned",
+        "shuffle + sds: static=dense",
+    ]
+    dyn = by_label["dynamic"]
+    assert dyn.delta.diff == pytest.approx(0.8) and dyn.delta.se is not None
+    assert dyn.seeds == pytest.approx((1.0, 0.5, 0.9))  # each seed minus the fixed mean (80.0)
+    assert by_label["dynamic: shared=False"].delta.se is None  # one seed: no error bar
+    assert by_label["shuffle + sds: static=dense"].seeds == pytest.approx((-10.0, -9.0))
+
+
+def test_figures_are_drawn_small_and_written_atomically(tmp_path, monkeypatch):
+    import PIL.Image
+
+    from dyshuffle.results import write_figures
+
+    written = write_figures(_figure_records(), tmp_path / "figures")
+    (path,) = written.values()
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) < 150_000
+    assert list(tmp_path.joinpath("figures").iterdir()) == [path]  # no temporary file left
+    # drawn again from the same records: the same bytes
+    assert write_figures(_figure_records(), tmp_path / "figures") == written
+    assert path.read_bytes() == data
+
+    # written to a temporary file in the same folder, then renamed into place
+    renames = []
+    replace = type(path).replace
+
+    def spy(self, target):
+        renames.append((self.name, target.name))
+        return replace(self, target)
+
+    monkeypatch.setattr(type(path), "replace", spy)
+    write_figures(_figure_records(), tmp_path / "figures")
+    (src, dst), *_ = renames
+    assert dst == path.name and src.startswith(f".{path.name}.") and src.endswith(".tmp")
+
+    # a drawing that fails half-way leaves the last figure whole and no temporary file
+    def broken(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_figures(_figure_records(), tmp_path / "figures")
+    assert path.read_bytes() == data
+    assert list(tmp_path.joinpath("figures").iterdir()) == [path]

@@ -74,6 +74,9 @@ def test_sweep_records_runs_and_skips_recorded_ones(tmp_path, monkeypatch, capsy
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| dynamic |" in report and "| shuffle |" in report and "mixer.mode=soft" in report
     assert "- tiny test" in report
+    # its figure beside the records, linked from the report
+    (figure,) = (tmp_path / "results/figures").iterdir()
+    assert f"](results/figures/{figure.name})" in report
     # a second call finds both runs recorded and trains nothing
     capsys.readouterr()
     assert main(["sweep.yaml"]) == 0
@@ -322,3 +325,63 @@ def test_shipped_sweep_files_resolve_to_valid_runs(path):
             assert not layers
         labels.add(json.dumps(run, sort_keys=True))
     assert len(labels) == len(spec.runs), f"{path.name}: a run is listed twice"
+
+
+def _records(tmp_path: Path, epochs: int = 24) -> Path:
+    """Run records of two settings (24 and 48 epochs) with the standard model and others."""
+    base = dict(
+        dataset="cifar10-jpeg", model="shufflenet_v2_x1_0", options={}, epochs=epochs,
+        params=1000, macs=2e6, train_seconds=1.0, device="cpu", commit="abc", command="c",
+    )  # fmt: skip
+    rows = []
+    for epochs_ in (epochs, 48):
+        for s, (fixed, dyn) in enumerate([(80.0, 80.5), (80.4, 81.1), (79.9, 80.2)]):
+            common = {**base, "epochs": epochs_, "seed": s}
+            rows.append({**common, "mixer": "shuffle", "top1_hard": fixed, "top1_soft": None})
+            rows.append({**common, "mixer": "dynamic", "top1_hard": dyn, "top1_soft": dyn - 5})
+    path = tmp_path / "results" / "cifar10_runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_report_links_each_figure_it_writes_and_is_regenerated_byte_for_byte(tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    _records(tmp_path)
+    figures = tmp_path / "results" / "figures"
+    figures.mkdir(parents=True)
+    (figures / "notes.txt").write_text("not a figure of the report")
+    assert main(["--report"]) == 0
+    first = (tmp_path / "RESULTS.md").read_bytes()
+    pngs = sorted(figures.glob("*.png"))
+    assert [p.name for p in pngs] == [
+        "hard-minus-fixed__cifar10-jpeg__shufflenet_v2_x1_0__24ep__cpu.png",
+        "hard-minus-fixed__cifar10-jpeg__shufflenet_v2_x1_0__48ep__cpu.png",
+    ]
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", first.decode())
+    # every figure file is linked, every link is a figure file (relative to the report)
+    assert sorted(links) == [f"results/figures/{p.name}" for p in pngs]
+    assert all(0 < p.stat().st_size < 150_000 for p in pngs)
+    # again from the same records: the same markdown, byte for byte, and the same figures
+    images = [p.read_bytes() for p in pngs]
+    assert main(["--report"]) == 0
+    assert (tmp_path / "RESULTS.md").read_bytes() == first
+    assert [p.read_bytes() for p in pngs] == images
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    # a setting gone from the records takes its figure along; other files stay
+    _records(tmp_path, epochs=12)
+    assert main(["--report"]) == 0
+    names = sorted(p.name for p in figures.iterdir())
+    assert names == [
+        "hard-minus-fixed__cifar10-jpeg__shufflenet_v2_x1_0__12ep__cpu.png",
+        "hard-minus-fixed__cifar10-jpeg__shufflenet_v2_x1_0__48ep__cpu.png",
+        "notes.txt",
+    ]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "__24ep__" not in text and "__12ep__" in text
+    # a report elsewhere links the same figures relative to itself
+    (tmp_path / "docs").mkdir()
+    assert main(["--report", "--output", "docs/R.md"]) == 0
+    assert "](../results/figures/hard-minus-fixed__" in (tmp_path / "docs/R.md").read_text()

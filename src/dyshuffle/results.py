@@ -1,8 +1,19 @@
-"""Run records and the tables made from them.
+"""Run records and the tables and figures made from them.
 
 Every finished run is one JSON object on one line of a ``*_runs.jsonl`` file (append-only);
-``RESULTS.md`` is regenerated from those files, never edited by hand, so each figure in it traces
+``RESULTS.md`` is regenerated from those files, never edited by hand, so each number in it traces
 back to a run record that names its command, commit and device.
+
+Beside the tables, the report shows one figure per setting (data set, model, schedule, recipe and
+device) that has the standard model (the fixed shuffle with the 1x1 convolutions) and another
+configuration: each configuration's hard top-1 minus the standard model's, the table's
+``hard - fixed`` column drawn (``figure_series`` gives the plotted numbers; the table's cells are
+formatted from the same ``Delta`` values). ``write_figures`` writes them as PNG files named from
+the setting (``hard-minus-fixed__<data set>__<model>__<epochs>ep__<recipe>__<device>.png``) into
+``figures/`` in the folder of the (first) record file, ``results/figures/`` for
+``results/*_runs.jsonl``; the report links them by their path relative to itself. Figures of
+settings no longer in the records are removed from that folder, so each figure file there is
+one the report links. Every file is written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -11,19 +22,28 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FIGURE_PREFIX",
     "REQUIRED_FIELDS",
+    "Delta",
+    "FigureRow",
     "Group",
+    "SettingFigure",
     "append_record",
+    "atomic_write",
+    "default_figure_dir",
+    "figure_series",
     "group_records",
     "read_records",
     "render_results",
+    "write_figures",
 ]
 
 #: fields every run record carries
@@ -143,15 +163,34 @@ def _fmt(ms: tuple[float, float] | None, scale: float = 1.0, digits: int = 2) ->
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A difference of two means (points of top-1), with its standard error when both sides
+    have two seeds or more; ``str`` gives the table's cell."""
+
+    diff: float
+    se: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float], base: Sequence[float]) -> Delta:
+        """Mean of ``values`` minus mean of ``base``; standard error
+        ``sqrt(s1^2 / n1 + s2^2 / n2)`` when both have two values or more."""
+        diff = statistics.fmean(values) - statistics.fmean(base)
+        if len(values) < 2 or len(base) < 2:
+            return cls(diff)
+        var = statistics.variance
+        return cls(diff, math.sqrt(var(values) / len(values) + var(base) / len(base)))
+
+    def __str__(self) -> str:
+        if self.se is None:
+            return f"{self.diff:+.2f}"
+        return f"{self.diff:+.2f} ± {self.se:.2f}"
+
+
 def _delta(values: list[float], base: list[float]) -> str:
     """Difference of the means, with its standard error when both sides have two seeds or more
     (``sqrt(s1^2 / n1 + s2^2 / n2)``)."""
-    diff = statistics.fmean(values) - statistics.fmean(base)
-    if len(values) < 2 or len(base) < 2:
-        return f"{diff:+.2f}"
-    var = statistics.variance
-    se = math.sqrt(var(values) / len(values) + var(base) / len(base))
-    return f"{diff:+.2f} ± {se:.2f}"
+    return str(Delta.of(values, base))
 
 
 def _context(key: tuple) -> tuple:
@@ -177,6 +216,15 @@ def _baseline(groups: list[Group], g: Group) -> Group | None:
         if _standard(other) and _setting(other.key) == _setting(g.key):
             return other
     return None
+
+
+def _hard_minus_fixed(groups: list[Group], g: Group) -> tuple[Group, Delta] | None:
+    """The table's ``hard - fixed`` of ``g``: its standard model and the difference of their
+    hard top-1; ``None`` for the standard model itself, a setting without one, or no hard top-1."""
+    base = _baseline(groups, g)
+    if base is None or base is g or not g.values("top1_hard"):
+        return None
+    return base, Delta.of(g.values("top1_hard"), base.values("top1_hard"))
 
 
 #: issue 6's targets: the model and least schedule they are defined for, and their thresholds
@@ -389,8 +437,19 @@ def _targets(groups: list[Group], dataset: str) -> list[str]:
     return lines
 
 
-def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = ()) -> str:
-    """``RESULTS.md``: mean ± standard deviation over seeds per configuration, per data set."""
+def render_results(
+    records: Sequence[dict[str, Any]],
+    sources: Sequence[str] = (),
+    figures: Mapping[tuple, str] | None = None,
+) -> str:
+    """``RESULTS.md``: mean ± standard deviation over seeds per configuration, per data set.
+
+    Args:
+        records: the run records.
+        sources: the record files, named in the report's first lines.
+        figures: the link (a path relative to the report) of each setting's figure, by
+            ``SettingFigure.setting``; a data set with figures shows them above its table.
+    """
     lines = [
         "# Results",
         "",
@@ -409,6 +468,7 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
     groups = group_records(records)
     for dataset in sorted({g.key[0] for g in groups}):
         lines += [f"## {dataset}", ""]
+        lines += _figure_links(groups, dataset, figures or {})
         lines.append(
             "| model | mixer | pointwise | options | epochs | recipe | device | seeds "
             "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points ± s.e.) | params | MMACs "
@@ -418,11 +478,9 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
         rows = sorted((g for g in groups if g.key[0] == dataset), key=lambda g: g.key[1:])
         for g in rows:
             f = g.first
-            base = _baseline(groups, g)
-            delta = "-"
             hard = g.mean_std("top1_hard")
-            if base is not None and base is not g and hard is not None:
-                delta = _delta(g.values("top1_hard"), base.values("top1_hard"))
+            compared = _hard_minus_fixed(groups, g)
+            delta = "-" if compared is None else str(compared[1])
             throughput = g.mean_std("train_images_per_second")
             lines.append(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
@@ -444,3 +502,280 @@ def render_results(records: Sequence[dict[str, Any]], sources: Sequence[str] = (
             lines += [f"- {n}" for n in notes]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+# --- figures -------------------------------------------------------------------------------
+
+#: the start of every figure file's name (the report's figure folder holds only these)
+FIGURE_PREFIX = "hard-minus-fixed__"
+#: the resolution of the PNG files (dots per inch)
+FIGURE_DPI = 100
+#: a figure whose rows span more points than this has an axis logarithmic beyond ±1 point
+LOG_SPAN = 15.0
+#: the order of the kinds of configuration in a figure, and their colours
+_KINDS = {
+    "dynamic": "tab:blue",
+    "learned": "tab:orange",
+    "shuffle": "tab:gray",
+    "none": "tab:red",
+    "shuffle + sds": "tab:green",
+}
+
+
+@dataclass(frozen=True)
+class FigureRow:
+    """One configuration of a figure.
+
+    Attributes:
+        key: its group key (``Group.key``: the table row it is).
+        label: its name as the table gives it (mixer, pointwise layer, options), shortened.
+        kind: mixer, and ``+ sds`` when its 1x1 convolutions are static-dynamic shuffles.
+        delta: its hard top-1 minus the standard model's: the table's ``hard - fixed`` cell.
+        seeds: each seed's hard top-1 minus the standard model's mean.
+    """
+
+    key: tuple
+    label: str
+    kind: str
+    delta: Delta
+    seeds: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SettingFigure:
+    """The figure of one setting: its standard model and the other configurations, grouped by
+    kind and best first within a kind.
+
+    Attributes:
+        setting: data set, model, epochs, recipe and device.
+        name: the PNG file's name (stable: made from ``setting``).
+        base: the standard model's runs.
+        rows: the other configurations, in the figure's order (top to bottom).
+    """
+
+    setting: tuple
+    name: str
+    base: Group
+    rows: tuple[FigureRow, ...]
+
+    @property
+    def title(self) -> str:
+        dataset, model, epochs, recipe, device = self.setting
+        extra = f", recipe {recipe}" if recipe else ""
+        return f"{dataset}, {model}, {epochs} epochs, {device}{extra}"
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^a-z0-9_.=+-]+", "-", str(value).lower()).strip("-_") or "-"
+
+
+def _figure_name(setting: tuple) -> str:
+    dataset, model, epochs, recipe, device = setting
+    parts = [dataset, model, f"{epochs}ep", *([recipe] if recipe else []), device]
+    return FIGURE_PREFIX + "__".join(_slug(p) for p in parts) + ".png"
+
+
+def _kind(g: Group) -> str:
+    """The mixer, and the pointwise layer when not the 1x1 convolutions."""
+    return g.first["mixer"] + ("" if g.key[3] == "conv" else f" + {g.key[3]}")
+
+
+def _short_label(g: Group) -> str:
+    """The table's mixer, pointwise layer and options, the ``mixer.`` prefix left out and the
+    SDS keywords written as options of their own."""
+    options = g.first.get("options") or {}
+    parts = []
+    for k in sorted(options):
+        v = options[k]
+        if k == SDS_OPTIONS and isinstance(v, dict):
+            parts += [f"{kk}={v[kk]}" for kk in sorted(v)]
+        else:
+            parts.append(f"{k.removeprefix('mixer.')}={v}")
+    return _kind(g) + (": " + ", ".join(parts) if parts else "")
+
+
+def figure_series(records: Sequence[dict[str, Any]]) -> list[SettingFigure]:
+    """The figures' numbers: per setting with a standard model and another configuration, the
+    table's ``hard - fixed`` of each configuration (the same ``Delta``), in setting order."""
+    groups = group_records(records)
+    figures: dict[tuple, list[tuple[Group, FigureRow]]] = {}
+    bases: dict[tuple, Group] = {}
+    for g in groups:
+        compared = _hard_minus_fixed(groups, g)
+        if compared is None:
+            continue
+        base, delta = compared
+        mean = _mean(base, "top1_hard")
+        row = FigureRow(
+            key=g.key,
+            label=_short_label(g),
+            kind=_kind(g),
+            delta=delta,
+            seeds=tuple(v - mean for v in g.values("top1_hard")),
+        )
+        bases[_setting(g.key)] = base
+        figures.setdefault(_setting(g.key), []).append((g, row))
+    order = list(_KINDS)
+
+    def place(item: tuple[Group, FigureRow]) -> tuple:
+        g, row = item
+        kind = order.index(row.kind) if row.kind in order else len(order)
+        return kind, row.kind, -row.delta.diff, g.key[1:]
+
+    return [
+        SettingFigure(
+            setting=setting,
+            name=_figure_name(setting),
+            base=bases[setting],
+            rows=tuple(row for _, row in sorted(rows, key=place)),
+        )
+        for setting, rows in sorted(figures.items())
+    ]
+
+
+def _figure_links(groups: list[Group], dataset: str, figures: Mapping[tuple, str]) -> list[str]:
+    """The figures of ``dataset`` (those in ``figures``), as markdown images."""
+
+    def target_first(setting: tuple) -> tuple:
+        _, model, epochs, *_ = setting
+        return model != TARGET_MODEL or int(epochs) < TARGET_EPOCHS, setting
+
+    settings = sorted(
+        {_setting(g.key) for g in groups if g.key[0] == dataset and _setting(g.key) in figures},
+        key=target_first,
+    )
+    if not settings:
+        return []
+    lines = [
+        "### Hard top-1 against the standard model",
+        "",
+        "One figure per setting, the target protocol's first: each configuration's hard top-1 "
+        "minus that of the standard model (the `hard - fixed` column of the table below), mean "
+        "± its standard error when both have two seeds or more, its seeds as dots; the dashed "
+        f"line is issue 6's +{TARGET_GAIN} target. A figure whose rows span more than "
+        f"{LOG_SPAN:g} points has an axis logarithmic beyond ±1 point.",
+        "",
+    ]
+    for setting in settings:
+        _, model, epochs, recipe, device = setting
+        alt = f"{model}, {epochs} epochs, {recipe or '-'}, {device}: hard top-1 minus fixed"
+        lines += [f"![{alt}]({figures[setting]})", ""]
+    return lines
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` through ``write(temporary path)`` in the same folder, then rename it into
+    place: a reader sees the old file or the new one, never a part; the temporary file is removed
+    when ``write`` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def default_figure_dir(record_files: Sequence[str | os.PathLike]) -> Path | None:
+    """``figures/`` in the folder of the first record file (``results/figures`` for
+    ``results/*_runs.jsonl``); ``None`` without record files."""
+    return Path(record_files[0]).parent / "figures" if record_files else None
+
+
+def _draw(fig: SettingFigure, path: Path) -> None:
+    """Render ``fig`` as a PNG at ``path`` (Agg, no display)."""
+    import PIL.Image
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows = fig.rows
+    n = len(rows)
+    # the labels' width (about 0.062 inch a character at 8 points), the plot, the right column
+    width = 0.062 * max(len(r.label) for r in rows) + 7.0
+    figure = Figure(figsize=(width, 1.7 + 0.27 * n), dpi=FIGURE_DPI, layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ys = list(range(n))
+    for y, row in zip(ys, rows):
+        colour = _KINDS.get(row.kind, "black")
+        ax.scatter(row.seeds, [y] * len(row.seeds), s=12, color=colour, alpha=0.45, lw=0, zorder=2)
+        ax.errorbar(
+            row.delta.diff,
+            y,
+            xerr=row.delta.se,  # None: no error bar (a side with one seed)
+            fmt="D",
+            ms=5,
+            color=colour,
+            mec="black",
+            mew=0.5,
+            capsize=3,
+            elinewidth=1.2,
+            zorder=3,
+        )
+    ax.axvline(0.0, color="black", lw=1.0, zorder=1.8)
+    ax.axvline(TARGET_GAIN, color="purple", lw=1.2, ls="--", zorder=1.8)
+    extent = [v for r in rows for v in (*r.seeds, r.delta.diff)]
+    extent += [r.delta.diff + s * r.delta.se for r in rows if r.delta.se for s in (-1, 1)]
+    lo, hi = min([*extent, 0.0, -1.0]), max([*extent, TARGET_GAIN, 1.0])
+    if hi - lo > LOG_SPAN:  # far rows would squeeze the target's scale: logarithmic beyond 1
+        ax.set_xscale("symlog", linthresh=1.0, linscale=1.0)
+        ax.set_xlim(lo * 1.3 if lo < -1.0 else lo - 0.2, hi * 1.3 if hi > 1.0 else hi + 0.2)
+        steps = (0.5, 1, 2, 5, 10, 20, 50, 100)
+        ticks = sorted({0.0, *(t for v in steps for t in (-v, v) if lo <= t <= hi)})
+        ax.set_xticks(ticks, [f"{t:+g}" if t else "0" for t in ticks])
+    else:
+        pad = 0.08 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(n - 0.5, -0.5)  # the first row on top
+    ax.set_yticks(ys, [r.label for r in rows], fontsize=8)
+    ax.set_axisbelow(True)
+    ax.grid(axis="x", color="0.88", lw=0.6)
+    ax.tick_params(axis="x", labelsize=8)
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(ys, [f"{r.delta}  ({len(r.seeds)})" for r in rows], fontsize=8)
+    base = fig.base
+    ax.set_xlabel(
+        f"hard top-1 minus the fixed shuffle with 1x1 convolutions "
+        f"({_fmt(base.mean_std('top1_hard'))} %, {len(base.records)} seed"
+        f"{'s' * (len(base.records) != 1)}), points\n"
+        "right: mean ± standard error when both have two seeds or more (seeds); dots: the seeds",
+        fontsize=8,
+    )
+    ax.set_title(fig.title, fontsize=9)
+    handles = [
+        Line2D([], [], ls="", marker="D", ms=5, color=c, mec="black", mew=0.5, label=k)
+        for k, c in _KINDS.items()
+        if any(r.kind == k for r in rows)
+    ]
+    handles.append(Line2D([], [], color="purple", ls="--", label=f"target +{TARGET_GAIN}"))
+    figure.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=len(handles))
+    canvas.draw()
+    # 256 colours are plenty for a plot: a palette PNG is a third of the RGBA one's size
+    image = PIL.Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
+    image.convert("RGB").quantize(256).save(path, format="png", optimize=True)
+
+
+def write_figures(
+    records: Sequence[dict[str, Any]], folder: str | os.PathLike
+) -> dict[tuple, Path]:
+    """Write the figure of every setting of ``figure_series(records)`` into ``folder`` (each
+    atomically) and remove the figures of settings no longer there; return the paths by setting.
+    """
+    folder = Path(folder)
+    figures = figure_series(records)
+    if figures:
+        folder.mkdir(parents=True, exist_ok=True)
+    written = {
+        fig.setting: atomic_write(folder / fig.name, functools.partial(_draw, fig))
+        for fig in figures
+    }
+    if folder.is_dir():
+        keep = {p.name for p in written.values()}
+        for stale in folder.glob(FIGURE_PREFIX + "*.png"):
+            if stale.name not in keep:
+                stale.unlink()
+    return written

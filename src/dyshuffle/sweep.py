@@ -37,12 +37,16 @@ Examples::
     dyshuffle sweep sweeps/cifar10_cpu.yaml --set data_dir=../shared/data/cifar10-jpeg.tgz
     dyshuffle sweep sweeps/cifar10_gpu.yaml --shard 1/6 --records runs/w1/cifar10_runs.jsonl
     dyshuffle sweep --report                       # only rebuild RESULTS.md from results/*.jsonl
+
+Each report write also draws its figures (``dyshuffle.results.write_figures``) into
+``figures/`` beside the first record file, ``results/figures/`` by default, and links them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -52,7 +56,14 @@ from typing import Any
 
 import yaml
 
-from .results import append_record, read_records, render_results
+from .results import (
+    append_record,
+    atomic_write,
+    default_figure_dir,
+    read_records,
+    render_results,
+    write_figures,
+)
 
 __all__ = ["SweepSpec", "load_spec", "main", "options_to_argv", "parse_shard", "run_sweep"]
 
@@ -213,15 +224,28 @@ def device_name(choice: str) -> str:
     return environment(device)["device"]
 
 
-def write_report(report: str | Path, record_files: list[Path]) -> Path:
-    """Regenerate the markdown report from every record file."""
+def write_report(
+    report: str | Path, record_files: list[Path], figures: str | Path | None = None
+) -> Path:
+    """Regenerate the markdown report and its figures from every record file.
+
+    Args:
+        report: the markdown file.
+        record_files: the run records (those that do not exist are left out).
+        figures: the folder of the figures (default: ``figures/`` beside the first record file,
+            ``results/figures`` for ``results/*_runs.jsonl``); the report links them relative to
+            its own folder.
+    """
     files = [p for p in record_files if p.exists()]
-    text = render_results(read_records(files), [str(p) for p in files])
+    records = read_records(files)
     report = Path(report)
-    tmp = report.with_suffix(report.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(report)
-    return report
+    folder = Path(figures) if figures is not None else default_figure_dir(files)
+    links = {}
+    if folder is not None:
+        for setting, path in write_figures(records, folder).items():
+            links[setting] = Path(os.path.relpath(path, report.parent)).as_posix()
+    text = render_results(records, [str(p) for p in files], links)
+    return atomic_write(report, lambda tmp: tmp.write_text(text))
 
 
 def run_sweep(
