@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import re
 
@@ -28,7 +29,7 @@ def tiny_run(tmp_path_factory):
         "--device", "cpu", "--threads", "1", "--part", "layer", "model",
         "--layer-shapes", "24x4", "--models", "shufflenet_v2_x0_5", "--stems", "cifar",
         "--batch", "2", "--repeats", "2", "--warmup", "1", "--min-block-ms", "0",
-        "--out-dir", str(out), "--markdown", str(md), "-q",
+        "--out-dir", str(out), "--markdown", str(md), "--plot", str(out / "ratios.png"), "-q",
     ]  # fmt: skip
     threads = torch.get_num_threads()
     try:
@@ -108,6 +109,17 @@ def test_parameters_and_macs_come_from_the_counters(tiny_run):
     assert int(layer["conv1x1"]["params"]) == 24 * 24
     assert int(layer["conv1x1"]["macs"]) == 24 * 24 * 4 * 4
     assert int(layer["fixed"]["params"]) == 0 and layer["dynamic"]["params_ratio"] == ""
+
+
+def test_the_run_draws_its_figure(tiny_run):
+    path, rows, _ = tiny_run
+    png = path.parent / "ratios.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = bench.ratio_series([(path.stem, rows)])
+    assert {(s.mode, s.variant) for s in series} == {
+        (m, v) for m in bench.MODES for v in ("fixed_native", "dynamic", "static_dynamic")
+    }
+    assert all(s.batches == [2] and s.conditions["threads"] == "1" for s in series)
 
 
 def test_markdown_section_is_written_once_and_keeps_the_rest(tiny_run, tmp_path):
@@ -267,6 +279,8 @@ def test_variant_options():
             "unknown model 'shufflenet_v2_x1_O'.*shufflenet_v2_x1_0",
         ),
         (["--from-csv", "missing.csv"], "--from-csv 'missing.csv' does not exist"),
+        (["--plot", "fig.jpg"], r"--plot 'fig.jpg': the name must end in .png, .svg, .pdf"),
+        (["--part", "layer", "--plot", "f.png"], "--plot 'f.png' draws whole models"),
     ],
 )
 def test_bad_arguments_are_usage_errors_that_name_the_value(args, message, capsys, tmp_path):
@@ -313,3 +327,131 @@ def test_gpu_path_needs_only_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+# --- the --plot figure -------------------------------------------------------------------------
+
+
+def _synthetic_run(**conditions) -> list[dict]:
+    """Whole-model and layer rows of a small run, with latencies that give known ratios."""
+    common = dict(device="cpu", device_name="test cpu", torch="2.0.0", precision="fp32",
+                  layout="channels_last", threads=2, compile="none", cpu_env="", note="",
+                  commit="abc1234", command="dyshuffle bench --test", repeats=8)  # fmt: skip
+    common.update(conditions)
+    rows = []
+    for t, target in enumerate(["shufflenet_v2_x0_5 cifar", "shufflenet_v2_x1_0 imagenet"]):
+        for b, batch in enumerate([1, 32, 256]):
+            for m, mode in enumerate(bench.MODES):
+                for v, variant in enumerate(["fixed", "dynamic", "static_dynamic"]):
+                    if (target, batch, variant) == ("shufflenet_v2_x1_0 imagenet", 32, "fixed"):
+                        continue  # no fixed shuffle here: no ratio, no point
+                    lat = 10.0 * (1 + t) * (1 + b) * (1 + m) * (1 + v * (0.07 * (3 - b) + 0.2 * m))
+                    rows.append(dict(common, part="model", target=target, batch=batch, mode=mode,
+                                     variant=variant, latency_ms=lat, latency_p25_ms=0.9 * lat,
+                                     latency_p75_ms=1.2 * lat, params=1000 + v, macs=5000,
+                                     latency_ratio_paired=1 + 0.01 * v))  # fmt: skip
+    rows.append(dict(common, part="layer", target="C24 4x4", batch=1, mode="infer",
+                     variant="dynamic", latency_ms=99.0))  # fmt: skip
+    return bench.add_ratios(rows)
+
+
+def test_plot_draws_the_ratios_of_the_summary_table(tmp_path, monkeypatch):
+    """The plotted points are the summary table's ratios (same computation), one line per
+    mixer, model and stem in each mode's panel; missing fixed values leave the point out."""
+    path = bench.write_csv(_synthetic_run(), tmp_path / "run.csv")
+    md, png = tmp_path / "BENCH.md", tmp_path / "figures" / "run.png"
+    drawn: dict[str, list[list[float]]] = {}
+    panel = bench._ratio_panel
+
+    def spy(ax, mode, *args):
+        panel(ax, mode, *args)
+        drawn[mode] = [[float(y) for y in line.get_ydata()] for line in ax.get_lines()]
+
+    monkeypatch.setattr(bench, "_ratio_panel", spy)
+    assert bench.main(["--from-csv", str(path), "--plot", str(png), "--markdown", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    assert [p.name for p in png.parent.iterdir()] == ["run.png"]  # no temporary file left
+
+    series = bench.ratio_series([("run", bench.read_csv(path))])
+    assert {(s.mode, s.variant, s.target) for s in series} == {
+        (m, v, t)
+        for m in bench.MODES
+        for v in ("dynamic", "static_dynamic")
+        for t in ("shufflenet_v2_x0_5 cifar", "shufflenet_v2_x1_0 imagenet")
+    }
+    table = {}  # (target, batch) -> (infer, train) of the dynamic summary table, as printed
+    text = md.read_text()
+    block = text[text.index("| model | batch | infer dynamic/fixed") :].split("\n\n")[0]
+    for line in block.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[(cells[0], int(cells[1]))] = tuple((c.split() or [""])[0] for c in cells[2:4])
+    checked = 0
+    for s in series:
+        assert s.ratio in drawn[s.mode]  # this very line is in its mode's panel
+        if s.target == "shufflenet_v2_x1_0 imagenet":
+            assert s.batches == [1, 256]  # batch 32 has no fixed shuffle
+        for b, r, lo, hi in zip(s.batches, s.ratio, s.low, s.high):
+            lat = {
+                row["variant"]: row
+                for row in bench.read_csv(path)
+                if (row["part"], row["target"], row["batch"], row["mode"])
+                == ("model", s.target, str(b), s.mode)
+            }
+            assert r == float(lat[s.variant]["latency_ms"]) / float(lat["fixed"]["latency_ms"])
+            assert close(lo, 0.9 / 1.2 * r) and close(hi, 1.2 / 0.9 * r)
+            if s.variant == "dynamic":
+                assert f"{r:.2f}" == table[(s.target, b)][bench.MODES.index(s.mode)]
+                checked += 1
+    assert checked == 2 * 2 * 3 - 2  # every dynamic line of the table but the two without fixed
+    assert table[("shufflenet_v2_x1_0 imagenet", 32)] == ("", "")
+
+
+def test_plot_keeps_runs_and_conditions_apart(tmp_path):
+    """Two runs of different devices and precisions: lines of each, conditions common to both in
+    the title, the others in the legend."""
+    import matplotlib
+
+    cpu = bench.write_csv(_synthetic_run(), tmp_path / "cpu_fp32.csv")
+    gpu = bench.write_csv(
+        _synthetic_run(
+            device="cuda",
+            device_name="NVIDIA H200",
+            precision="bf16",
+            threads="",
+            torch="2.0.0",
+            compile="reduce-overhead",
+        ),  # fmt: skip
+        tmp_path / "cuda_bf16.csv",
+    )
+    svg = tmp_path / "both.svg"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as text, to read it back
+        assert bench.main(["--from-csv", str(cpu), str(gpu), "--plot", str(svg)]) == 0
+    text = html.unescape(svg.read_text())
+    series = bench.ratio_series([("a", bench.read_csv(cpu)), ("b", bench.read_csv(gpu))])
+    assert {(s.source, s.conditions["device"]) for s in series} == {("a", "cpu"), ("b", "cuda")}
+    for phrase in ("channels_last, torch 2.0.0", "test cpu (cpu, 2 threads)", "NVIDIA H200 (cuda)",
+                   "bf16 (autocast)", "fp32", "torch.compile reduce-overhead", "eager",
+                   "target <= 1.10", "target <= 1.35", "ShuffleNetV2 0.5x, CIFAR stem",
+                   "ShuffleNetV2 1.0x, ImageNet stem", "static_dynamic"):  # fmt: skip
+        assert phrase in text, phrase
+
+
+def test_plot_without_model_rows_writes_nothing(tmp_path, monkeypatch, capsys):
+    rows = [r for r in _synthetic_run() if r["part"] == "layer"]
+    path = bench.write_csv(rows, tmp_path / "layers.csv")
+    png = tmp_path / "f.png"
+    assert bench.main(["--from-csv", str(path), "--plot", str(png)]) == 1
+    assert "no whole-model rows" in capsys.readouterr().err and not png.exists()
+    # a failed write keeps the previous figure and leaves no temporary file
+    png.write_bytes(b"old")
+    from matplotlib.figure import Figure
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    model = bench.write_csv(_synthetic_run(), tmp_path / "model.csv")
+    with pytest.raises(RuntimeError, match="disk full"):
+        bench.plot_latency_ratios([("m", bench.read_csv(model))], png)
+    assert png.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "layers.csv", "model.csv"]

@@ -9,7 +9,9 @@ under the same conditions.
 
 For each precision and layout it writes one CSV whose name says the device, precision, layout and
 torch version (``results/bench/cpu-2threads_fp32_channels_last_torch2.14.1-cu130.csv``), prints
-a markdown table and can update ``docs/BENCHMARKS.md`` in place.
+a markdown table and can update ``docs/BENCHMARKS.md`` in place. ``--plot PATH`` draws the whole
+models' latency ratios to the fixed shuffle against the issue's targets
+(:func:`plot_latency_ratios`), from a run's CSVs or, with ``--from-csv``, from committed ones.
 
 Measurement:
 
@@ -83,6 +85,8 @@ __all__ = [
     "csv_name",
     "main",
     "markdown_section",
+    "plot_latency_ratios",
+    "ratio_series",
     "read_csv",
     "run_benchmark",
     "saved_tensor_bytes",
@@ -910,6 +914,29 @@ def _ratio(num: Any, den: Any) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _model_index(rows: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The whole-model rows of one run by (target, batch as text, mode, variant)."""
+    return {
+        (r.get("target"), str(r.get("batch")), r.get("mode"), r.get("variant")): r
+        for r in rows
+        if r.get("part") == "model"
+    }
+
+
+def _latency_ratio(
+    by: dict[tuple, dict[str, Any]], target: Any, batch: str, mode: str, variant: str
+) -> float | None:
+    """Median latency of ``variant`` over the fixed shuffle's, in one run (``None``: missing).
+
+    The one computation behind the summary tables and the ``--plot`` figures.
+    """
+
+    def latency(var: str) -> Any:
+        return by.get((target, batch, mode, var), {}).get("latency_ms")
+
+    return _ratio(latency(variant), latency(BASELINE))
+
+
 def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> str:
     """The issue's target ratios for whole models: ``variant`` over the fixed shuffle.
 
@@ -917,11 +944,7 @@ def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> s
     parameters and MACs over the fixed shuffle, and the latencies over the native-kernel fixed
     shuffle (``fixed_native``) when it was measured. Empty where a value is missing.
     """
-    by = {
-        (r.get("target"), str(r.get("batch")), r.get("mode"), r.get("variant")): r
-        for r in rows
-        if r.get("part") == "model"
-    }
+    by = _model_index(rows)
     keys = sorted(
         {(t, b) for (t, b, _, v) in by if v == variant},
         key=lambda k: (k[0], int(k[1])),
@@ -938,9 +961,7 @@ def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> s
             return by.get((target, batch, mode, var), {}).get(col)
 
         def lat(mode: str, target=target, batch=batch) -> str:
-            r = _fmt_ratio(
-                _ratio(get(mode, variant, "latency_ms"), get(mode, "fixed", "latency_ms"))
-            )
+            r = _fmt_ratio(_latency_ratio(by, target, batch, mode, variant))
             paired = _fmt_ratio(get(mode, variant, "latency_ratio_paired"))
             return f"{r} ({paired})" if r and paired else r
 
@@ -1027,6 +1048,318 @@ def update_markdown(path: str | os.PathLike, name: str, section: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
     return path
+
+
+# --- figure: whole-model latency ratios against the issue's targets ---------------------------
+
+#: the issue's targets for whole models: latency over the fixed shuffle's, per mode
+LATENCY_TARGETS = {"infer": 1.10, "train": 1.35}
+MODE_TITLES = {
+    "infer": "inference (eval, hard permutations)",
+    "train": "training step (forward, backward, SGD)",
+}
+#: the CSV columns that say under which conditions a run measured (figure title or legend)
+CONDITIONS = ("device", "device_name", "threads", "precision", "layout", "torch", "compile")
+#: formats ``--plot`` writes (by the file's suffix)
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclass
+class RatioSeries:
+    """One line of the ``--plot`` figure: a mixer's median latency over the fixed shuffle's, per
+    batch, for one model and stem of one run (one CSV, one set of conditions).
+
+    ``ratio`` is :func:`_latency_ratio`, the number of the summary tables; ``paired`` is the CSV's
+    ``latency_ratio_paired``; ``low`` / ``high`` are the variant's 25th / 75th percentile over
+    the fixed shuffle's 75th / 25th (``None`` where the CSV lacks them).
+    """
+
+    source: str
+    mode: str
+    variant: str
+    target: str
+    conditions: dict[str, str]
+    batches: list[int] = field(default_factory=list)
+    ratio: list[float] = field(default_factory=list)
+    paired: list[float | None] = field(default_factory=list)
+    low: list[float | None] = field(default_factory=list)
+    high: list[float | None] = field(default_factory=list)
+
+
+def _conditions(row: dict[str, Any]) -> dict[str, str]:
+    return {c: str(row.get(c) if row.get(c) is not None else "") for c in (*CONDITIONS, "cpu_env")}
+
+
+def ratio_series(sources: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> list[RatioSeries]:
+    """The whole-model latency ratios of each run, as lines over the batch size.
+
+    Args:
+        sources: ``(name, rows)`` per run, e.g. ``(csv stem, read_csv(path))``; rows of several
+            conditions in one source are kept apart.
+
+    Returns:
+        one series per source, conditions, mode, non-fixed variant and model/stem with at least
+        one ratio, batches in increasing order.
+    """
+    out: list[RatioSeries] = []
+    for source, rows in sources:
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r.get("part") == "model":
+                groups.setdefault(tuple(_conditions(r).items()), []).append(r)
+        for cond, group in groups.items():
+            by = _model_index(group)
+            variants = [v for v in dict.fromkeys(k[3] for k in by) if v and v != BASELINE]
+            targets = list(dict.fromkeys(k[0] for k in by))
+            for mode in MODES:
+                for variant in variants:
+                    for target in targets:
+                        s = RatioSeries(source, mode, variant, str(target), dict(cond))
+                        batches = sorted(
+                            {b for (t, b, m, v) in by if (t, m, v) == (target, mode, variant)},
+                            key=int,
+                        )
+                        for b in batches:
+                            ratio = _latency_ratio(by, target, b, mode, variant)
+                            if ratio is None:
+                                continue
+                            row, fixed = (
+                                by[(target, b, mode, variant)],
+                                by[(target, b, mode, BASELINE)],
+                            )
+                            s.batches.append(int(b))
+                            s.ratio.append(ratio)
+                            s.paired.append(_number(row.get("latency_ratio_paired")))
+                            s.low.append(
+                                _ratio(row.get("latency_p25_ms"), fixed.get("latency_p75_ms"))
+                            )
+                            s.high.append(
+                                _ratio(row.get("latency_p75_ms"), fixed.get("latency_p25_ms"))
+                            )
+                        if s.batches:
+                            out.append(s)
+    return out
+
+
+def _model_label(target: str) -> str:
+    """``"shufflenet_v2_x1_0 cifar"`` -> ``"ShuffleNetV2 1.0x, CIFAR stem"``."""
+    name, _, stem = target.partition(" ")
+    m = re.fullmatch(r"shufflenet_v2_x(\d+)_(\d+)", name)
+    name = f"ShuffleNetV2 {m.group(1)}.{m.group(2)}x" if m else name
+    stem = {"cifar": "CIFAR", "imagenet": "ImageNet"}.get(stem, stem)
+    return f"{name}, {stem} stem" if stem else name
+
+
+def _condition_items(c: dict[str, str]) -> dict[str, str]:
+    """The conditions of a series as short phrases, one per aspect (device, precision, ...)."""
+    cpu = c["device"] == "cpu"
+    threads = c["threads"]
+    where = c["device"] + (f", {threads} thread{'' if threads == '1' else 's'}" if threads else "")
+    comp = c["compile"]
+    return {
+        "device": f"{c['device_name'] or '?'} ({where})",
+        "precision": c["precision"] + (" (autocast)" if c["precision"] == "bf16" else ""),
+        "layout": c["layout"],
+        "torch": f"torch {c['torch']}",
+        "compile": "eager" if comp in ("", "none") else f"torch.compile {comp}",
+        "env": c["cpu_env"] or ("default OpenMP wait policy" if cpu else ""),
+    }
+
+
+def _short_names(sources: Sequence[str]) -> dict[str, str]:
+    """Run names for a legend: each source without the part all of them share (up to a ``_``).
+
+    One source: ``{source: source}``. Several: ``{source: "..." + rest}`` and, under ``""``, the
+    shared part (for the title).
+    """
+    names = list(dict.fromkeys(sources))
+    if len(names) == 1:
+        return {names[0]: names[0]}
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("_") + 1]
+    return {"": prefix, **{n: "..." + n[len(prefix) :] if prefix else n for n in names}}
+
+
+def _ratio_panel(
+    ax: Any,
+    mode: str,
+    lines: Sequence[tuple[RatioSeries, str]],
+    batches: Sequence[int],
+    colors: dict[str, str],
+    markers: dict[str, str],
+    styles: dict[str, str],
+    tags: dict[str, str],
+) -> None:
+    """One mode's panel of :func:`plot_latency_ratios` (``tags``: run -> number, for a line of
+    one point, whose line style does not show)."""
+    from matplotlib.ticker import NullLocator
+
+    target = LATENCY_TARGETS[mode]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(batches[0] / 1.8, batches[-1] * 1.8)
+    ax.set_xlabel("batch size (log scale)")
+    ax.set_ylabel("latency / latency of the fixed shuffle")
+    ax.set_title(f"{MODE_TITLES[mode]}: target <= {target:.2f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.axhline(1.0, color="0.4", lw=0.8)
+    core = [target, 1.0] + [y for s, _ in lines for y in (*s.ratio, *s.paired) if y is not None]
+    lo, hi = min(core), max(core)
+    pad = max(0.03, 0.08 * (hi - lo))
+    lo, hi = lo - pad, hi + pad
+    whiskers = [y for s, _ in lines for y in (*s.low, *s.high) if y is not None]
+    span = hi - lo  # whiskers may widen the frame by a tenth, no more: the medians stay legible
+    ylo, yhi = max(min([lo, *whiskers]), lo - span / 10), min(max([hi, *whiskers]), hi + span / 10)
+    ax.set_ylim(ylo, yhi)
+    ax.axhspan(target, yhi, color="crimson", alpha=0.06, lw=0)
+    ax.axhline(target, color="crimson", ls="--", lw=1.2)
+    if not lines:
+        ax.text(0.5, 0.5, "not measured in these CSVs", transform=ax.transAxes,
+                ha="center", va="center", color="0.4")  # fmt: skip
+        return
+    n = len(lines)
+    step = min(0.1, 1.0 / max(n - 1, 1))  # log2 units: the points of one batch side by side
+    for j, (s, key) in enumerate(lines):
+        shift = 2 ** ((j - (n - 1) / 2) * step)
+        x = [b * shift for b in s.batches]
+        color, marker = colors[s.variant], markers[s.target]
+        err = [
+            [r - w if w is not None else 0.0 for r, w in zip(s.ratio, s.low)],
+            [w - r if w is not None else 0.0 for r, w in zip(s.ratio, s.high)],
+        ]
+        ax.errorbar(x, s.ratio, yerr=err, ls="none", ecolor=color, elinewidth=0.8, capsize=1.5,
+                    alpha=0.45)  # fmt: skip
+        ax.plot(x, s.ratio, color=color, marker=marker, ls=styles[key], lw=1.1, ms=5.5)
+        paired = [(xi, p) for xi, p in zip(x, s.paired) if p is not None]
+        if paired:
+            ax.plot(*zip(*paired), ls="none", marker=marker, ms=9, mfc="none", mec=color, mew=0.8)
+        if len(x) == 1 and tags.get(key):
+            ax.annotate(tags[key], (x[0], s.ratio[0]), xytext=(6, -3), textcoords="offset points",
+                        fontsize=8, color=color, fontweight="bold")  # fmt: skip
+    if any(y < ylo or y > yhi for y in whiskers):
+        ax.text(0.01, 0.01, "some whiskers run past the frame", transform=ax.transAxes,
+                fontsize=7, color="0.3")  # fmt: skip
+
+
+def plot_latency_ratios(
+    sources: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    path: str | os.PathLike,
+    *,
+    dpi: int = 100,
+) -> list[RatioSeries]:
+    """Draw the whole-model latency ratios to the fixed shuffle against the issue's targets.
+
+    One panel per mode (inference with hard permutations, training step); in each, every
+    non-fixed mixer's ratio (:func:`ratio_series`, the summary tables' number) against the batch
+    size on a log axis, one line per mixer (color), model and stem (marker) and run (line style,
+    when there are several runs or conditions); the target as a dashed line; open markers for the
+    paired ratio; whiskers from the CSV's quartiles. Conditions common to every line go in the
+    title, the others in the legend. Written atomically (a temporary file in the same folder,
+    then ``os.replace``) with matplotlib's Agg canvas (no pyplot, no global backend change).
+
+    Args:
+        sources: ``(name, rows)`` per run, e.g. ``(csv stem, read_csv(path))``.
+        path: the figure; ``.png`` (default), ``.svg`` or ``.pdf``.
+        dpi: resolution of a PNG.
+
+    Returns:
+        the series drawn.
+
+    Raises:
+        ValueError: no whole-model row with a fixed shuffle to compare with.
+    """
+    import tempfile
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    series = ratio_series(sources)
+    if not series:
+        names = ", ".join(name for name, _ in sources)
+        raise ValueError(f"no whole-model rows with a fixed shuffle to plot in {names}")
+    path = Path(path)
+    fmt = path.suffix.lower()[1:] or "png"
+
+    items = [_condition_items(s.conditions) for s in series]
+    common = {k: v for k, v in items[0].items() if v and all(i[k] == v for i in items)}
+    varying = [k for k in items[0] if k not in common and any(i[k] for i in items)]
+    short = _short_names([s.source for s in series])
+    keys = [
+        ", ".join(([short[s.source]] if len(short) > 1 else []) + [i[k] for k in varying if i[k]])
+        for s, i in zip(series, items)
+    ]
+    variants = list(dict.fromkeys(s.variant for s in series))
+    targets = list(dict.fromkeys(s.target for s in series))
+    run_labels = list(dict.fromkeys(keys))
+    colors = {v: f"C{j % 10}" for j, v in enumerate(variants)}
+    markers = {t: "osD^vP*X"[j % 8] for j, t in enumerate(targets)}
+    styles = {k: ["-", "--", ":", "-."][j % 4] for j, k in enumerate(run_labels)}
+    tags = {k: str(j + 1) for j, k in enumerate(run_labels)} if len(run_labels) > 1 else {}
+    batches = sorted({b for s in series for b in s.batches})
+
+    fig = Figure(figsize=(11, 6.8), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, mode in zip(fig.subplots(1, len(MODES)), MODES):
+        lines = sorted(
+            ((s, k) for s, k in zip(series, keys) if s.mode == mode),
+            key=lambda sk: (run_labels.index(sk[1]), variants.index(sk[0].variant)),
+        )
+        _ratio_panel(ax, mode, lines, batches, colors, markers, styles, tags)
+
+    def header(text: str) -> tuple[Line2D, str]:
+        return Line2D([], [], ls="none"), text
+
+    groups = [
+        [header("mixer (color)")] + [(Line2D([], [], color=colors[v], lw=2), v) for v in variants],
+        [header("model, stem (marker)")]
+        + [
+            (Line2D([], [], color="0.3", marker=markers[t], ls="none"), _model_label(t))
+            for t in targets
+        ],
+        [header("markers and whiskers")]
+        + [
+            (Line2D([], [], color="0.3", marker="o", ls="none"), "ratio of the medians (tables)"),
+            (Line2D([], [], mec="0.3", mfc="none", marker="o", ms=8, ls="none"), "paired ratio"),
+            (Line2D([], [], color="0.3", marker="|", ms=12, ls="none"), "p25-p75 / fixed p75-p25"),
+            (Line2D([], [], color="crimson", ls="--"), "issue's target (shaded: above)"),
+        ],
+    ]
+    if len(run_labels) > 1:
+        groups.append(
+            [header("run (line style; number: a run's lone points)")]
+            + [(Line2D([], [], color="0.3", ls=styles[k]), f"{tags[k]}: {k}") for k in run_labels]
+        )
+    depth = max(len(g) for g in groups)  # one group per legend column
+    entries = [e for g in groups for e in g + [header("")] * (depth - len(g))]
+    handles, labels = zip(*entries)
+    legend = fig.legend(
+        handles, labels, loc="outside lower center", ncol=len(groups), fontsize=8, frameon=False
+    )
+    for text in legend.get_texts():
+        if text.get_text() in {g[0][1] for g in groups}:
+            text.set_fontweight("bold")
+    where = f"{short['']}*.csv" if "" in short else f"{series[0].source}.csv"
+    fig.suptitle(
+        "Whole models: each mixer's median latency over the fixed shuffle's, in the same run\n"
+        + ", ".join(common.values())
+        + f"; {where}",
+        fontsize=10,
+    )
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return series
 
 
 def _git_commit() -> str:
@@ -1133,6 +1466,15 @@ def _parser() -> argparse.ArgumentParser:
         help="measure nothing: render existing CSV files as markdown",
     )
     p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help=(
+            "also draw the whole models' latency ratios to the fixed shuffle against the issue's "
+            "targets, one panel per mode (.png, .svg or .pdf); with --from-csv, from those CSVs"
+        ),
+    )
+    p.add_argument(
         "--command", default=None, help="command line to record in the markdown (default: this one)"
     )
     p.add_argument(
@@ -1154,6 +1496,8 @@ def _is_model_variant(variant: str, refs: dict[str, Any]) -> bool:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Counts and names that would only fail (or measure nothing) later: a usage error now."""
+    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        parser.error(f"--plot {args.plot!r}: the name must end in {', '.join(PLOT_FORMATS)}")
     if args.from_csv:
         for path in args.from_csv:
             if not Path(path).is_file():
@@ -1167,6 +1511,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     ):
         if value is not None and value < low:  # (None: the default)
             parser.error(f"{flag} must be at least {low}, got {value}")
+    if args.plot is not None and "model" not in args.part:
+        parser.error(f"--plot {args.plot!r} draws whole models: --part must include model")
     from dyshuffle.models import list_models
 
     known = set(list_models())
@@ -1186,6 +1532,19 @@ def _schedule(args: argparse.Namespace, device: str) -> tuple[list[int], int, in
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
     return batches, warmup, repeats
+
+
+def _plot(path: str | None, sources: list[tuple[str, list[dict[str, str]]]]) -> int:
+    """``--plot``: draw the figure from the runs' rows; 0, or 1 when there is nothing to draw."""
+    if path is None:
+        return 0
+    try:
+        plot_latency_ratios(sources, path)
+    except ValueError as e:
+        print(f"dyshuffle bench: --plot {path}: {e}; no figure written", file=sys.stderr)
+        return 1
+    print(f"figure: {path}", file=sys.stderr)
+    return 0
 
 
 def _resolve_device(name: str) -> str:
@@ -1209,18 +1568,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_csv:
         out = io.StringIO()
+        sources = []
         for path in args.from_csv:
             rows = read_csv(path)
             if not rows:
                 print(f"{path}: no rows, skipped", file=sys.stderr)
                 continue
             name = Path(path).stem
+            sources.append((name, rows))
             section = markdown_section(name, rows, args.command)
             print(section, file=out)
             if args.markdown:
                 update_markdown(args.markdown, name, section)
         print(out.getvalue())
-        return 0
+        return _plot(args.plot, sources)
 
     try:
         device = _resolve_device(args.device)
@@ -1276,6 +1637,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = args.suffix if args.suffix is not None else ("_quick" if args.quick else "")
     today = datetime.date.today().isoformat()
     sections = []
+    sources: list[tuple[str, list[dict[str, str]]]] = []
     failed = False
     for precision in cfg.precisions:
         for layout in cfg.layouts:
@@ -1296,12 +1658,15 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(rows, path)
             # the section shows the numbers as the CSV keeps them (6 significant digits), so
             # that --from-csv regenerates it to the digit
-            section = markdown_section(path.stem, read_csv(path), command, today)
+            written = read_csv(path)
+            sources.append((path.stem, written))
+            section = markdown_section(path.stem, written, command, today)
             sections.append(section)
             if args.markdown:
                 update_markdown(args.markdown, path.stem, section)
     print("\n\n".join(sections))
-    return 1 if failed else 0
+    plotted = _plot(args.plot, sources)
+    return 1 if failed or plotted else 0
 
 
 if __name__ == "__main__":
