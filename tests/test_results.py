@@ -357,21 +357,24 @@ def test_figures_are_drawn_small_and_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == data
 
     # written to a temporary file in the same folder, then renamed into place
+    import os
+
     renames = []
-    replace = type(path).replace
+    replace = os.replace
 
-    def spy(self, target):
-        renames.append((self.name, target.name))
-        return replace(self, target)
+    def spy(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        return replace(src, dst)
 
-    monkeypatch.setattr(type(path), "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     write_figures(_figure_records(), tmp_path / "figures")
+    monkeypatch.setattr(os, "replace", replace)
     (src, dst), *_ = renames
     assert dst == path.name and src.startswith(f".{path.name}.") and src.endswith(".tmp")
 
     # a drawing that fails half-way leaves the last figure whole and no temporary file
     def broken(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"\x89PNG half")
+        fp.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(PIL.Image.Image, "save", broken)

@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dyshuffle import layers as _layers
+from dyshuffle._atomic import atomic_write, atomic_write_text
 from dyshuffle.layers import ChannelShuffle, orthogonal_loss
 
 __all__ = [
@@ -821,16 +822,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write ``rows`` with :data:`COLUMNS` (atomically: a temp file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in COLUMNS})
+    return atomic_write_text(path, text.getvalue())
 
 
 def _csv_value(v: Any) -> Any:
@@ -1269,7 +1266,6 @@ def plot_latency_ratios(
     Raises:
         ValueError: no whole-model row with a fixed shuffle to compare with.
     """
-    import tempfile
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1348,17 +1344,7 @@ def plot_latency_ratios(
         fontsize=10,
     )
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
     return series
 
 

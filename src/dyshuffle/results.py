@@ -24,10 +24,12 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ._atomic import atomic_write
 
 __all__ = [
     "FIGURE_PREFIX",
@@ -37,7 +39,6 @@ __all__ = [
     "Group",
     "SettingFigure",
     "append_record",
-    "atomic_write",
     "default_figure_dir",
     "figure_series",
     "group_records",
@@ -663,29 +664,14 @@ def _figure_links(groups: list[Group], dataset: str, figures: Mapping[tuple, str
     return lines
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Write ``path`` through ``write(temporary path)`` in the same folder, then rename it into
-    place: a reader sees the old file or the new one, never a part; the temporary file is removed
-    when ``write`` fails."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def default_figure_dir(record_files: Sequence[str | os.PathLike]) -> Path | None:
     """``figures/`` in the folder of the first record file (``results/figures`` for
     ``results/*_runs.jsonl``); ``None`` without record files."""
     return Path(record_files[0]).parent / "figures" if record_files else None
 
 
-def _draw(fig: SettingFigure, path: Path) -> None:
-    """Render ``fig`` as a PNG at ``path`` (Agg, no display)."""
+def _draw(fig: SettingFigure, f: IO[bytes]) -> None:
+    """Render ``fig`` as a PNG into the binary file ``f`` (Agg, no display)."""
     import PIL.Image
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -756,7 +742,7 @@ def _draw(fig: SettingFigure, path: Path) -> None:
     canvas.draw()
     # 256 colours are plenty for a plot: a palette PNG is a third of the RGBA one's size
     image = PIL.Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
-    image.convert("RGB").quantize(256).save(path, format="png", optimize=True)
+    image.convert("RGB").quantize(256).save(f, format="png", optimize=True)
 
 
 def write_figures(

@@ -56,9 +56,9 @@ from typing import Any
 
 import yaml
 
+from ._atomic import atomic_write_text
 from .results import (
     append_record,
-    atomic_write,
     default_figure_dir,
     read_records,
     render_results,
@@ -245,7 +245,7 @@ def write_report(
         for setting, path in write_figures(records, folder).items():
             links[setting] = Path(os.path.relpath(path, report.parent)).as_posix()
     text = render_results(records, [str(p) for p in files], links)
-    return atomic_write(report, lambda tmp: tmp.write_text(text))
+    return atomic_write_text(report, text)
 
 
 def run_sweep(

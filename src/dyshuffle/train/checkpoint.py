@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._atomic import atomic_write
 
 __all__ = [
     "EARLIER_LAYER_DEFAULTS",
@@ -92,22 +93,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = atomic_write(path, lambda f: torch.save(state, f), durable=True)
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -337,7 +337,8 @@ _TEMP_FILES = (
     ".config.yaml.*.tmp",
     ".metrics.csv.*.tmp",
     ".results.json.*.tmp",
-    ".curves.png.tmp.png",
+    ".curves.png.*.tmp",
+    ".curves.png.tmp.png",  # (the name before dyshuffle._atomic)
 )
 
 

@@ -8,29 +8,19 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._atomic import atomic_write, atomic_write_text
 
 __all__ = ["environment", "git_commit", "plot_curves", "write_json", "write_metrics", "write_text"]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -82,11 +72,10 @@ def plot_curves(path: str | os.PathLike, rows: list[dict[str, Any]], title: str 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
