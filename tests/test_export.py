@@ -174,9 +174,8 @@ def test_exported_outputs_equal_eager(name, mixer, pointwise, tmp_path):
     runs = {fmt: load_exported(path, fmt) for fmt, path in paths.items()}
     runs["torch.export"] = program.module()
     for x, ref in zip(xs, refs):
-        for fmt, run in runs.items():
-            with torch.no_grad():
-                assert (run(x) - ref).abs().max() <= TOL, (fmt, x.shape[0])
+        for fmt, run in runs.items():  # as a user calls them: autograd on (parameters need grad)
+            assert (run(x).detach() - ref).abs().max() <= TOL, (fmt, x.shape[0])
 
     graph = onnx.load(str(paths["onnx"])).graph
     blobs = [(i.dims, i.raw_data) for i in graph.initializer if i.raw_data]
@@ -209,11 +208,10 @@ def check_in_fresh_process(paths, x, ref, tmp_path) -> None:
         out = {{}}
         s = ort.InferenceSession({str(paths["onnx"])!r}, providers=["CPUExecutionProvider"])
         out["onnx"] = s.run(["logits"], {{"input": x}})[0].tolist()
-        with torch.no_grad():
-            ep = torch.export.load({str(paths["exported-program"])!r}).module()
-            out["exported-program"] = ep(torch.from_numpy(x)).tolist()
-            ts = torch.jit.load({str(paths["torchscript"])!r})
-            out["torchscript"] = ts(torch.from_numpy(x)).tolist()
+        ep = torch.export.load({str(paths["exported-program"])!r}).module()
+        out["exported-program"] = ep(torch.from_numpy(x)).detach().tolist()
+        ts = torch.jit.load({str(paths["torchscript"])!r})
+        out["torchscript"] = ts(torch.from_numpy(x)).detach().tolist()
         print(json.dumps(out))
         """
     )
@@ -364,3 +362,18 @@ def test_exported_files_leave_the_joint_index_tables_out(fmt, tmp_path, monkeypa
     full = export_model(model, tmp_path / "full.bin", fmt, INPUT)
     saved = full.stat().st_size - compact.stat().st_size
     assert joint_bytes > 8e6 and saved > 0.9 * joint_bytes, (saved, joint_bytes)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_model_exported_in_grad_mode_runs_in_grad_mode(channels_last):
+    """`torch.export.export(model.eval(), ...)` without no_grad, the module called without it
+    (as a user would): the traced layers' gather is an op autograd can record."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.eval().to(memory_format=fmt)
+    x = torch.randn(2, *INPUT).to(memory_format=fmt)
+    ref = model(x)
+    assert ref.requires_grad  # the layers ran their autograd Function
+    module = torch.export.export(model, (x,)).module()
+    assert torch.equal(module(x), ref)

@@ -251,6 +251,9 @@ def _gather_channels(x: Tensor, idx: Tensor, own: bool = False) -> Tensor:
     Functions ask for this, the graph-free paths (and traced graphs) take the plain view.
     """
     n, c, h, w = x.shape
+    # a traced graph (torch.export, torch.compile) has no such views, but its out= op would
+    # refuse to run where autograd records (an exported model called without no_grad)
+    own = own and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         # channels_last: channels are the contiguous dimension, gather along it; the (N, C)
         # index is broadcast over the pixels (stride 0), the output keeps the layout
