@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tarfile
@@ -25,6 +26,8 @@ from dyshuffle.data import (
     random_crop,
 )
 from dyshuffle.data import datasets as datasets_mod
+from dyshuffle.data import folder as folder_mod
+from dyshuffle.data.decode import open_image
 
 CIFAR10_NAMES = [
     "airplane",
@@ -288,6 +291,19 @@ def test_tiny_imagenet_errors_name_the_file(tmp_path):
         load_data("tiny-imagenet", tmp_path / "tiny-imagenet-200" / "train")
 
 
+def test_tiny_imagenet_cache_follows_annotations_and_words(tmp_path):
+    """The decoded cache is keyed by the labels and names too, not only by the image files."""
+    base = make_tiny_imagenet(tmp_path)
+    cache = tmp_path / "cache"
+    assert load_data("tiny-imagenet", tmp_path, cache_dir=cache).val_labels.tolist() == [0, 2, 1, 0]
+    ann = base / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text().replace("val_0.JPEG\tn01", "val_0.JPEG\tn03"))
+    words = base / "words.txt"
+    words.write_text(words.read_text().replace("goldfish", "carp"))
+    d = load_data("tiny-imagenet", tmp_path, cache_dir=cache)
+    assert d.val_labels.tolist() == [2, 2, 1, 0] and d.class_names[0] == "carp"
+
+
 # -- ImageNet
 
 
@@ -466,6 +482,125 @@ def test_corrupt_archive_is_named(tmp_path):
     broken.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
     with pytest.raises(DatasetError, match=f"{broken}"):
         load_data("imagefolder", broken, cache_dir=tmp_path / "c")
+
+
+def test_missing_data_dir_is_named():
+    with pytest.raises(DatasetError, match="'imagefolder' needs --data-dir"):
+        load_data("imagefolder", None)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "RGBA", "CMYK", "I;16", "I;16B", "I"])
+def test_grey_palette_and_16_bit_images_become_rgb(mode):
+    """Every mode becomes RGB with its grey level kept: 16-bit values are scaled by 1/257 (as
+    torchvision.io does), not clipped at 255."""
+    grey = np.full((4, 4), 128, np.uint8)
+    if mode in ("I;16", "I;16B"):  # grey level 128 as 16 bits: 128 * 257
+        im = Image.frombytes(
+            mode, (4, 4), (grey.astype(">u2" if "B" in mode else "<u2") * 257).tobytes()
+        )
+    elif mode == "I":
+        im = Image.fromarray(grey.astype(np.int32) * 257, "I")
+    else:
+        im = Image.fromarray(grey).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG" if mode == "CMYK" else "TIFF" if mode == "I" else "PNG")
+    rgb = np.asarray(open_image(buf.getvalue(), "x"))
+    assert rgb.shape == (4, 4, 3) and (abs(rgb.astype(int) - 128) <= 1).all(), (mode, rgb[0, 0])
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    """A class folder without images would silently shift every later label (torchvision's
+    ImageFolder refuses it too): folders, archives (both loaders) and ImageNet name it."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=("a", "b", "c"), train=2, val=1, val_name="val")
+    for split in ("train", "val"):
+        for f in (tree / split / "b").iterdir():
+            f.unlink()
+    (tree / "train" / "b" / "notes.txt").write_text("no images here")
+    archive = make_tgz(tree, tmp_path / "t.tgz", "t")
+    for root, loader in (
+        (tree, "memory"),
+        (tree, "workers"),
+        (archive, "memory"),
+        (archive, "workers"),
+    ):
+        with pytest.raises(DatasetError, match="class folder .*train/b holds no images"):
+            load_data("imagefolder", root, loader=loader, cache_dir=tmp_path / "c")
+    with pytest.raises(DatasetError, match="class folder .*train/b holds no images"):
+        load_data("imagenet", tree)
+
+
+def test_folder_and_archive_split_alike_with_nested_folders(tmp_path):
+    """Images in sub-folders of a class: a folder and its archive (both loaders) list them in
+    the same order, so the held-out validation part is the same."""
+    tree = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i, rel in enumerate(["x.png", "x/1.png", "x/2.png", "x-1.png", "y.png", "z/3.png"]):
+            (tree / c / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(class_image(i, rng, 8)).save(tree / c / rel)
+    archive = make_tgz(tree, tmp_path / "t.tgz", "t")
+    kw = dict(val_fraction=0.5, cache_dir=tmp_path / "c")
+    folder = load_data("imagefolder", tree, **kw)
+    memory = load_data("imagefolder", archive, **kw)
+    files = load_data("imagefolder", archive, loader="workers", **kw)
+    assert torch.equal(folder.val_images, memory.val_images)
+    assert torch.equal(folder.train_images, memory.train_images)
+    held = [open_image(p, p) for p, _ in files.val_samples]
+    assert torch.equal(
+        torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in held]),
+        folder.val_images,
+    )
+
+
+def test_archive_hardlinks_are_read_in_memory(tmp_path):
+    """A tar stores the second name of a hard-linked file as a link: both loaders keep it."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=("a", "b"), train=2, val=1)
+    os.link(tree / "train" / "a" / "0000.png", tree / "train" / "b" / "0009.png")
+    archive = make_tgz(tree, tmp_path / "t.tgz", "t")
+    memory = load_data("imagefolder", archive, cache_dir=tmp_path / "c")
+    files = load_data("imagefolder", archive, loader="workers", cache_dir=tmp_path / "c")
+    assert memory.train_labels.tolist() == [y for _, y in files.train_samples] == [0, 0, 1, 1, 1]
+    assert torch.equal(memory.train_images[0], memory.train_images[-1])
+
+
+def test_cache_notices_an_image_moved_between_classes(tmp_path):
+    """A rename keeps the count, bytes and modification times: the cache key must see it."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=("a", "b"), train=3, val=1)
+    cache = tmp_path / "c"
+    assert load_data("imagefolder", tree, cache_dir=cache).train_labels.tolist() == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+    ]
+    os.rename(tree / "train" / "a" / "0000.png", tree / "train" / "b" / "0009.png")
+    moved = load_data("imagefolder", tree, cache_dir=cache)
+    assert moved.train_labels.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_concurrent_extraction_uses_the_winner(tmp_path, monkeypatch):
+    """Two runs extracting the same archive at once: the one that finishes second keeps the
+    first one's folder instead of failing on the rename."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, train=2, val=1)
+    archive = make_tgz(tree, tmp_path / "t.tgz", "t")
+    cache = tmp_path / "c"
+    real_open = folder_mod._open_tar
+
+    def other_run_finishes_first(path, stream):
+        monkeypatch.setattr(folder_mod, "_open_tar", real_open)
+        folder_mod.extract_once(path, cache)
+        return real_open(path, stream)
+
+    monkeypatch.setattr(folder_mod, "_open_tar", other_run_finishes_first)
+    target = folder_mod.extract_once(archive, cache)
+    assert [p.name for p in (cache / "extracted").iterdir()] == [target.name]
+    assert len(list(target.rglob("*.png"))) == 9
 
 
 # -- order, sharding and augmentation

@@ -156,9 +156,9 @@ def load_data(
     """
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be at least 1 (None: the default), got {image_size!r}")
-    mode = resolve_loader(name, root, loader)
-    if DATASETS[name][0] and root is None:
+    if name in DATASETS and DATASETS[name][0] and root is None:
         raise DatasetError(f"data set {name!r} needs --data-dir (its folder)")
+    mode = resolve_loader(name, root, loader)
     root_path = Path(root).expanduser() if root is not None else None
     if (
         root_path is not None
@@ -195,8 +195,11 @@ def load_data(
                 source=str(root_path),
                 extra={"wnids": wnids},
             )
-        _, fingerprint = list_folder(root_path)
-        key = f"{name}-{cache_key(str(root_path.resolve()), fingerprint, size)}"
+        # the labels and names come from text files (val_annotations.txt, words.txt, ...):
+        # the key covers them as well as the image files
+        _, fingerprint, _ = list_folder(root_path)
+        labels = cache_key(train, val, classes)
+        key = f"{name}-{cache_key(str(root_path.resolve()), fingerprint, labels, size)}"
 
         def make():
             return (
@@ -225,8 +228,8 @@ def load_data(
         key = f"imagefolder-{cache_key(*src, image_size, split_args)}"
 
         def make():
-            blobs = read_archive(root_path)
-            layout = parse_layout(sorted(blobs), str(root_path), *split_args)
+            blobs, folders = read_archive(root_path)
+            layout = parse_layout(sorted(blobs), str(root_path), *split_args, folders=folders)
             tr = [p for p, _ in layout.train]
             va = [p for p, _ in layout.val]
             return (
@@ -246,12 +249,12 @@ def load_data(
             )
         if mode == "workers":
             return _folder_files(name, root_path, split_args, image_size, str(root_path))
-        paths, fingerprint = list_folder(root_path)
+        paths, fingerprint, folders = list_folder(root_path)
         src = ("folder", str(root_path.resolve()), fingerprint)
         key = f"imagefolder-{cache_key(*src, image_size, split_args)}"
 
         def make():
-            layout = parse_layout(paths, str(root_path), *split_args)
+            layout = parse_layout(paths, str(root_path), *split_args, folders=folders)
             tr = [str(root_path / p) for p, _ in layout.train]
             va = [str(root_path / p) for p, _ in layout.val]
             return (
@@ -295,8 +298,8 @@ def _folder_files(
 ) -> FileData:
     from .decode import open_image
 
-    paths, _ = list_folder(folder)
-    layout = parse_layout(paths, source, *split_args)
+    paths, _, folders = list_folder(folder)
+    layout = parse_layout(paths, source, *split_args, folders=folders)
     train = [(str(folder / p), y) for p, y in layout.train]
     val = [(str(folder / p), y) for p, y in layout.val]
     size = image_size or min(open_image(train[0][0], train[0][0]).size)

@@ -21,17 +21,25 @@ from .common import DatasetError
 
 __all__ = ["cache_key", "decode_images", "load_array_cache", "open_image", "save_array_cache"]
 
-CACHE_VERSION = 1
+#: 2: 16-bit images scaled to 8 bits (version 1 clipped them at 255)
+CACHE_VERSION = 2
 
 
 def open_image(source: str | bytes, name: str, size: int | None = None) -> Image.Image:
     """Open and fully decode an RGB image; ``size`` resizes (shorter side) and center-crops.
+
+    Grey, palette, alpha and CMYK images are converted by PIL (alpha dropped, as torchvision's
+    ``ImageFolder`` does); 16-bit grey images (modes ``I;16*`` and ``I``) are scaled by 1/257 to
+    8 bits, where PIL's conversion would clip them at 255.
 
     Raises:
         DatasetError: naming ``name`` when the file cannot be decoded.
     """
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if im.mode == "I" or im.mode.startswith("I;16"):
+                grey = np.rint(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
+                im = Image.fromarray(grey.astype(np.uint8))
             im = im.convert("RGB")  # decodes fully: a truncated file raises here
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise DatasetError(f"cannot decode image {name}: {e}") from e

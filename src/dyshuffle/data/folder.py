@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,35 +71,54 @@ def _open_tar(path: Path, stream: bool) -> tarfile.TarFile:
         raise DatasetError(f"cannot read archive {path}: {e}\n{IMAGEFOLDER_LAYOUT}") from e
 
 
-def read_archive(path: str | os.PathLike) -> dict[str, bytes]:
-    """Bytes of every image file in a tar archive, keyed by member name, in one streaming pass."""
+def _member_path(name: str) -> str:
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def read_archive(path: str | os.PathLike) -> tuple[dict[str, bytes], list[str]]:
+    """Bytes of every image file in a tar archive, keyed by member name, in one streaming pass.
+
+    Returns:
+        ``(images, folders)``: the bytes by member path (a hard link, which a tar stores for the
+        second name of a file, gets its target's bytes) and the folder members' paths.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"archive {path} does not exist\n{IMAGEFOLDER_LAYOUT}")
     out: dict[str, bytes] = {}
+    folders: list[str] = []
     tf = _open_tar(path, stream=True)
     try:
         for member in tf:
-            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            name = _member_path(member.name)
             # hidden files and anything under a hidden folder (.ipynb_checkpoints/, .git/) are
             # skipped, as list_folder skips them in a folder
-            if member.isfile() and parts and not any(p.startswith(".") for p in parts):
-                if is_image_file(parts[-1]):
+            if not name or any(p.startswith(".") for p in name.split("/")):
+                continue
+            if member.isdir():
+                folders.append(name)
+            elif is_image_file(name):
+                if member.islnk():  # a stream cannot seek back: the target was read before
+                    target = out.get(_member_path(member.linkname))
+                    if target is not None:
+                        out[name] = target
+                elif member.isfile():
                     f = tf.extractfile(member)
                     if f is not None:
-                        out["/".join(parts)] = f.read()
+                        out[name] = f.read()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"archive {path} is truncated or corrupt: {e}") from e
     finally:
         tf.close()
-    return out
+    return out, folders
 
 
 def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """Extract an archive into ``cache_dir/extracted/<stem>-<key>`` unless already there.
 
     The key depends on the archive's path, size and modification time; extraction goes to a
-    temporary folder renamed into place at the end, so an interrupted extraction is redone.
+    temporary folder renamed into place at the end, so an interrupted extraction is redone, and
+    of two processes extracting at once the second keeps the first one's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -117,6 +137,8 @@ def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
                 tf.extractall(tmp)  # noqa: S202
         os.replace(tmp, target)
     except (tarfile.TarError, OSError, EOFError) as e:
+        if isinstance(e, OSError) and target.is_dir():  # another process renamed first
+            return target
         raise DatasetError(f"cannot extract archive {path}: {e}") from e
     finally:
         if tmp.exists():
@@ -124,25 +146,35 @@ def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     return target
 
 
-def list_folder(root: str | os.PathLike) -> tuple[list[str], tuple[int, int, int]]:
-    """Relative POSIX paths of the image files under ``root`` (sorted) and a fingerprint.
+def list_folder(root: str | os.PathLike) -> tuple[list[str], tuple, list[str]]:
+    """The image files and folders under ``root``, and a fingerprint of them.
 
-    The fingerprint ``(count, total bytes, newest mtime in ns)`` changes when files change.
+    Returns:
+        ``(paths, fingerprint, folders)``: relative POSIX paths of the image files, sorted as
+        strings (the order :func:`read_archive`'s names sort in, so a folder and its archive
+        split alike), ``(count, total bytes, newest mtime in ns, digest)`` where the digest
+        covers every path, size and mtime (a moved or renamed image changes it), and the visible
+        folders.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist\n{IMAGEFOLDER_LAYOUT}")
-    paths, total, newest = [], 0, 0
+    files, folders = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, root)
-        for name in sorted(filenames):
+        prefix = "" if rel == "." else f"{Path(rel).as_posix()}/"
+        folders += [prefix + d for d in dirnames]
+        for name in filenames:
             if is_image_file(name):
                 st = os.stat(os.path.join(dirpath, name))
-                total += st.st_size
-                newest = max(newest, st.st_mtime_ns)
-                paths.append(name if rel == "." else f"{Path(rel).as_posix()}/{name}")
-    return paths, (len(paths), total, newest)
+                files.append((prefix + name, st.st_size, st.st_mtime_ns))
+    files.sort()
+    folders.sort()
+    digest = hashlib.sha1(repr((files, folders)).encode()).hexdigest()[:16]
+    total = sum(f[1] for f in files)
+    newest = max((f[2] for f in files), default=0)
+    return [f[0] for f in files], (len(files), total, newest, digest), folders
 
 
 @dataclass
@@ -210,6 +242,7 @@ def parse_layout(
     val_split: str = "auto",
     val_fraction: float = 0.1,
     seed: int = 0,
+    folders: Sequence[str] = (),
 ) -> FolderLayout:
     """Find the splits and classes of an image tree from its file paths.
 
@@ -221,10 +254,13 @@ def parse_layout(
             or ``"none"`` to hold out ``val_fraction`` of every training class.
         val_fraction: fraction of each class held out when there is no validation folder.
         seed: seed of the held-out choice.
+        folders: relative POSIX paths of the tree's folders: a class folder among them without
+            images is an error (it would shift the labels of the classes after it).
 
     Raises:
-        DatasetError: no images, images outside class folders, a named split folder missing, or
-            validation classes that the training split lacks.
+        DatasetError: no images, images outside class folders, a named split folder missing, a
+            training class folder without images, or validation classes that the training split
+            lacks.
     """
     if not paths:
         raise DatasetError(f"no image files found in {root}\n{IMAGEFOLDER_LAYOUT}")
@@ -264,6 +300,18 @@ def parse_layout(
     if not train_items:
         raise DatasetError(
             f"no training images in {_join(root, train_dir or prefix)}\n{IMAGEFOLDER_LAYOUT}"
+        )
+    class_dir = train_dir or prefix
+    empty = sorted(
+        f
+        for f in folders
+        if f.rpartition("/")[0] == class_dir and f.rpartition("/")[2] not in classes
+    )
+    if empty:
+        raise DatasetError(
+            f"class folder {_join(root, empty[0])} holds no images"
+            + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "")
+            + "; remove it or add its images"
         )
     label = {c: i for i, c in enumerate(classes)}
     if val_dir is not None:

@@ -303,10 +303,10 @@ def imagenet_samples(
         raise DatasetError(
             f"imagenet: {val_dir} holds images directly, not class folders\n{IMAGENET_LAYOUT}"
         )
-    paths, _ = list_folder(root)
+    paths, _, folders = list_folder(root)
     paths = [p for p in paths if p.startswith(("train/", "val/"))]
     try:
-        layout = parse_layout(paths, str(root), "train", "val")
+        layout = parse_layout(paths, str(root), "train", "val", folders=folders)
     except DatasetError as e:
         raise DatasetError(f"{e}\n{IMAGENET_LAYOUT}") from e
     wnids = layout.classes
