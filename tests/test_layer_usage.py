@@ -303,3 +303,66 @@ def test_nan_inputs_get_the_identity_factors_on_the_kernel_and_the_pytorch_path(
     for i in range(6):
         same = torch.equal(ref[i].nan_to_num(7.0), fixed[i].nan_to_num(7.0))
         assert same == (i in (1, 4)), i  # the other samples keep their own choices
+
+
+def randomized_mixer(cls, **kwargs) -> nn.Module:
+    layer = cls(48, **kwargs)
+    randomized(layer if isinstance(layer, DynamicShuffle) else layer.permute)
+    return layer
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("cls", [DynamicShuffle, StaticDynamicShuffle])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_graphs_traced_in_grad_mode_give_the_input_its_gradient(cls, channels_last, tmp_path):
+    """``torch.export.export(..., strict=True)`` and ``torch.jit.trace`` of an eval model in grad
+    mode, whose layer's input needs its gradient: the graphs hold the plain gather, so the
+    exported module gives the input the eager gradient (strict export traced the autograd
+    Function's forward with autograd off: no gradient) and the traced one can be saved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(48, 48, 1), randomized_mixer(cls)).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(4, 48, 5, 3).contiguous(memory_format=fmt)
+    dynamic = model[1] if cls is DynamicShuffle else model[1].permute
+    assert distinct(dynamic.permutation(model[0](x))) > 1
+    program = torch.export.export(model, (x,), strict=True).module()
+    torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), str(tmp_path / "m.ts"))
+    traced = torch.jit.load(str(tmp_path / "m.ts"))
+    results = []
+    for run in (model, program, traced):
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        (grad,) = torch.autograd.grad(y, xi, torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append((y, grad))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=0)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("cls", [DynamicShuffle, StaticDynamicShuffle])
+def test_an_eval_layer_compiled_in_grad_mode_takes_the_cpu_kernel(cls):
+    """An input that needs no gradient, trainable weights, grad mode: the compiled layer's
+    kernel gets the generator detached (an operator without a derivative given trainable
+    weights did not compile) and gives the eager output; SDS's static weights get their
+    gradients."""
+    torch.manual_seed(0)
+    layer = randomized_mixer(cls).eval()
+    dynamic = layer if cls is DynamicShuffle else layer.permute
+    x = torch.randn(8, 48, 5, 3).contiguous(memory_format=torch.channels_last)
+    assert dynamic._fusable(x, ()) and distinct(dynamic.permutation(x)) > 1
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y, ref = compiled(x), layer(x)
+    assert torch.equal(y, ref)
+    # (the bare layer's hard permutation has no gradient; SDS's static part has)
+    assert y.requires_grad == ref.requires_grad == (cls is StaticDynamicShuffle)
+    if y.requires_grad:
+        params = [p for p in layer.parameters() if p.requires_grad]
+        got = torch.autograd.grad(y.pow(2).sum(), params, allow_unused=True)
+        expected = torch.autograd.grad(ref.pow(2).sum(), params, allow_unused=True)
+        assert got[0] is not None
+        for g, e in zip(got, expected):
+            assert (g is None) == (e is None)
+            if g is not None:
+                torch.testing.assert_close(g, e)

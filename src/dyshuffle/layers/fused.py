@@ -311,12 +311,18 @@ def launch(
     not the kernel, is what a small model pays.
     """
     two = x1 is not None
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # the hard permutation has no gradient for the generator: the weights enter the graph's
+        # operator detached (an operator without an autograd formula given trainable weights,
+        # an eval layer compiled in grad mode, failed to compile)
+        w1, b1, w2, b2 = (w.detach() for w in (w1, b1, w2, b2))
     args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
     if x0.device.type == "cpu" and not _INTERPRETED:
-        if torch.compiler.is_compiling():
+        if compiling:
             return torch.ops.dyshuffle.hard_shuffle_cpu(*args)
         return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
-    if torch.compiler.is_compiling():  # a custom op that torch.compile (and CUDA graphs) keeps
+    if compiling:  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
     return _run(_hard_shuffle_kernel, *args)
 

@@ -328,6 +328,14 @@ def permute_channels(x: Tensor, idx: Tensor) -> Tensor:
             f"index of shape {tuple(idx.shape)} does not fit input {tuple(x.shape)}; "
             f"expected ({x.shape[0]}, {x.shape[1]}) or (1, {x.shape[1]})"
         )
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and not _graph_for_export():
         return _PermuteChannels.apply(x, idx)
     return _gather_channels(x, idx)
+
+
+def _graph_for_export() -> bool:
+    """Inside ``torch.jit`` tracing or ``torch.export``: a graph that runs elsewhere holds the
+    plain gather, whose derivative autograd records when the graph runs. (Strict export traced
+    the autograd Function's forward with autograd off, so the exported module gave the input no
+    gradient; ``torch.jit.save`` refuses a traced Python Function.)"""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
