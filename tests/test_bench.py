@@ -455,3 +455,18 @@ def test_plot_without_model_rows_writes_nothing(tmp_path, monkeypatch, capsys):
         bench.plot_latency_ratios([("m", bench.read_csv(model))], png)
     assert png.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "layers.csv", "model.csv"]
+
+
+def test_ref_layers_of_a_commit_have_its_cpu_kernel_and_agree():
+    """`--ref COMMIT` loads that commit's layers with the sources they build (the C kernel), so a
+    `dynamic@COMMIT` inference is timed on its own kernel, not on the PyTorch fallback."""
+    from dyshuffle.layers import DynamicShuffle, fused_cpu
+
+    ref = bench.load_ref_layers("HEAD")
+    assert ref.fused_cpu.available() == fused_cpu.available()
+    layer = DynamicShuffle(116).eval()
+    old = ref.DynamicShuffle(116).eval()
+    old.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 116, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(old(x), layer(x))

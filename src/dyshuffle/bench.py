@@ -360,7 +360,8 @@ def load_ref_layers(commit: str) -> Any:
         capture_output=True,
         text=True,
     )
-    files = [f for f in listing.stdout.split() if f.endswith(".py")]
+    # the modules and the sources they build (the CPU kernel's C file)
+    files = [f for f in listing.stdout.split() if f.endswith((".py", ".c"))]
     if listing.returncode or not files:
         raise ValueError(
             f"--ref {commit!r}: no src/dyshuffle/layers at that commit ({listing.stderr})"
