@@ -32,8 +32,11 @@ from ._checks import (
 )
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
+    _exporting,
     _gather_channels,
+    _is_channels_last,
     _scatter_channels,
+    _traced,
     choose_groups,
     closest_permutation,
     compose_index,
@@ -163,7 +166,7 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
     """
     n, c, h, w = x.shape
     a, b = a_mat.shape[-1], b_mat.shape[-1]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = _is_channels_last(x)
     grid = x.reshape(n, groups, a, b, h * w)  # (N, G, a, b, P)
     a_mat = _as_dtype(a_mat, x.dtype).expand(n, groups, -1, -1)
     b_mat = _as_dtype(b_mat, x.dtype).expand(n, groups, -1, -1)
@@ -207,7 +210,7 @@ def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared
     """
     n, c, h, w = gy.shape
     p = h * w
-    channels_last = gy.is_contiguous(memory_format=torch.channels_last) and not gy.is_contiguous()
+    channels_last = _is_channels_last(gy)
     same = gy.stride() == y.stride()
     if same and channels_last and shared:
         gr = gy.permute(0, 2, 3, 1).reshape(n * p, c)  # views: (N*P, C) rows of pixels
@@ -253,7 +256,7 @@ def _factor_gram_channels(
     n, c, h, w = gy.shape
     if y.dtype != gy.dtype:
         y = y.to(gy.dtype)
-    if gy.is_contiguous(memory_format=torch.channels_last) and not gy.is_contiguous():
+    if _is_channels_last(gy):
         gr = gy.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, P, C) views
         yr = y.permute(0, 2, 3, 1).reshape(n, h * w, c)
         full = torch.bmm(gr.transpose(1, 2), yr)  # (N, C, C)
@@ -313,22 +316,6 @@ class _KroneckerSTE(torch.autograd.Function):
                 ga = s.gather(-1, ainv.unsqueeze(-2).expand_as(s)).reshape(a_shape)
                 gb = t.gather(-1, binv.unsqueeze(-2).expand_as(t)).reshape(b_shape)
         return gx, ga, gb, None, None, None, None, None, None, None
-
-
-def _exporting() -> bool:
-    """Inside ``torch.jit`` tracing or scripting, ``torch.export`` or ONNX (a graph that other
-    runtimes run: PyTorch operators only)."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or getattr(torch.compiler, "is_exporting", bool)()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
-def _traced() -> bool:
-    """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
-    return torch.compiler.is_compiling() or _exporting()
 
 
 def _channels_last(parts: tuple[Tensor, ...]) -> bool:

@@ -242,6 +242,27 @@ def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     return out.scatter_(-1, idx.unsqueeze(-1), 1.0)
 
 
+def _exporting() -> bool:
+    """Inside ``torch.jit`` tracing or scripting, ``torch.export`` or ONNX (a graph that other
+    runtimes run: PyTorch operators only)."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or getattr(torch.compiler, "is_exporting", bool)()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def _traced() -> bool:
+    """Inside ``torch.jit`` tracing or scripting, ``torch.compile``, ``torch.export`` or ONNX."""
+    return torch.compiler.is_compiling() or _exporting()
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """``x`` is laid out channels_last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _gather_channels(x: Tensor, idx: Tensor, own: bool = False) -> Tensor:
     """``y[n, c] = x[n, idx[n or 0, c]]`` in one gather, keeping the layout of ``x``.
 
@@ -253,8 +274,8 @@ def _gather_channels(x: Tensor, idx: Tensor, own: bool = False) -> Tensor:
     n, c, h, w = x.shape
     # a traced graph (torch.export, torch.compile) has no such views, but its out= op would
     # refuse to run where autograd records (an exported model called without no_grad)
-    own = own and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    own = own and not _traced()
+    if _is_channels_last(x):
         # channels_last: channels are the contiguous dimension, gather along it; the (N, C)
         # index is broadcast over the pixels (stride 0), the output keeps the layout
         where = idx[:, None, None, :].expand(n, h, w, c)
@@ -328,14 +349,9 @@ def permute_channels(x: Tensor, idx: Tensor) -> Tensor:
             f"index of shape {tuple(idx.shape)} does not fit input {tuple(x.shape)}; "
             f"expected ({x.shape[0]}, {x.shape[1]}) or (1, {x.shape[1]})"
         )
-    if torch.is_grad_enabled() and x.requires_grad and not _graph_for_export():
+    # a graph traced to run elsewhere (torch.export, jit.trace) holds the plain gather, whose
+    # derivative autograd records when the graph runs (strict export traced the Function's
+    # forward with autograd off: no input gradient; jit.save refuses a Python Function)
+    if torch.is_grad_enabled() and x.requires_grad and not _exporting():
         return _PermuteChannels.apply(x, idx)
     return _gather_channels(x, idx)
-
-
-def _graph_for_export() -> bool:
-    """Inside ``torch.jit`` tracing or ``torch.export``: a graph that runs elsewhere holds the
-    plain gather, whose derivative autograd records when the graph runs. (Strict export traced
-    the autograd Function's forward with autograd off, so the exported module gave the input no
-    gradient; ``torch.jit.save`` refuses a traced Python Function.)"""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .permutation import _divisors
+from .permutation import _divisors, _is_channels_last
 
 __all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]
 
@@ -35,16 +35,12 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
     y = F.channel_shuffle(x, groups)
-    if torch.compiler.is_compiling() and _channels_last(x):
+    if torch.compiler.is_compiling() and _is_channels_last(x):
         # its fake kernel (torch 2.14) gives NCHW strides where the real one keeps channels_last:
         # a compiled graph then reads the real output with the wrong strides (aot_eager: a view
         # of it fails). Stating the layout makes the graph's strides the real ones.
         y = y.contiguous(memory_format=torch.channels_last)
     return y
-
-
-def _channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class ChannelShuffle(nn.Module):
