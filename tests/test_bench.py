@@ -457,9 +457,10 @@ def test_plot_without_model_rows_writes_nothing(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "layers.csv", "model.csv"]
 
 
-def test_ref_layers_of_a_commit_have_its_cpu_kernel_and_agree():
+def test_ref_layers_of_a_commit_have_its_cpu_kernel_and_agree(monkeypatch):
     """`--ref COMMIT` loads that commit's layers with the sources they build (the C kernel), so a
-    `dynamic@COMMIT` inference is timed on its own kernel, not on the PyTorch fallback."""
+    `dynamic@COMMIT` inference is timed on its own kernel, not on the PyTorch fallback; its
+    custom operators do not replace the current ones (compiled, each runs its own kernel)."""
     from dyshuffle.layers import DynamicShuffle, fused_cpu
 
     ref = bench.load_ref_layers("HEAD")
@@ -470,3 +471,18 @@ def test_ref_layers_of_a_commit_have_its_cpu_kernel_and_agree():
     x = torch.randn(4, 116, 8, 8).to(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(old(x), layer(x))
+    if not fused_cpu.available():
+        return
+    calls = []
+    for tag, module in (("current", fused_cpu), ("ref", ref.fused_cpu)):
+        real = module.launch
+        monkeypatch.setattr(
+            module, "launch", lambda *a, real=real, tag=tag, **k: calls.append(tag) or real(*a, **k)
+        )
+    for tag, m in (("current", layer), ("ref", old)):
+        calls.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+        assert calls and set(calls) == {tag}, (tag, calls)
+        assert torch.equal(out, layer(x))

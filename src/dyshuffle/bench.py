@@ -367,12 +367,19 @@ def load_ref_layers(commit: str) -> Any:
             f"--ref {commit!r}: no src/dyshuffle/layers at that commit ({listing.stderr})"
         )
     name = "_dyshuffle_layers_" + re.sub(r"\W", "_", commit)
+    # the commit's custom operators in a namespace of their own: registered as dyshuffle::...
+    # they would replace the current layers' operators in this process (compiled graphs of
+    # both would run the commit's kernel)
+    namespace = name.lstrip("_").encode()
     folder = Path(tempfile.mkdtemp(prefix="dyshuffle-ref-"))
     (folder / name).mkdir()
     for f in files:
         text = subprocess.run(
             ["git", "show", f"{commit}:{f}"], cwd=root, capture_output=True, check=True
         ).stdout
+        if f.endswith(".py"):
+            text = text.replace(b'"dyshuffle::', b'"' + namespace + b"::")
+            text = text.replace(b"torch.ops.dyshuffle.", b"torch.ops." + namespace + b".")
         (folder / name / Path(f).name).write_bytes(text)
     sys.path.insert(0, str(folder))
     try:
