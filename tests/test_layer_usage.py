@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dyshuffle import DynamicShuffle, LearnedShuffle, StaticDynamicShuffle
 from dyshuffle.layers import (
@@ -366,3 +367,89 @@ def test_an_eval_layer_compiled_in_grad_mode_takes_the_cpu_kernel(cls):
             assert (g is None) == (e is None)
             if g is not None:
                 torch.testing.assert_close(g, e)
+
+
+def _functional_net(cls, kwargs):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 48, 1), cls(48, **kwargs), nn.Conv2d(48, 5, 1))
+
+
+def _loss(model, params, x, target):
+    from dyshuffle import orthogonal_loss
+
+    out = torch.func.functional_call(model, params, (x,)).mean((2, 3))
+    return F.cross_entropy(out, target) + 0.1 * orthogonal_loss(model)
+
+
+@pytest.mark.parametrize("cls, kwargs", MIXERS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_func_grad_equals_autograd(cls, kwargs, channels_last):
+    """``torch.func.grad`` runs the layers' autograd Functions (straight-through estimator
+    included) and gives autograd's gradients, also to the input."""
+    model = _functional_net(cls, kwargs).train()
+    x = layout(torch.randn(4, 3, 5, 5), channels_last)
+    target = torch.tensor([0, 1, 2, 3])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got, got_x = torch.func.grad(lambda p, x: _loss(model, p, x, target), argnums=(0, 1))(params, x)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    xr = x.clone().requires_grad_()
+    _loss(model, leaves, xr, target).backward()
+    for k, v in leaves.items():
+        torch.testing.assert_close(got[k], v.grad, msg=k)
+    torch.testing.assert_close(got_x, xr.grad)
+    assert any(got[k].abs().sum() > 0 for k in got if k.startswith("1."))  # the mixer learns
+
+
+@pytest.mark.parametrize("cls, kwargs", MIXERS)
+def test_per_sample_gradients_with_vmap_equal_one_backward_per_sample(cls, kwargs):
+    """``vmap(grad(...))``, the per-sample gradients of differential privacy and of influence
+    functions, equals one autograd backward per sample."""
+    model = _functional_net(cls, kwargs).train()
+    x = torch.randn(3, 3, 5, 5)
+    target = torch.tensor([0, 4, 2])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, ti):
+        return _loss(model, p, xi[None], ti[None])
+
+    got = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, target)
+    for i in range(3):
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        one(leaves, x[i], target[i]).backward()
+        for k, v in leaves.items():
+            torch.testing.assert_close(got[k][i], v.grad, msg=f"{k}, sample {i}")
+
+
+@pytest.mark.parametrize("cls, kwargs", MIXERS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vmap_in_evaluation_equals_the_batched_call(cls, kwargs, channels_last):
+    """Under ``vmap`` the layer leaves its kernels (no batching rule) for PyTorch operators."""
+    layer = cls(48, **kwargs).eval()
+    x = layout(torch.randn(4, 48, 5, 5), channels_last)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda xi: layer(xi[None])[0])(x)
+        torch.testing.assert_close(got, layer(x), rtol=0, atol=0)
+
+
+def test_torch_func_grad_of_a_whole_model_equals_autograd():
+    """The functorch recipe for a network with BatchNorm: buffers passed in, gradients as
+    autograd's, for ShuffleNetV2 with dynamic shuffles on channels_last input."""
+    from dyshuffle import orthogonal_loss
+    from dyshuffle.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    target = torch.tensor([0, 1, 2, 3])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def loss(p, b):
+        out = torch.func.functional_call(model, (p, b), (x,))
+        return F.cross_entropy(out, target) + 0.1 * orthogonal_loss(model)
+
+    got = torch.func.grad(loss)(params, {k: v.clone() for k, v in buffers.items()})
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss(leaves, buffers).backward()
+    for k, v in leaves.items():
+        torch.testing.assert_close(got[k], v.grad, msg=k)

@@ -32,11 +32,14 @@ from ._checks import (
 )
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
+    _apply,
     _exporting,
+    _functorch_function,
     _gather_channels,
     _is_channels_last,
     _scatter_channels,
     _traced,
+    _transformed,
     choose_groups,
     closest_permutation,
     compose_index,
@@ -85,6 +88,7 @@ def orthogonality(m: Tensor) -> Tensor:
     return (m @ m.transpose(-1, -2) - eye).pow(2).sum(dim=(-2, -1))
 
 
+@_functorch_function
 class _OrthogonalLoss(torch.autograd.Function):
     """``scale * sum ||M M^T - I||_F^2`` over a batch of square matrices ``M``.
 
@@ -92,17 +96,22 @@ class _OrthogonalLoss(torch.autograd.Function):
     a handful of operations instead of autograd's chain through the product, power and means.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, m, eye, scale):  # type: ignore[override]
-        g = m @ m.transpose(-1, -2) - _as_dtype(eye, m.dtype)
-        ctx.save_for_backward(m, g)
-        ctx.scale = scale
-        flat = g.reshape(-1)
+    def forward(m, eye, scale):  # type: ignore[override]
+        flat = (m @ m.transpose(-1, -2) - _as_dtype(eye, m.dtype)).reshape(-1)
         return torch.dot(flat, flat) * scale
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(inputs[0], inputs[1])  # (M M^T - I is made again: M is tiny)
+        ctx.scale = inputs[2]
+
+    @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        m, g = ctx.saved_tensors
+        m, eye = ctx.saved_tensors
+        g = m @ m.transpose(-1, -2) - _as_dtype(eye, m.dtype)
         gm = _as_dtype(g, m.dtype) @ m
         return gm * _as_dtype(grad * (4.0 * ctx.scale), gm.dtype), None, None
 
@@ -117,16 +126,22 @@ def _usage(m: Tensor) -> Tensor:
     return hard.mean(0)
 
 
+@_functorch_function
 class _BalanceGradient(torch.autograd.Function):
     """Identity on a batch of soft factors ``M`` ``(N, ...)``; its backward adds the gradient of
     ``weight * balance_term(M)`` (see :func:`balance_term`).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, m, weight):  # type: ignore[override]
-        ctx.save_for_backward(m)
-        ctx.weight = weight
+    def forward(m, weight):  # type: ignore[override]
         return m.view_as(m)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(inputs[0])
+        ctx.weight = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -178,6 +193,7 @@ def kronecker_apply(x: Tensor, a_mat: Tensor, b_mat: Tensor, groups: int) -> Ten
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
+@_functorch_function
 class _SpatialMean(torch.autograd.Function):
     """``x.mean((2, 3))`` whose backward is a broadcast view, not a materialized feature map.
 
@@ -186,10 +202,15 @@ class _SpatialMean(torch.autograd.Function):
     adding it to the gather's input gradient is the only full-size pass.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        ctx.shape = x.shape
+    def forward(x):  # type: ignore[override]
         return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.shape = inputs[0].shape
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -271,6 +292,7 @@ def _factor_gram_channels(
     return blocks.permute(0, 3, 1, 2)
 
 
+@_functorch_function
 class _KroneckerSTE(torch.autograd.Function):
     """Forward with the hard permutation (one gather), backward through the soft factors.
 
@@ -281,16 +303,21 @@ class _KroneckerSTE(torch.autograd.Function):
     and the input gradient is the inverse gather.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, a_soft, b_soft, idx, idx_inv, ainv, binv, groups, cross, gram):  # type: ignore[override]
+    def forward(x, a_soft, b_soft, idx, idx_inv, ainv, binv, groups, cross, gram):  # type: ignore[override]
         # b_soft None: a_soft holds both factors (N, Gf, 2, a, a), ainv both inverses (N, Gf, 2, a)
         # idx_inv: the inverse of idx when a table gave it, else None (inverted in the backward)
-        y = _gather_channels(x, idx, own=True)
-        ctx.save_for_backward(y, idx if idx_inv is None else idx_inv, ainv, binv)
+        return _gather_channels(x, idx, own=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        _, a_soft, b_soft, idx, idx_inv, ainv, binv, groups, cross, gram = inputs
+        ctx.save_for_backward(output, idx if idx_inv is None else idx_inv, ainv, binv)
         ctx.inverted = idx_inv is not None
         ctx.groups, ctx.cross, ctx.gram = groups, cross, gram
         ctx.shapes = (a_soft.shape, None if b_soft is None else b_soft.shape)
-        return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
@@ -326,7 +353,7 @@ def _channels_last(parts: tuple[Tensor, ...]) -> bool:
 def _pooled(x: Tensor, training: bool) -> Tensor:
     """The descriptor ``mean_{H,W}(x)``, ``(N, C)`` (with the light backward in training)."""
     if training and x.requires_grad and torch.is_grad_enabled():
-        return _SpatialMean.apply(x)
+        return _apply(_SpatialMean, x)
     return x.mean(dim=(2, 3))
 
 
@@ -925,20 +952,20 @@ class DynamicShuffle(nn.Module):
             return _scatter_channels(inputs, self._inverse_index(*self._chosen(a_mat, b_mat, both)))
         if self.balance and self.training and grad and a_mat.requires_grad:
             if both is not None:  # one tensor for both factors: the mean over the two is half
-                both = _BalanceGradient.apply(both, self.balance)
+                both = _apply(_BalanceGradient, both, self.balance)
                 a_mat, b_mat = both[:, :, 0], both[:, :, 1]
             else:
-                a_mat = _BalanceGradient.apply(a_mat, 0.5 * self.balance)
-                b_mat = _BalanceGradient.apply(b_mat, 0.5 * self.balance)
+                a_mat = _apply(_BalanceGradient, a_mat, 0.5 * self.balance)
+                b_mat = _apply(_BalanceGradient, b_mat, 0.5 * self.balance)
         if self.training and grad:
             # mean over samples and groups, summed over the two factors
             scale = 1.0 / max(a_mat.shape[0] * a_mat.shape[1], 1)  # (an empty batch: 0)
             if both is not None:
-                self.last_orthogonal_loss = _OrthogonalLoss.apply(both, self._eye_a, scale)
+                self.last_orthogonal_loss = _apply(_OrthogonalLoss, both, self._eye_a, scale)
             else:
-                self.last_orthogonal_loss = _OrthogonalLoss.apply(
-                    a_mat, self._eye_a, scale
-                ) + _OrthogonalLoss.apply(b_mat, self._eye_b, scale)
+                self.last_orthogonal_loss = _apply(
+                    _OrthogonalLoss, a_mat, self._eye_a, scale
+                ) + _apply(_OrthogonalLoss, b_mat, self._eye_b, scale)
         soft = self.mode == "soft" if self.training else self.eval_permutation == "soft"
         ste = self.training and grad and a_mat.requires_grad  # (training concatenates first)
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
@@ -948,8 +975,18 @@ class DynamicShuffle(nn.Module):
         idx, ainv, binv, idx_inv = self._hard_index(*self._chosen(a_mat, b_mat, both), inverses=ste)
         if ste:
             fa, fb = (both, None) if binv is None else (a_mat, b_mat)
-            return _KroneckerSTE.apply(
-                x, fa, fb, idx, idx_inv, ainv, binv, self.groups, self.cross_shuffle, self._gram
+            return _apply(
+                _KroneckerSTE,
+                x,
+                fa,
+                fb,
+                idx,
+                idx_inv,
+                ainv,
+                binv,
+                self.groups,
+                self.cross_shuffle,
+                self._gram,
             )
         if grad and x.requires_grad:
             return permute_channels(x, idx)
@@ -981,7 +1018,7 @@ class DynamicShuffle(nn.Module):
         if self.logit_cap is not None:
             return False
         inputs = (x, *parts)
-        if len(inputs) > 2 or _exporting() or not _channels_last(inputs):
+        if len(inputs) > 2 or _exporting() or _transformed() or not _channels_last(inputs):
             return False
         if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
             return False
