@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -508,6 +509,21 @@ def test_grey_palette_and_16_bit_images_become_rgb(mode):
     assert rgb.shape == (4, 4, 3) and (abs(rgb.astype(int) - 128) <= 1).all(), (mode, rgb[0, 0])
 
 
+def test_float_images_in_0_1_are_scaled_and_others_clipped(tmp_path):
+    """Float grey images (mode F, e.g. a 32-bit TIFF): values within [0, 1] (the range
+    torchvision's to_tensor leaves floats in) are scaled by 255, not clipped to black; others are
+    clipped to 0..255 as PIL's conversion does."""
+    ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(ramp, "F").save(tmp_path / "ramp.tiff")
+    rgb = np.asarray(open_image(str(tmp_path / "ramp.tiff"), "ramp")).astype(np.float64)
+    assert rgb.shape == (4, 4, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    assert (abs(rgb - ramp[..., None] * 255) <= 0.5 + 1e-4).all(), rgb[..., 0]
+    wide = np.array([[-5.0, 0.0, 100.4, 300.0]], np.float32)
+    Image.fromarray(wide, "F").save(tmp_path / "wide.tiff")
+    rgb = np.asarray(open_image(str(tmp_path / "wide.tiff"), "wide"))
+    assert rgb[..., 0].tolist() == [[0, 0, 100, 255]] and (rgb == rgb[..., :1]).all()
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     """A class folder without images would silently shift every later label (torchvision's
     ImageFolder refuses it too): folders, archives (both loaders) and ImageNet name it."""
@@ -601,6 +617,32 @@ def test_concurrent_extraction_uses_the_winner(tmp_path, monkeypatch):
     target = folder_mod.extract_once(archive, cache)
     assert [p.name for p in (cache / "extracted").iterdir()] == [target.name]
     assert len(list(target.rglob("*.png"))) == 9
+
+
+def test_stale_temporary_folders_of_killed_runs_are_removed(tmp_path):
+    """A run killed while writing the decoded cache or extracting an archive leaves a .tmp-* or
+    .extract-* folder: the next run removes those in which nothing changed for hours, never one
+    that a running process may still be filling (a fresh one, or an old one with a fresh file)."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, train=2, val=1)
+    archive = make_tgz(tree, tmp_path / "t.tgz", "t")
+    cache = tmp_path / "c"
+    hours_ago = time.time() - 3 * 3600
+    for parent, prefix in ((cache / "arrays", ".tmp-"), (cache / "extracted", ".extract-")):
+        for kind in ("old", "fresh", "busy"):
+            sub = parent / f"{prefix}{kind}" / "train"
+            sub.mkdir(parents=True)
+            if kind == "busy":  # a long extraction: new files deep down, the top folder old
+                (sub / "0000.png").write_bytes(b"")
+            if kind != "fresh":
+                for d in (sub, sub.parent):
+                    os.utime(d, (hours_ago, hours_ago))
+    load_data("imagefolder", archive, cache_dir=cache)  # decodes into c/arrays
+    load_data("imagefolder", archive, loader="workers", cache_dir=cache)  # into c/extracted
+    for parent, prefix in ((cache / "arrays", ".tmp-"), (cache / "extracted", ".extract-")):
+        left = sorted(p.name for p in parent.iterdir() if p.name.startswith(prefix))
+        assert left == [f"{prefix}busy", f"{prefix}fresh"], left
+        assert len(list(parent.iterdir())) == 3  # and the cache or extracted folder
 
 
 # -- order, sharding and augmentation

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -62,3 +67,21 @@ def test_accelerator_path_by_default_and_the_cpu_path_on_request(capsys):
     # operators than the concatenation and one gather
     assert cpu > accelerator
     assert dynamic_module.PARTS_DEVICES == {"cpu"}  # restored
+
+
+def test_the_profilers_log_lines_stay_off_stderr():
+    """PyTorch's profiler library (kineto) logs its start and stop, and without a GPU a failed
+    device query, as C++ log lines on stderr: the command silences them, the table is unchanged."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    argv = ["--model", "shufflenet_v2_x0_5", "--batch", "2", "--mixers", "shuffle"]
+    run = subprocess.run(
+        [sys.executable, "-m", "dyshuffle.tools.op_count", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "| shuffle | 0 |" in run.stdout
+    # kineto's format: LEVEL:date time pid:tid File.cpp:line] message
+    assert not re.search(r"(?m)^[A-Z]+:\S+ \S+ \d+:\d+ \w+\.cpp:\d+\]", run.stderr), run.stderr

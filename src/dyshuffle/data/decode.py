@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,10 +20,20 @@ from torch import Tensor
 
 from .common import DatasetError
 
-__all__ = ["cache_key", "decode_images", "load_array_cache", "open_image", "save_array_cache"]
+__all__ = [
+    "cache_key",
+    "decode_images",
+    "load_array_cache",
+    "open_image",
+    "remove_stale_temp",
+    "save_array_cache",
+]
 
-#: 2: 16-bit images scaled to 8 bits (version 1 clipped them at 255)
-CACHE_VERSION = 2
+#: 2: 16-bit images scaled to 8 bits (version 1 clipped them at 255); 3: float images with values
+#: in [0, 1] scaled by 255 (version 2 clipped them, nearly black)
+CACHE_VERSION = 3
+#: a temporary folder in which nothing changed for this long was left by a killed run
+STALE_TEMP_AGE_S = 3600.0
 
 
 def open_image(source: str | bytes, name: str, size: int | None = None) -> Image.Image:
@@ -30,7 +41,10 @@ def open_image(source: str | bytes, name: str, size: int | None = None) -> Image
 
     Grey, palette, alpha and CMYK images are converted by PIL (alpha dropped, as torchvision's
     ``ImageFolder`` does); 16-bit grey images (modes ``I;16*`` and ``I``) are scaled by 1/257 to
-    8 bits, where PIL's conversion would clip them at 255.
+    8 bits, where PIL's conversion would clip them at 255. Float grey images (mode ``F``, e.g.
+    32-bit TIFFs) with every value in [0, 1] (the range torchvision's ``to_tensor`` keeps floats
+    in) are scaled by 255 and rounded, where PIL would clip them to black; other float images are
+    clipped to 0..255 by PIL (values truncated, NaN as 0).
 
     Raises:
         DatasetError: naming ``name`` when the file cannot be decoded.
@@ -40,6 +54,10 @@ def open_image(source: str | bytes, name: str, size: int | None = None) -> Image
             if im.mode == "I" or im.mode.startswith("I;16"):
                 grey = np.rint(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
                 im = Image.fromarray(grey.astype(np.uint8))
+            elif im.mode == "F":
+                grey = np.nan_to_num(np.asarray(im, dtype=np.float64))  # NaN as 0, as PIL does
+                if 0.0 <= grey.min() and grey.max() <= 1.0:
+                    im = Image.fromarray(np.rint(grey * 255.0).astype(np.uint8))
             im = im.convert("RGB")  # decodes fully: a truncated file raises here
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise DatasetError(f"cannot decode image {name}: {e}") from e
@@ -113,12 +131,34 @@ def load_array_cache(folder: Path) -> tuple[dict[str, Tensor], dict] | None:
     return arrays, meta
 
 
+def _changed_since(folder: Path, since: float) -> bool:
+    for dirpath, _, filenames in os.walk(folder):  # a long extraction adds files deep down
+        for p in (dirpath, *(os.path.join(dirpath, f) for f in filenames)):
+            if os.lstat(p).st_mtime >= since:
+                return True
+    return False
+
+
+def remove_stale_temp(parent: Path, prefix: str) -> None:
+    """Remove the ``prefix*`` folders in ``parent`` left by killed runs: those in which no file
+    or folder was modified for :data:`STALE_TEMP_AGE_S` (a running one writes into its own)."""
+    since = time.time() - STALE_TEMP_AGE_S
+    for tmp in parent.glob(f"{prefix}*"):
+        try:
+            if tmp.is_dir() and not _changed_since(tmp, since):
+                shutil.rmtree(tmp)
+        except OSError:  # renamed into place meanwhile, or not ours to remove
+            pass
+
+
 def save_array_cache(folder: Path, arrays: dict[str, Tensor], meta: dict) -> None:
     """Write arrays as ``.npy`` and ``meta.json`` into ``folder`` atomically (temp folder, rename).
 
-    A cache that cannot be written (read-only disk, full disk) is skipped with a warning.
+    A cache that cannot be written (read-only disk, full disk) is skipped with a warning. The
+    temporary folders of killed runs are removed (see :func:`remove_stale_temp`).
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(folder.parent, ".tmp-")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
         for k, v in arrays.items():

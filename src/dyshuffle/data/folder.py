@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .common import DatasetError, is_image_file
+from .decode import remove_stale_temp
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -117,8 +118,9 @@ def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """Extract an archive into ``cache_dir/extracted/<stem>-<key>`` unless already there.
 
     The key depends on the archive's path, size and modification time; extraction goes to a
-    temporary folder renamed into place at the end, so an interrupted extraction is redone, and
-    of two processes extracting at once the second keeps the first one's folder.
+    temporary folder renamed into place at the end, so an interrupted extraction is redone (its
+    folder is removed once stale, see :func:`~dyshuffle.data.decode.remove_stale_temp`), and of
+    two processes extracting at once the second keeps the first one's folder.
     """
     path = Path(path)
     if not path.is_file():
@@ -127,6 +129,7 @@ def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(target.parent, ".extract-")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     try:
         tf = _open_tar(path, stream=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         "apart) instead of the accelerator path",
     )
     args = p.parse_args(argv)
+    # the profiler's C++ library (kineto) logs its start and stop, and without a GPU a failed
+    # device query, on stderr; 6 is above its highest level (USDT, 5). It reads the variable once,
+    # when a process first profiles; a level the user set is kept
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     devices = dynamic_module.PARTS_DEVICES
     dynamic_module.PARTS_DEVICES = devices if args.cpu_path else set()
     try:
