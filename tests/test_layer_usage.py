@@ -453,3 +453,42 @@ def test_torch_func_grad_of_a_whole_model_equals_autograd():
     loss(leaves, buffers).backward()
     for k, v in leaves.items():
         torch.testing.assert_close(got[k], v.grad, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("mixer", "pointwise", "channels_last"),
+    [
+        ("dynamic", "conv", True),
+        ("dynamic", "sds", True),
+        ("shuffle", "sds", True),
+        ("learned", "conv", False),
+    ],
+)
+def test_a_compiled_training_step_equals_the_eager_one(mixer, pointwise, channels_last):
+    """``torch.compile`` of a model in training (``dyshuffle train --compile``): the same loss
+    and gradients as eager, through the straight-through Functions and the fixed shuffles (whose
+    channels_last gradient a compiled graph read with the strides of torch's fake kernel)."""
+    from dyshuffle import orthogonal_loss
+    from dyshuffle.models.shufflenet_v2 import SHUFFLENET_V2_WIDTHS, ShuffleNetV2
+
+    torch.manual_seed(0)
+    model = ShuffleNetV2((1, 1, 1), SHUFFLENET_V2_WIDTHS[0.5], 10, "cifar", mixer, pointwise)
+    twin = copy.deepcopy(model)
+    x = layout(torch.randn(4, 3, 16, 16), channels_last)
+    target = torch.tensor([0, 1, 2, 3])
+    torch._dynamo.reset()
+    results = []
+    for m, run in (
+        (model, torch.compile(model, backend="aot_eager", fullgraph=True)),
+        (twin, twin),
+    ):
+        m.train().to(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
+        loss = F.cross_entropy(run(x), target) + 0.1 * orthogonal_loss(m)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in m.named_parameters()}))
+    (loss, grads), (loss_eager, grads_eager) = results
+    torch.testing.assert_close(loss, loss_eager)
+    for k, g in grads_eager.items():
+        torch.testing.assert_close(grads[k], g, msg=k)

@@ -287,8 +287,10 @@ def _functorch_function(cls: type[torch.autograd.Function]) -> type[torch.autogr
 
 def _apply(function: type[torch.autograd.Function], *args):
     """``function.apply(*args)`` of a :func:`_functorch_function`, through its ctx-first twin
-    outside ``torch.func`` transforms."""
-    return function.apply(*args) if _transformed() else function.eager.apply(*args)
+    in eager mode outside ``torch.func`` transforms (``torch.compile`` traces the Function)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return function.eager.apply(*args)
 
 
 def _is_channels_last(x: Tensor) -> bool:

@@ -32,15 +32,19 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
             f"groups={groups!r} does not divide the {c} input channels; valid groups: "
             f"{_divisors(c)}"
         )
+    if torch.compiler.is_compiling():
+        # not PyTorch's kernel: its fake kernel (torch 2.14) gives NCHW strides where the real one
+        # keeps channels_last, so a compiled graph read the real output, and in training the
+        # gradient (the kernel again), with the wrong strides (aot_eager: a view of it failed).
+        # Views and one copy in the input's layout, which the compiler fuses
+        n, _, h, w = x.shape
+        if _is_channels_last(x):  # (N, H, W, G, C/G) -> (N, H, W, C/G, G), channels innermost
+            y = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups).transpose(3, 4)
+            return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
+        return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
-    y = F.channel_shuffle(x, groups)
-    if torch.compiler.is_compiling() and _is_channels_last(x):
-        # its fake kernel (torch 2.14) gives NCHW strides where the real one keeps channels_last:
-        # a compiled graph then reads the real output with the wrong strides (aot_eager: a view
-        # of it fails). Stating the layout makes the graph's strides the real ones.
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return F.channel_shuffle(x, groups)
 
 
 class ChannelShuffle(nn.Module):
