@@ -32,19 +32,36 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
             f"groups={groups!r} does not divide the {c} input channels; valid groups: "
             f"{_divisors(c)}"
         )
-    if torch.compiler.is_compiling():
-        # not PyTorch's kernel: its fake kernel (torch 2.14) gives NCHW strides where the real one
-        # keeps channels_last, so a compiled graph read the real output, and in training the
-        # gradient (the kernel again), with the wrong strides (aot_eager: a view of it failed).
-        # Views and one copy in the input's layout, which the compiler fuses
-        n, _, h, w = x.shape
-        if _is_channels_last(x):  # (N, H, W, G, C/G) -> (N, H, W, C/G, G), channels innermost
-            y = x.permute(0, 2, 3, 1).reshape(n, h, w, groups, c // groups).transpose(3, 4)
-            return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
-        return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
+    if torch.compiler.is_compiling() and _is_channels_last(x):
+        return _ChannelShuffleCompiled.apply(x, groups)
     return F.channel_shuffle(x, groups)
+
+
+class _ChannelShuffleCompiled(torch.autograd.Function):
+    """PyTorch's kernel for a channels_last input under ``torch.compile``, whose graph is told
+    the layout of its output and of its gradient (the inverse shuffle, the kernel again).
+
+    Its fake kernel (torch 2.14) gives NCHW strides where the real one keeps channels_last, so a
+    compiled graph read the real tensors with the wrong strides (aot_eager: a view of them
+    failed, in training through the gradient). The views and the copy of a plain reshape state
+    the strides too, but inductor's code for that copy was several times slower than the kernel
+    on this project's CPU.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
+        return F.channel_shuffle(x, groups).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.groups = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        inverse = F.channel_shuffle(grad, grad.shape[1] // ctx.groups)
+        return inverse.contiguous(memory_format=torch.channels_last), None
 
 
 class ChannelShuffle(nn.Module):
