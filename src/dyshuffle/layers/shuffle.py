@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .permutation import _divisors, _is_channels_last
+from .permutation import _divisors, _exporting, _is_channels_last
 
 __all__ = ["ChannelShuffle", "IdentityMixer", "channel_shuffle"]
 
@@ -35,6 +35,8 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     # PyTorch's kernel for (N, G, C/G, H, W) -> (N, C/G, G, H, W) -> (N, C, H, W): it keeps the
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
     if torch.compiler.is_compiling() and _is_channels_last(x):
+        if _exporting():  # a graph for other runtimes holds operators (see permute_channels)
+            return F.channel_shuffle(x, groups).contiguous(memory_format=torch.channels_last)
         return _ChannelShuffleCompiled.apply(x, groups)
     return F.channel_shuffle(x, groups)
 
