@@ -73,8 +73,16 @@ MODEL_KEYS = ("model", "mixer", "pointwise")
 #: run options that are not about the method (kept out of the configuration's label)
 PLUMBING_KEYS = ("data_dir", "output", "progress", "tensorboard", "cache_dir", "device", "workers")
 #: options that change where and how a run is seen, never what it learns: a ``--set`` of one of
-#: them leaves a recorded run recorded (e.g. ``data_dir``, which differs from machine to machine)
-NEUTRAL_KEYS = (*PLUMBING_KEYS, "threads", "log_every", "save_every_steps", "debug_step_delay")
+#: them leaves a recorded run recorded (e.g. ``data_dir``, which differs from machine to machine;
+#: ``grad_checkpointing``, which trains the same weights with less memory)
+NEUTRAL_KEYS = (
+    *PLUMBING_KEYS,
+    "threads",
+    "log_every",
+    "save_every_steps",
+    "debug_step_delay",
+    "grad_checkpointing",
+)
 
 
 class SweepSpec:

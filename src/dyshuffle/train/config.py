@@ -65,11 +65,12 @@ class TrainConfig:
         orthogonal loss), tau_start/tau_end/tau_schedule (temperature of the dynamic layers,
         per step; ``None`` keeps the layers' own).
     Runtime:
-        amp, channels_last, compile, ema, ema_decay, eval_weights, device, seed, deterministic,
-        threads (intra-op CPU threads; 1 by default, as small models gain little from more
-        and slow down badly on a shared machine; 0: PyTorch's default), output (run folder),
-        save_every_steps (0: once per epoch), eval_every (epochs), log_every (steps), progress,
-        tensorboard.
+        amp, channels_last, compile, grad_checkpointing (recompute activations in the backward
+        pass: less memory, the same training), ema, ema_decay, eval_weights, device, seed,
+        deterministic, threads (intra-op CPU threads; 1 by default, as small models gain little
+        from more and slow down badly on a shared machine; 0: PyTorch's default), output (run
+        folder), save_every_steps (0: once per epoch), eval_every (epochs), log_every (steps),
+        progress, tensorboard.
     """
 
     # data
@@ -117,6 +118,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
     ema: bool = False
     ema_decay: float = 0.999
     eval_weights: str = "auto"
@@ -368,6 +370,8 @@ HELP: dict[str, str] = {
     "amp": "autocast precision",
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the model",
+    "grad_checkpointing": "recompute each unit's activations in the backward pass (less memory, "
+    "more time; the same training: model.set_grad_checkpointing)",
     "ema": "keep an exponential moving average of the weights",
     "ema_decay": "EMA decay",
     "eval_weights": "weights to evaluate (auto: EMA when kept)",

@@ -414,6 +414,8 @@ class _Run:
         self.model = build_model(cfg, len(self.class_names), self.input_size).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.dynamic = has_dynamic_layers(self.model)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -896,6 +898,7 @@ class _Run:
             world_size=info.world_size,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
+            grad_checkpointing=cfg.grad_checkpointing,
             **environment(self.device),
             commit=self.commit,
             command=self.command,
