@@ -8,7 +8,9 @@ when timm is absent.
 ``timm.create_model(name, features_only=True, out_indices=..., feature_cls=...)`` wraps the model
 in timm's own feature extractors (``feature_cls``: ``"getter"``, the default, which uses the
 model's ``forward_intermediates``; ``"list"``, ``"dict"`` or ``"hook"``); ``out_indices``
-defaults to every feature of ``model.feature_info``.
+defaults to every feature of ``model.feature_info``. The model's ``pretrained_cfg`` (updated by
+``pretrained_cfg_overlay``) comes along, on an extractor without its classifier keys, as timm's
+own builder leaves it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from torch import nn
 from ._registry import create_model, list_models
 
 __all__ = ["install_timm_hook", "register_timm_models"]
+
+#: keys of ``pretrained_cfg`` about the classifier, not on a feature extractor's (as in timm)
+_HEAD_KEYS = ("num_classes", "classifier", "global_pool")
 
 #: ``feature_cls`` names of ``timm.create_model(..., features_only=True)`` that our models take
 FEATURE_CLASSES = ("getter", "list", "dict", "hook")
@@ -51,15 +56,20 @@ def _timm_features(model: nn.Module, out_indices: Any = None, feature_cls: Any =
             f"unknown feature_cls {feature_cls!r}; valid: {', '.join(map(repr, FEATURE_CLASSES))}"
         )
     take, _ = feature_take_indices(len(model.feature_info), out_indices)  # ValueError, not assert
+    # timm's builder drops the classifier's keys from an extractor's configuration
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _HEAD_KEYS}
     if kind == "getter":
-        return FeatureGetterNet(model, out_indices=take)
-    if kind == "hook":
-        return FeatureHookNet(model, out_indices=take)
-    # timm's list and dict extractors rebuild the body from the model's children: a feature
-    # inside a Sequential child (MobileNetV2's ``features.3``) needs that child flattened
-    flatten = any("." in f["module"] for f in model.feature_info)
-    cls = FeatureListNet if kind == "list" else FeatureDictNet
-    return cls(model, out_indices=take, flatten_sequential=flatten)
+        net = FeatureGetterNet(model, out_indices=take)
+    elif kind == "hook":
+        net = FeatureHookNet(model, out_indices=take)
+    else:
+        # timm's list and dict extractors rebuild the body from the model's children: a feature
+        # inside a Sequential child (MobileNetV2's ``features.3``) needs that child flattened
+        flatten = any("." in f["module"] for f in model.feature_info)
+        cls = FeatureListNet if kind == "list" else FeatureDictNet
+        net = cls(model, out_indices=take, flatten_sequential=flatten)
+    net.pretrained_cfg = net.default_cfg = cfg  # (timm's builder sets both names)
+    return net
 
 
 def _entrypoint(name: str) -> Callable[..., nn.Module]:
@@ -85,6 +95,8 @@ def _entrypoint(name: str) -> Callable[..., nn.Module]:
                 f"features_only=True"
             )
         model = create_model(name, **kwargs)
+        if pretrained_cfg_overlay:
+            model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay}
         if features_only:
             model = _timm_features(model, out_indices, feature_cls)
         if device is not None or dtype is not None:  # asked for by the caller, not decided here
