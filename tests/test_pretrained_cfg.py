@@ -93,3 +93,18 @@ def test_timm_create_model_carries_it():
         assert net.pretrained_cfg["input_size"] == (3, 32, 32)
         assert "classifier" not in net.pretrained_cfg and "num_classes" not in net.pretrained_cfg
         assert resolve_data_config(model=net)["input_size"] == (3, 32, 32)
+
+
+def test_our_feature_extractor_passes_both_on_to_its_model():
+    """``create_model(..., features_only=True)``, without timm's wrappers."""
+    net = create_model("shufflenet_v2_x0_5", stem="cifar", mixer="dynamic", features_only=True)
+    assert net.pretrained_cfg["input_size"] == (3, 32, 32) and net.default_cfg == net.pretrained_cfg
+    assert "classifier" not in net.pretrained_cfg and "num_classes" not in net.pretrained_cfg
+    assert resolve_data_config(model=net)["input_size"] == (3, 32, 32)
+    assert not net.model.grad_checkpointing
+    net.set_grad_checkpointing()
+    assert net.model.grad_checkpointing
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(
+        net.train()(x), net.model.forward_intermediates(x, [0, 1, 2, 3, 4], intermediates_only=True)
+    )

@@ -127,6 +127,12 @@ class FeatureInfo:
         return f"FeatureInfo(out_indices={self.out_indices}, info={self.get_dicts()})"
 
 
+def features_cfg(cfg: dict) -> dict:
+    """A feature extractor's ``pretrained_cfg``: its model's without the classifier's keys (what
+    timm's builder leaves on its extractors)."""
+    return {k: v for k, v in cfg.items() if k not in ("num_classes", "classifier", "global_pool")}
+
+
 class FeatureListNet(nn.Module):
     """A model cut after its deepest chosen feature, returning the chosen feature maps.
 
@@ -154,6 +160,17 @@ class FeatureListNet(nn.Module):
         return self.model.forward_intermediates(
             x, indices=list(self.out_indices), intermediates_only=True
         )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The model's :meth:`~ClassifierModel.set_grad_checkpointing` (timm's extractors too)."""
+        self.model.set_grad_checkpointing(enable)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The model's ``pretrained_cfg`` without the classifier's keys (as timm's extractors)."""
+        return features_cfg(self.model.pretrained_cfg)
+
+    default_cfg = pretrained_cfg
 
     def extra_repr(self) -> str:
         return f"out_indices={self.out_indices}"

@@ -28,9 +28,6 @@ from ._registry import create_model, list_models
 
 __all__ = ["install_timm_hook", "register_timm_models"]
 
-#: keys of ``pretrained_cfg`` about the classifier, not on a feature extractor's (as in timm)
-_HEAD_KEYS = ("num_classes", "classifier", "global_pool")
-
 #: ``feature_cls`` names of ``timm.create_model(..., features_only=True)`` that our models take
 FEATURE_CLASSES = ("getter", "list", "dict", "hook")
 
@@ -48,7 +45,7 @@ def _timm_features(model: nn.Module, out_indices: Any = None, feature_cls: Any =
         FeatureListNet,
     )
 
-    from ._features import feature_take_indices
+    from ._features import feature_take_indices, features_cfg
 
     kind = "getter" if feature_cls is None else feature_cls
     if kind not in FEATURE_CLASSES:
@@ -56,8 +53,7 @@ def _timm_features(model: nn.Module, out_indices: Any = None, feature_cls: Any =
             f"unknown feature_cls {feature_cls!r}; valid: {', '.join(map(repr, FEATURE_CLASSES))}"
         )
     take, _ = feature_take_indices(len(model.feature_info), out_indices)  # ValueError, not assert
-    # timm's builder drops the classifier's keys from an extractor's configuration
-    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _HEAD_KEYS}
+    cfg = features_cfg(model.pretrained_cfg)
     if kind == "getter":
         net = FeatureGetterNet(model, out_indices=take)
     elif kind == "hook":
