@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._constants import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
@@ -32,8 +34,6 @@ IMAGE_EXTENSIONS = (
     ".webp",
     ".gif",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetError(ValueError):

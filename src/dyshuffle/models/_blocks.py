@@ -11,23 +11,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .._constants import IMAGENET_MEAN, IMAGENET_STD
 from ..layers import DynamicShuffle, StaticDynamicShuffle
 from ._features import Indices, feature_take_indices
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ClassifierModel",
-    "ConvBNAct",
-    "make_divisible",
-    "pointwise_conv",
-]
-
-#: ImageNet normalization of ``pretrained_cfg``: the values of ``IMAGENET_MEAN`` and
-#: ``IMAGENET_STD`` of ``dyshuffle.data.common`` and of timm's ``IMAGENET_DEFAULT_*`` (the models
-#: do not import the data code)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["ClassifierModel", "ConvBNAct", "make_divisible", "pointwise_conv"]
 
 
 def make_divisible(value: float, divisor: int) -> int:
