@@ -108,3 +108,14 @@ def test_our_feature_extractor_passes_both_on_to_its_model():
     torch.testing.assert_close(
         net.train()(x), net.model.forward_intermediates(x, [0, 1, 2, 3, 4], intermediates_only=True)
     )
+
+
+@pytest.mark.parametrize("stem", sorted(SIZES))
+def test_pool_size_follows_the_pruned_body(stem):
+    model = create_model("shufflenet_v2_x0_5", stem=stem, mixer="dynamic")
+    size = SIZES[stem]
+    before = model.pretrained_cfg["pool_size"]
+    model.prune_intermediate_layers([0, 1, 2])  # the body ends after the third feature
+    features = model.eval().forward_features(torch.randn(1, 3, size, size))
+    assert model.pretrained_cfg["pool_size"] == tuple(features.shape[-2:])
+    assert model.pretrained_cfg["pool_size"] != before

@@ -378,6 +378,10 @@ class ClassifierModel(nn.Module):
         pruned_end = cut < len(names)
         if pruned_end:
             self.num_features = self.feature_info[max_index]["num_chs"]
+            final = (
+                self.pretrained_cfg["input_size"][-1] // self.feature_info[max_index]["reduction"]
+            )
+            self.pretrained_cfg["pool_size"] = (final, final)
         if prune_head or pruned_end:
             self.reset_classifier(0)
         return take
