@@ -8,6 +8,8 @@ Every model has ``forward_features``, ``forward_head(x, pre_logits=False)``,
 it with :func:`create_model`), and, for detection and segmentation necks, timm's
 ``feature_info``, ``forward_intermediates`` and ``prune_intermediate_layers``;
 ``create_model(name, features_only=True, out_indices=...)`` returns a :class:`FeatureListNet`.
+Also timm's ``set_grad_checkpointing`` (exact: the same training step) and ``pretrained_cfg``
+(what ``timm.data.resolve_data_config`` reads); ``hubconf.py`` serves them through ``torch.hub``.
 """
 
 from ._blocks import ClassifierModel
