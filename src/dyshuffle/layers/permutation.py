@@ -271,8 +271,8 @@ def _functorch_function(cls: type[torch.autograd.Function]) -> type[torch.autogr
     ``torch.func`` transforms need): adds ``cls.eager``, the same Function in the ctx-first form.
 
     ``Function.apply`` of a ``setup_context`` Function binds its arguments with
-    ``inspect.signature`` on every call (about 30 us on this project's CPU: 2% of a training
-    step of ShuffleNetV2 1.0x at batch 32); :func:`_apply` calls the twin outside transforms.
+    ``inspect.signature`` on every call, in Python (a cost the CPU training step of
+    ``dyshuffle bench --ref`` showed); :func:`_apply` calls the twin outside transforms.
     """
 
     def forward(ctx, *args):
@@ -288,7 +288,7 @@ def _functorch_function(cls: type[torch.autograd.Function]) -> type[torch.autogr
 def _apply(function: type[torch.autograd.Function], *args):
     """``function.apply(*args)`` of a :func:`_functorch_function`, through its ctx-first twin
     in eager mode outside ``torch.func`` transforms (``torch.compile`` traces the Function)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or _transformed():
         return function.apply(*args)
     return function.eager.apply(*args)
 
