@@ -141,3 +141,39 @@ def test_resume_mid_epoch_counts_the_samples_of_every_rank_once(tmp_path):
         for key in ("train_loss", "ortho_loss", "val_loss", "val_top1"):
             assert got[key] == pytest.approx(want[key], rel=1e-12), key  # sums in another order
         assert got["images_per_s"] > 0 and got["step"] == want["step"]
+
+
+CHECKPOINTING_WORKER = textwrap.dedent(
+    """
+    import os, sys, torch
+    import dyshuffle.train.engine as engine
+    from dyshuffle.train.config import resolve_config
+    from dyshuffle.train.distributed import cleanup, setup
+
+    out = sys.argv[1]
+    info = setup("cpu")  # one process group for both runs (train() would end it)
+    for flag in (False, True):
+        name = f"checkpointing-{flag}"
+        cfg = resolve_config({"train_subset": 128, "val_subset": 51, "batch_size": 32,
+                              "epochs": 1, "threads": 1, "progress": False, "tensorboard": False,
+                              "grad_checkpointing": flag, "output": os.path.join(out, name),
+                              "device": "cpu"})
+        res = engine._Run(cfg, info, None, "test").run()
+        torch.save(res.model.state_dict(), os.path.join(out, f"{name}-rank{info.rank}.pt"))
+    cleanup()
+    """
+)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_gradient_checkpointing_under_ddp_trains_the_same_weights(tmp_path):
+    """DistributedDataParallel with ``--grad-checkpointing``: the recomputation in the backward
+    pass (BatchNorm buffers restored in place, as DDP broadcasts them) gives the same weights
+    and statistics on both ranks as the run without it."""
+    run_two_processes(CHECKPOINTING_WORKER, tmp_path)
+    plain = torch.load(tmp_path / "checkpointing-False-rank0.pt")
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"checkpointing-True-rank{rank}.pt")
+        assert state.keys() == plain.keys()
+        for k, v in plain.items():
+            assert torch.equal(state[k], v), (rank, k)
