@@ -36,7 +36,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     # memory layout (a view-transpose-reshape would turn channels_last into NCHW) and is faster
     if torch.compiler.is_compiling() and _is_channels_last(x):
         if _exporting():  # a graph for other runtimes holds operators (see permute_channels)
-            return F.channel_shuffle(x, groups).contiguous(memory_format=torch.channels_last)
+            return _ChannelShuffleCompiled.forward(x, groups)
         return _ChannelShuffleCompiled.apply(x, groups)
     return F.channel_shuffle(x, groups)
 
