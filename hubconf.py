@@ -57,8 +57,7 @@ def checkpoint(path: str, weights: str = "auto", **kwargs: _Any):
     """
     import torch
 
-    from dyshuffle.deploy._common import CheckpointError
-    from dyshuffle.train.checkpoint import model_from_checkpoint
+    from dyshuffle.deploy._common import load_model
 
     if "://" in path:
         folder = _os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -69,8 +68,4 @@ def checkpoint(path: str, weights: str = "auto", **kwargs: _Any):
         path = local
     elif kwargs:
         raise TypeError(f"unexpected arguments {sorted(kwargs)} for a local checkpoint {path!r}")
-    file = _os.path.join(path, "last.pt") if _os.path.isdir(path) else path
-    if not _os.path.isfile(file):
-        raise CheckpointError(f"checkpoint {path!r} does not exist (a file, a run folder or a URL)")
-    model, _ = model_from_checkpoint(file, map_location="cpu", weights=weights)
-    return model.eval()
+    return load_model(path, weights)[0]

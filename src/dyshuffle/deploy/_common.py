@@ -15,12 +15,13 @@ class CheckpointError(ValueError):
     """A checkpoint is missing or lacks what a deploy command needs; the message names it."""
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a training checkpoint, in ``eval()`` mode.
 
     Args:
         path: a checkpoint written by :func:`dyshuffle.train.checkpoint.save_checkpoint`, or a
             run folder (its ``last.pt``).
+        weights: ``"auto"`` (the weights the run evaluated), ``"model"`` or ``"ema"``.
 
     Returns:
         ``(model, state)``; ``state`` is the checkpoint dictionary.
@@ -39,7 +40,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from dyshuffle.train.checkpoint import model_from_checkpoint
 
     try:
-        model, state = model_from_checkpoint(file, map_location="cpu")
+        model, state = model_from_checkpoint(file, map_location="cpu", weights=weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a loadable dyshuffle checkpoint: {e}") from e
     return model.eval(), state
