@@ -143,7 +143,7 @@ def test_resume_mid_epoch_counts_the_samples_of_every_rank_once(tmp_path):
         assert got["images_per_s"] > 0 and got["step"] == want["step"]
 
 
-CHECKPOINTING_WORKER = textwrap.dedent(
+OPTIONS_WORKER = textwrap.dedent(
     """
     import os, sys, torch
     import dyshuffle.train.engine as engine
@@ -151,13 +151,13 @@ CHECKPOINTING_WORKER = textwrap.dedent(
     from dyshuffle.train.distributed import cleanup, setup
 
     out = sys.argv[1]
-    info = setup("cpu")  # one process group for both runs (train() would end it)
-    for flag in (False, True):
-        name = f"checkpointing-{flag}"
+    info = setup("cpu")  # one process group for every run (train() would end it)
+    runs = {"plain": {}, "checkpointing": {"grad_checkpointing": True},
+            "accumulated": {"grad_accum_steps": 2, "mixup": 0.4, "cutmix": 1.0}}
+    for name, options in runs.items():
         cfg = resolve_config({"train_subset": 128, "val_subset": 51, "batch_size": 32,
                               "epochs": 1, "threads": 1, "progress": False, "tensorboard": False,
-                              "grad_checkpointing": flag, "output": os.path.join(out, name),
-                              "device": "cpu"})
+                              "output": os.path.join(out, name), "device": "cpu", **options})
         res = engine._Run(cfg, info, None, "test").run()
         torch.save(res.model.state_dict(), os.path.join(out, f"{name}-rank{info.rank}.pt"))
     cleanup()
@@ -165,15 +165,38 @@ CHECKPOINTING_WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-def test_gradient_checkpointing_under_ddp_trains_the_same_weights(tmp_path):
+@pytest.fixture(scope="module")
+def option_runs(tmp_path_factory):
+    """One torchrun of two processes training with each option set in turn (weights per rank)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("no gloo")
+    folder = tmp_path_factory.mktemp("options")
+    run_two_processes(OPTIONS_WORKER, folder)
+    return lambda name, rank: torch.load(folder / f"{name}-rank{rank}.pt")
+
+
+def test_gradient_checkpointing_under_ddp_trains_the_same_weights(option_runs):
     """DistributedDataParallel with ``--grad-checkpointing``: the recomputation in the backward
     pass (BatchNorm buffers restored in place, as DDP broadcasts them) gives the same weights
     and statistics on both ranks as the run without it."""
-    run_two_processes(CHECKPOINTING_WORKER, tmp_path)
-    plain = torch.load(tmp_path / "checkpointing-False-rank0.pt")
+    plain = option_runs("plain", 0)
     for rank in (0, 1):
-        state = torch.load(tmp_path / f"checkpointing-True-rank{rank}.pt")
+        state = option_runs("checkpointing", rank)
         assert state.keys() == plain.keys()
         for k, v in plain.items():
             assert torch.equal(state[k], v), (rank, k)
+
+
+def test_accumulated_mixed_batches_under_ddp_keep_the_ranks_identical(option_runs):
+    """``--grad-accum-steps 2`` with mixup/CutMix under DDP: the gradients are reduced in the
+    last micro-batch's backward pass only (``no_sync`` before), and every rank applies the same
+    step (each mixes its own share of the batch with draws of its own)."""
+    a, b, plain = (
+        option_runs("accumulated", 0),
+        option_runs("accumulated", 1),
+        option_runs("plain", 0),
+    )
+    assert a.keys() == b.keys() == plain.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # and the options took effect

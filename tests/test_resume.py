@@ -53,10 +53,14 @@ def tensors_equal(a, b) -> bool:
     return a == b
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize(
+    "extra", [(), ("--mixup", "0.4", "--cutmix", "1.0", "--grad-accum-steps", "2")],
+    ids=["plain", "mixed-accumulated"],
+)  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path, extra):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = train("--output", str(straight))
-    victim = train("--output", str(killed), "--debug-step-delay", "0.2")
+    reference = train("--output", str(straight), *extra)
+    victim = train("--output", str(killed), "--debug-step-delay", "0.2", *extra)
     deadline, state = time.time() + 180, None
     while time.time() < deadline:  # wait for a mid-epoch checkpoint in the second epoch
         try:

@@ -3,7 +3,8 @@
 ``load_data(name, root, ...)`` reads one of ``digits`` (embedded), ``cifar10``, ``cifar100``,
 ``tiny-imagenet``, ``imagenet`` or ``imagefolder`` in its official layout;
 :class:`InMemoryLoader` serves small data sets from device memory with on-device augmentation and
-:class:`FileLoader` large ones through a multi-worker ``DataLoader``.
+:class:`FileLoader` large ones through a multi-worker ``DataLoader``; :func:`mix_batch` mixes a
+training batch (mixup, CutMix).
 """
 
 from .common import ArrayData, DatasetError, FileData, default_cache_dir
@@ -18,12 +19,14 @@ from .loaders import (
     normalize,
     random_crop,
 )
+from .mixing import BatchMix, mix_batch
 
 __all__ = [
     "DATASETS",
     "EVAL_CROP_FRACTION",
     "LOADERS",
     "ArrayData",
+    "BatchMix",
     "DatasetError",
     "EpochPlan",
     "FileData",
@@ -34,6 +37,7 @@ __all__ = [
     "extract_once",
     "list_datasets",
     "load_data",
+    "mix_batch",
     "mix_seed",
     "normalize",
     "parse_layout",

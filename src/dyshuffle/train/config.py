@@ -58,12 +58,15 @@ class TrainConfig:
         model, stem (``auto``: ``cifar`` up to 64 pixels), mixer, pointwise, mixer_kwargs
         (extra :func:`~dyshuffle.models.create_model` keywords, e.g. ``{mode: soft}``).
     Optimization:
-        epochs, batch_size (global, over all processes), eval_batch_size (per process),
-        optimizer, lr (peak), momentum, nesterov, betas, weight_decay (not on norm and bias
-        parameters), schedule, warmup_epochs, onecycle_pct (rise fraction of ``onecycle``),
-        min_lr_ratio, label_smoothing, grad_clip (0: off), ortho_weight (lambda of the
-        orthogonal loss), tau_start/tau_end/tau_schedule (temperature of the dynamic layers,
-        per step; ``None`` keeps the layers' own).
+        epochs, batch_size (global, over all processes; one optimizer step), grad_accum_steps
+        (micro-batches a batch is split into, one backward pass each: less memory, BatchNorm
+        statistics of the micro-batches), eval_batch_size (per process), optimizer, lr
+        (peak), momentum, nesterov, betas, weight_decay (not on norm and bias parameters),
+        schedule, warmup_epochs, onecycle_pct (rise fraction of ``onecycle``), min_lr_ratio,
+        label_smoothing, mixup/cutmix (``alpha`` of their ``Beta(alpha, alpha)``; 0: off) and
+        mix_prob (chance that a batch is mixed; see :mod:`dyshuffle.data.mixing`), grad_clip
+        (0: off), ortho_weight (lambda of the orthogonal loss), tau_start/tau_end/tau_schedule
+        (temperature of the dynamic layers, per step; ``None`` keeps the layers' own).
     Runtime:
         amp, channels_last, compile, grad_checkpointing (recompute activations in the backward
         pass: less memory, the same training), ema, ema_decay, eval_weights, device, seed,
@@ -97,6 +100,7 @@ class TrainConfig:
     # optimization
     epochs: int = 6
     batch_size: int = 64
+    grad_accum_steps: int = 1
     eval_batch_size: int = 500
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -109,6 +113,9 @@ class TrainConfig:
     onecycle_pct: float = 0.25
     min_lr_ratio: float = 0.0
     label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
     grad_clip: float = 0.0
     ortho_weight: float = 0.1
     tau_start: float | None = None
@@ -141,7 +148,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in valid:
                 raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every")
+        positive = (
+            "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "eval_every",
+            "log_every",
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -150,6 +160,8 @@ class TrainConfig:
             "weight_decay",
             "warmup_epochs",
             "grad_clip",
+            "mixup",
+            "cutmix",
             "ortho_weight",
             "workers",
             "train_subset",
@@ -174,6 +186,13 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob!r}")
+        if self.grad_accum_steps > self.batch_size:
+            raise ConfigError(
+                f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size "
+                f"({self.batch_size}): each micro-batch needs a sample"
+            )
         if not 0.0 < self.onecycle_pct < 1.0:
             raise ConfigError(f"onecycle_pct must be in (0, 1), got {self.onecycle_pct!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -350,6 +369,8 @@ HELP: dict[str, str] = {
     "mixer_kwargs": "extra create_model keywords, e.g. '{mode: soft, shared: false}'",
     "epochs": "training epochs",
     "batch_size": "global batch size (all processes together)",
+    "grad_accum_steps": "split each process's batch into N micro-batches, one backward pass each, "
+    "one optimizer step (less memory; BatchNorm sees the micro-batches)",
     "eval_batch_size": "evaluation batch size per process",
     "optimizer": "sgd (Nesterov) or adamw",
     "lr": "peak learning rate",
@@ -362,6 +383,9 @@ HELP: dict[str, str] = {
     "onecycle_pct": "onecycle: fraction of the steps spent rising",
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "label_smoothing": "label smoothing of the cross-entropy",
+    "mixup": "mixup alpha of Beta(alpha, alpha) (0: off)",
+    "cutmix": "CutMix alpha of Beta(alpha, alpha) (0: off; with mixup: either, equal chance)",
+    "mix_prob": "chance that a training batch is mixed (mixup/CutMix)",
     "grad_clip": "clip the gradient norm (0: off)",
     "ortho_weight": "weight of dyshuffle.orthogonal_loss in the loss",
     "tau_start": "temperature of the dynamic layers at the first step",

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from dyshuffle.data import BatchMix, mix_batch, mix_seed
+
 from .checkpoint import layer_defaults, load_checkpoint, save_checkpoint, set_tau
 from .config import ConfigError, TrainConfig
 from .distributed import (
@@ -257,6 +259,15 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: tuple[int, int, 
         ) from e
 
 
+def _micro_batches(n: int, parts: int) -> list[slice]:
+    """``parts`` consecutive slices of ``range(n)`` as even as can be (none empty)."""
+    size, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def _ema_avg_fn(decay: float):
     """EMA update for ``AveragedModel``: decay warmed up as ``min(decay, (1 + n) / (10 + n))``."""
 
@@ -296,6 +307,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError, IndexError):
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_NO_MIX = BatchMix("none", 1.0, None)
 
 
 class _StopFlag:
@@ -451,9 +465,11 @@ class _Run:
             self._load(resume)
 
         net: nn.Module = self.model
+        #: the DistributedDataParallel wrapper (its ``no_sync`` between micro-batches)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+            net = self.ddp = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         if cfg.compile:
             net = torch.compile(net)
         self.net = net
@@ -552,6 +568,15 @@ class _Run:
                 save_checkpoint(best, state)
 
     # ---- helpers
+    def _mix(self, x: Tensor, y: Tensor, step: int) -> tuple[Tensor, BatchMix]:
+        """Mixup/CutMix of batch ``step`` of the epoch (a no-op unless configured). The draws
+        come from a generator of ``(seed, epoch, step, rank)``: a resumed run mixes alike."""
+        cfg = self.cfg
+        if cfg.mixup == 0 and cfg.cutmix == 0:
+            return x, _NO_MIX
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, self.epoch, step, self.info.rank))
+        return mix_batch(x, y, g, mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob)
+
     def _set_tau(self, step: int) -> float | None:
         cfg = self.cfg
         if cfg.tau_start is None or not self.dynamic:
@@ -666,13 +691,46 @@ class _Run:
         single = not self.info.enabled
         for step, (x, y) in enumerate(self.train_loader.epoch(self.epoch, start), start=start):
             self._set_tau(self.global_step)
-            with _autocast(dev, cfg.amp):
-                out = net(x)
-                task = self.criterion(out, y)
-                ortho = orthogonal_loss(self.model) if self.dynamic else None
-                loss = task + w * ortho if (w > 0 and ortho is not None) else task
+            x, mix = self._mix(x, y, step)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            n = y.shape[0]
+            parts = _micro_batches(n, cfg.grad_accum_steps)
+            tasks: list[tuple[Tensor, int]] = []  # (task loss, samples) of each micro-batch
+            for i, part in enumerate(parts):
+                # DistributedDataParallel reduces the gradients in the last backward pass only
+                sync = i + 1 == len(parts) or self.ddp is None
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                    if len(parts) == 1:
+                        x_i, y_i, yb_i = x, y, mix.y_b
+                    else:
+                        x_i, y_i = x[part], y[part]
+                        yb_i = None if mix.y_b is None else mix.y_b[part]
+                    with _autocast(dev, cfg.amp):
+                        out = net(x_i)
+                        task = self.criterion(out, y_i)
+                        if yb_i is not None:  # mixed labels: the cross-entropy is linear in them
+                            task = mix.lam * task + (1.0 - mix.lam) * self.criterion(out, yb_i)
+                        ortho = orthogonal_loss(self.model) if self.dynamic else None
+                        loss = task + w * ortho if (w > 0 and ortho is not None) else task
+                    if len(parts) > 1:  # the batch's mean: each micro-batch by its share
+                        loss = loss * (y_i.shape[0] / n)
+                    self.scaler.scale(loss).backward()
+                with torch.no_grad():
+                    m = y_i.shape[0]
+                    bad |= ~torch.isfinite(loss.detach())
+                    # in place, without host-device copies (no synchronization per step)
+                    tasks.append((task.detach(), m))
+                    sums[0].add_(task.detach().double(), alpha=m)
+                    hit = out.argmax(1) == y_i
+                    if yb_i is None:
+                        sums[1].add_(hit.sum())
+                    else:  # the share of each sample's mixed label that the prediction hits
+                        hit_b = out.argmax(1) == yb_i
+                        sums[1].add_(hit.sum().double() * mix.lam)
+                        sums[1].add_(hit_b.sum().double() * (1.0 - mix.lam))
+                    sums[2].add_(m)
+                    if ortho is not None:
+                        sums[3].add_(ortho.detach().double(), alpha=m)
             if cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -683,15 +741,6 @@ class _Run:
                 self.ema.update_parameters(self.model)
             self.global_step += 1
             self.step_in_epoch = step + 1
-            with torch.no_grad():
-                n = y.shape[0]
-                bad |= ~torch.isfinite(loss.detach())
-                # in place, without host-device copies (no synchronization per step)
-                sums[0].add_(task.detach().double(), alpha=n)
-                sums[1].add_((out.argmax(1) == y).sum())
-                sums[2].add_(n)
-                if ortho is not None:
-                    sums[3].add_(ortho.detach().double(), alpha=n)
             last_step = step + 1 == steps
             log_now = self.global_step % cfg.log_every == 0 or last_step
             save_now = cfg.save_every_steps > 0 and self.global_step % cfg.save_every_steps == 0
@@ -699,12 +748,14 @@ class _Run:
                 is_bad, stop_now = self._check(bad, stop)
                 if is_bad:
                     raise self._nan_error()
+                # the batch's task loss: the mean over its micro-batches by their samples
+                step_loss = sum(float(t) * m for t, m in tasks) / n if log_now else None
                 if log_now and bar is not None:
                     bar.set_postfix(
-                        loss=f"{task.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}"
+                        loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}"
                     )
                 if log_now and self.writer is not None:
-                    self.writer.add_scalar("train/loss_step", task.item(), self.global_step)
+                    self.writer.add_scalar("train/loss_step", step_loss, self.global_step)
                     self.writer.add_scalar(
                         "train/lr", self.scheduler.get_last_lr()[0], self.global_step
                     )
