@@ -57,7 +57,7 @@ def checkpoint(path: str, weights: str = "auto", **kwargs: _Any):
     """
     import torch
 
-    from dyshuffle.deploy._common import load_model
+    from dyshuffle.train.checkpoint import load_model
 
     if "://" in path:
         folder = _os.path.join(torch.hub.get_dir(), "checkpoints")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyshuffle.deploy._common import CheckpointError
 from dyshuffle.models import create_model, list_models
+from dyshuffle.train.checkpoint import CheckpointError
 from test_predict import make_checkpoint
 
 ROOT = str(Path(__file__).resolve().parents[1])

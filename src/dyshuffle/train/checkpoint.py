@@ -31,8 +31,10 @@ from .._atomic import atomic_write
 __all__ = [
     "EARLIER_LAYER_DEFAULTS",
     "REQUIRED_KEYS",
+    "CheckpointError",
     "layer_defaults",
     "load_checkpoint",
+    "load_model",
     "model_from_checkpoint",
     "resolve_weights",
     "save_checkpoint",
@@ -223,4 +225,38 @@ def model_from_checkpoint(
         state = {**state, "model_args": loaded}
     if state.get("tau") is not None:
         set_tau(model, state["tau"])
+    return model.eval(), state
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or lacks what a command needs; the message names it
+    (what the deploy commands, ``torch.hub`` and ``--init-checkpoint`` report)."""
+
+
+def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a training checkpoint, in ``eval()`` mode.
+
+    Args:
+        path: a checkpoint written by :func:`save_checkpoint`, or a
+            run folder (its ``last.pt``).
+        weights: ``"auto"`` (the weights the run evaluated), ``"model"`` or ``"ema"``.
+
+    Returns:
+        ``(model, state)``; ``state`` is the checkpoint dictionary.
+
+    Raises:
+        CheckpointError: the file does not exist or is not a dyshuffle checkpoint.
+    """
+    path = Path(path)
+    file = path / "last.pt" if path.is_dir() else path
+    if not file.is_file():
+        what = "has no last.pt" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} {what}; pass a file written by 'dyshuffle train' "
+            "(e.g. runs/NAME/last.pt) or its run folder"
+        )
+    try:
+        model, state = model_from_checkpoint(file, map_location="cpu", weights=weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a loadable dyshuffle checkpoint: {e}") from e
     return model.eval(), state

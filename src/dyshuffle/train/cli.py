@@ -6,6 +6,7 @@ Examples::
     dyshuffle train --config configs/cifar10.yaml --data-dir data/
     dyshuffle train --data imagefolder --data-dir ../shared/data/cifar10-jpeg.tgz --epochs 5
     dyshuffle train --resume runs/NAME                     # continue exactly where it stopped
+    dyshuffle train --init-checkpoint runs/NAME/best.pt    # fine-tune: a new run from its weights
     torchrun --nproc_per_node=8 -m dyshuffle.cli train --config configs/imagenet.yaml --data-dir X
 """
 
@@ -21,6 +22,11 @@ from .config import ConfigError, add_config_arguments, build_parser, resolve_con
 __all__ = ["main"]
 
 EXIT_USAGE, EXIT_NAN, EXIT_INTERRUPTED = 2, 1, 130
+_RESUME_AND_INIT = (
+    "--init-checkpoint starts a new run from a checkpoint's weights, --resume continues a run "
+    "from its last.pt: give one of them (a run started with --init-checkpoint resumes with "
+    "--resume alone and does not load that checkpoint again)"
+)
 
 
 def _parser():
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             raise unknown_options(extra, parser)
         cli = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
         resume_state, base = None, None
+        if args.resume and "init_checkpoint" in cli:
+            raise ConfigError(_RESUME_AND_INIT)
         if args.resume:
             from .checkpoint import load_checkpoint
 
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             base = resume_state["config"]
             cli.setdefault("output", str(path if path.is_dir() else path.parent))
         cfg = resolve_config(cli, args.config, base)
+        if base is not None and cfg.init_checkpoint != base.get("init_checkpoint"):
+            raise ConfigError(_RESUME_AND_INIT)  # (set by the --config recipe)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"dyshuffle train: error: {e}", file=sys.stderr)
         return EXIT_USAGE

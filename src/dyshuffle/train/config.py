@@ -56,7 +56,10 @@ class TrainConfig:
         crop_padding/hflip: augmentation (``None``: the data set's default).
     Model:
         model, stem (``auto``: ``cifar`` up to 64 pixels), mixer, pointwise, mixer_kwargs
-        (extra :func:`~dyshuffle.models.create_model` keywords, e.g. ``{mode: soft}``).
+        (extra :func:`~dyshuffle.models.create_model` keywords, e.g. ``{mode: soft}``),
+        init_checkpoint (fine-tuning: a new run starts from the weights of a ``dyshuffle
+        train`` checkpoint or run folder, those its run evaluated; same architecture, but
+        for the number of classes: another one gets a new classifier; not with ``--resume``).
     Optimization:
         epochs, batch_size (global, over all processes; one optimizer step), grad_accum_steps
         (micro-batches a batch is split into, one backward pass each: less memory, BatchNorm
@@ -97,6 +100,7 @@ class TrainConfig:
     mixer: str = "dynamic"
     pointwise: str = "conv"
     mixer_kwargs: dict = field(default_factory=dict)
+    init_checkpoint: str | None = None
     # optimization
     epochs: int = 6
     batch_size: int = 64
@@ -220,8 +224,9 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _HIDDEN = {"debug_step_delay"}
-#: folders, stored absolute (a run resumed or evaluated from elsewhere reads the same ones)
-PATH_FIELDS = ("data_dir", "cache_dir")
+#: paths, stored absolute (a run resumed or evaluated from elsewhere reads the same ones, and
+#: its configuration names the checkpoint it started from)
+PATH_FIELDS = ("data_dir", "cache_dir", "init_checkpoint")
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -344,6 +349,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def _metavar(name: str, tp: Any) -> str:
     if name in CHOICES:
         return "{" + ",".join(CHOICES[name]) + "}"
+    if name in PATH_FIELDS:
+        return "PATH"
     return {int: "N", float: "X", str: "STR"}.get(tp, "V")
 
 
@@ -367,6 +374,9 @@ HELP: dict[str, str] = {
     "mixer": "channel mixer: shuffle, none, learned, dynamic, static_dynamic",
     "pointwise": "conv or sds (static-dynamic shuffle in place of 1x1 convolutions)",
     "mixer_kwargs": "extra create_model keywords, e.g. '{mode: soft, shared: false}'",
+    "init_checkpoint": "fine-tune: start a new run from the weights of a checkpoint or run "
+    "folder of dyshuffle train (the weights it evaluated; same model, another number of "
+    "classes gets a new classifier)",
     "epochs": "training epochs",
     "batch_size": "global batch size (all processes together)",
     "grad_accum_steps": "split each process's batch into N micro-batches, one backward pass each, "
@@ -428,8 +438,8 @@ def resolve_config(
 ) -> TrainConfig:
     """Defaults < ``base`` (a saved config) < YAML recipe < command line; validated.
 
-    ``data_dir`` and ``cache_dir`` are made absolute (against the current directory), so that
-    a saved configuration names the same folders from any working directory.
+    ``data_dir``, ``cache_dir`` and ``init_checkpoint`` are made absolute (against the current
+    directory), so that a saved configuration names the same paths from any working directory.
     """
     values: dict[str, Any] = {}
     if base:

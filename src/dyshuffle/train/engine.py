@@ -15,7 +15,9 @@
 
 Resuming (``resume=`` a checkpoint) restores the model, the optimizer, the scheduler, the EMA,
 the gradient scaler, the RNG states and the position in the epoch; the data order is a function of
-``(seed, epoch)``, so a resumed run continues exactly as if it had never stopped.
+``(seed, epoch)``, so a resumed run continues exactly as if it had never stopped. Fine-tuning
+(``init_checkpoint``) starts a new run from the weights of a trained checkpoint
+(:func:`load_init_checkpoint`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from torch import Tensor, nn
 
 from dyshuffle.data import BatchMix, mix_batch, mix_seed
 
-from .checkpoint import layer_defaults, load_checkpoint, save_checkpoint, set_tau
+from .checkpoint import (
+    CheckpointError,
+    layer_defaults,
+    load_checkpoint,
+    load_model,
+    resolve_weights,
+    save_checkpoint,
+    set_tau,
+)
 from .config import ConfigError, TrainConfig
 from .distributed import (
     DistInfo,
@@ -259,6 +269,69 @@ def build_model(cfg: TrainConfig, num_classes: int, input_size: tuple[int, int, 
         ) from e
 
 
+def load_init_checkpoint(model: nn.Module, path: str, class_names: list[str]) -> str:
+    """Load the weights of a trained checkpoint into a new run's ``model`` (``init_checkpoint``).
+
+    The checkpoint, a file or a run folder, is read as the deploy commands read it
+    (:func:`~dyshuffle.train.checkpoint.load_model`): the weights its run evaluated, the EMA ones
+    when it evaluated those. Its model must be ``model`` but for the number of classes; when
+    that differs, ``model``'s classifier (``pretrained_cfg["classifier"]``) keeps its fresh
+    initialization and everything else is loaded. Parameters and buffers only: the temperature
+    of the dynamic layers is the new run's.
+
+    Args:
+        model: the configured model, freshly built.
+        path: the checkpoint file or run folder.
+        class_names: the classes of the new run.
+
+    Returns:
+        One line that says what was loaded.
+
+    Raises:
+        ConfigError: the checkpoint is missing or not loadable, or its model differs from
+            ``model`` in more than the number of classes (naming each argument and both values).
+    """
+    try:  # (building the checkpoint's model draws initial weights: not from this run's RNG)
+        with torch.random.fork_rng(devices=[]):
+            source, state = load_model(path)
+    except CheckpointError as e:  # the message names the path
+        raise ConfigError(f"--init-checkpoint: {e}") from e
+    theirs = {k: v for k, v in state["model_args"].items() if k != "num_classes"}
+    ours = {k: v for k, v in model.model_args.items() if k != "num_classes"}
+    unset = object()
+    differ = [k for k in {**theirs, **ours} if theirs.get(k, unset) != ours.get(k, unset)]
+    if differ:
+
+        def show(args: dict[str, Any]) -> str:
+            return ", ".join(f"{k}={args[k]!r}" if k in args else f"{k} unset" for k in differ)
+
+        raise ConfigError(
+            f"--init-checkpoint {path} was trained with {show(theirs)}, the configured model has "
+            f"{show(ours)} (only the number of classes may differ)"
+        )
+    weights = source.state_dict()
+    which = {"ema": "EMA", "model": "model"}[resolve_weights(state)]
+    line = f"fine-tuning from {path}: its {which} weights after epoch {state['epoch']}"
+    theirs_n, ours_n = state["model_args"]["num_classes"], model.model_args["num_classes"]
+    if theirs_n != ours_n:
+        head = model.pretrained_cfg["classifier"]
+        heads = (head,) if isinstance(head, str) else tuple(head)
+
+        def in_head(key: str) -> bool:
+            return any(key.startswith(f"{h}.") for h in heads)
+
+        weights = {k: v for k, v in weights.items() if not in_head(k)}
+        weights.update({k: v for k, v in model.state_dict().items() if in_head(k)})
+        line += (
+            f", all but its {theirs_n}-class classifier ({', '.join(heads)}): this run's "
+            f"{ours_n}-class one starts freshly initialized"
+        )
+    elif list(state.get("class_names", class_names)) != list(class_names):
+        line += ", its classifier too, although its classes have other names"
+    model.load_state_dict(weights)
+    return line
+
+
 def _micro_batches(n: int, parts: int) -> list[slice]:
     """``parts`` consecutive slices of ``range(n)`` as even as can be (none empty)."""
     size, extra = divmod(n, parts)
@@ -426,6 +499,10 @@ class _Run:
         self.class_names = list(data.class_names)
         self.input_size = tuple(data.input_size)
         self.model = build_model(cfg, len(self.class_names), self.input_size).to(self.device)
+        #: what --init-checkpoint loaded (a resumed run continues from its own last.pt instead)
+        self.init_note: str | None = None
+        if cfg.init_checkpoint and resume is None:  # before the EMA, which copies the weights
+            self.init_note = load_init_checkpoint(self.model, cfg.init_checkpoint, self.class_names)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
@@ -873,6 +950,8 @@ class _Run:
         )
         if self.epoch or self.step_in_epoch:
             print(f"resuming at epoch {self.epoch + 1}, step {self.step_in_epoch}", flush=True)
+        if self.init_note:
+            print(self.init_note, flush=True)
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         cfg = self.cfg
@@ -982,7 +1061,8 @@ def train(
 
     Args:
         cfg: the validated configuration.
-        resume: a checkpoint dict to continue from (see :mod:`~dyshuffle.train.checkpoint`).
+        resume: a checkpoint dict to continue from (see :mod:`~dyshuffle.train.checkpoint`);
+            ``cfg.init_checkpoint``, which started the run, is then not loaded again.
         command: the command line, recorded in ``results.json``.
 
     Raises:
