@@ -724,3 +724,81 @@ def test_flip_and_crop_are_applied_per_sample():
             assert same or flipped
             flips.add(flipped)
     assert flips == {True, False}
+
+
+def _file_epoch(samples, epoch, start_step=0, *, workers=0, seed=3, world_size=1, rank=0):
+    """The training batches of a FileLoader over ``samples``, as raw uint8 values (float)."""
+    loader = FileLoader(
+        samples,
+        image_size=12,
+        batch_size=4,
+        train=True,
+        device="cpu",
+        mean=(0.0, 0.0, 0.0),
+        std=(1 / 255,) * 3,
+        seed=seed,
+        world_size=world_size,
+        rank=rank,
+        workers=workers,
+    )
+    return list(loader.epoch(epoch, start_step))
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b)
+    )
+
+
+@pytest.fixture(scope="module")
+def file_samples(tmp_path_factory):
+    """12 training images (3 classes of 4, 20 x 20) and their ``(path, label)`` pairs."""
+    root = tmp_path_factory.mktemp("files")
+    images = make_image_tree(root, train=4, val=0, size=20)
+    return [
+        (str(root / rel), int(["cat", "dog", "eel"].index(rel.split("/")[1]))) for rel in images
+    ]
+
+
+def test_file_loader_augmentation_is_a_function_of_seed_epoch_and_sample(file_samples):
+    """A resumed epoch, any number of workers and any number of processes see the same crops."""
+    torch.manual_seed(0)
+    full = _file_epoch(file_samples, 2)
+    assert len(full) == 3 and full[0][0].shape == (4, 3, 12, 12)
+    torch.manual_seed(1)  # the caller's generator plays no part
+    assert _same_batches(_file_epoch(file_samples, 2, 1), full[1:])  # resumed at step 1
+    for workers in (1, 2):
+        assert _same_batches(_file_epoch(file_samples, 2, workers=workers), full)
+        assert _same_batches(_file_epoch(file_samples, 2, 2, workers=workers), full[2:])
+    ranks = [_file_epoch(file_samples, 2, 1, world_size=2, rank=r) for r in (0, 1)]
+    for (x, y), (x0, y0), (x1, y1) in zip(full[1:], *ranks):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+
+    def crops(batches) -> set[bytes]:  # the augmented images, whatever their order
+        return {bytes(x.to(torch.uint8).numpy()) for xb, _ in batches for x in xb}
+
+    assert len(crops(full)) == 12  # every sample once (no incomplete batch to drop)
+    assert crops(full) != crops(_file_epoch(file_samples, 3))  # a new augmentation each epoch
+    assert crops(full) != crops(_file_epoch(file_samples, 2, seed=4))  # and each seed
+
+
+def test_file_loader_leaves_the_callers_generator_alone(file_samples):
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    _file_epoch(file_samples, 0)
+    assert torch.equal(torch.get_rng_state(), state)
+    # evaluation draws nothing: the same batches whatever the caller's generator holds
+    loader = FileLoader(
+        file_samples,
+        image_size=12,
+        batch_size=5,
+        train=False,
+        device="cpu",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        workers=0,
+    )
+    first = list(loader.epoch(0))
+    torch.manual_seed(6)
+    assert _same_batches(list(loader.epoch(0)), first)
+    assert sorted(torch.cat([y for _, y in first]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4

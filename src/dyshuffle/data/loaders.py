@@ -6,7 +6,9 @@ never waits on Python workers. :class:`FileLoader` wraps a standard multi-worker
 ``torch.utils.data.DataLoader`` with torchvision transforms for data sets that do not fit in
 memory (ImageNet). Both split every global batch into one slice per rank, so the samples of a
 global batch do not depend on the number of processes, and both can start an epoch at any step,
-which is what an exact mid-epoch resume needs.
+which is what an exact mid-epoch resume needs. Their random augmentation is a function of
+``(seed, epoch)`` (in memory) or ``(seed, epoch, sample index)`` (files) only, so a resumed epoch
+is augmented as the epoch that never stopped.
 """
 
 from __future__ import annotations
@@ -234,32 +236,55 @@ class InMemoryLoader(_EpochLength):
 
 
 class _PlanBatches(torch.utils.data.Sampler):
-    """Batch sampler over this rank's slices of an :class:`EpochPlan` epoch, from ``start_step``."""
+    """Batch sampler over this rank's slices of an :class:`EpochPlan` epoch, from ``start_step``.
+
+    Yields lists of ``(epoch, index)`` keys of :class:`_Files`, so that each sample is augmented
+    with draws seeded by its epoch and index wherever it is decoded.
+    """
 
     def __init__(self, plan: EpochPlan, epoch: int, start_step: int) -> None:
         self.plan, self.epoch, self.start_step = plan, epoch, start_step
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.plan.order(self.epoch)
         for step in range(self.start_step, self.plan.steps):
-            yield order[self.plan.positions(step)].tolist()
+            yield [(self.epoch, i) for i in order[self.plan.positions(step)].tolist()]
 
     def __len__(self) -> int:
         return self.plan.steps - self.start_step
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, samples: list[tuple[str, int]], transform) -> None:
-        self.samples, self.transform = samples, transform
+    """Decoded image files through ``transform``; a key is an index, or ``(epoch, index)``.
+
+    With an ``(epoch, index)`` key the transform runs with torch's global CPU generator seeded
+    with ``mix_seed(seed, epoch, index)`` and restored afterwards: its random draws (torchvision's
+    v1 transforms draw from that generator only) are then a function of the run's seed, the
+    epoch and the sample, not of the worker that decodes it or of the draws before it, and the
+    caller's generator is left as it was when there are no workers (the main process).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform, seed: int = 0) -> None:
+        self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         from .decode import open_image
 
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[i]
-        return self.transform(open_image(path, path)), label
+        image = open_image(path, path)
+        if epoch is None:
+            return self.transform(image), label
+        # only the CPU generator: torch.manual_seed would also reseed (and not restore) CUDA's
+        state = torch.default_generator.get_state()
+        try:
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
+            return self.transform(image), label
+        finally:
+            torch.default_generator.set_state(state)
 
 
 class FileLoader(_EpochLength):
@@ -267,8 +292,9 @@ class FileLoader(_EpochLength):
 
     Training: ``RandomResizedCrop(size)`` and ``RandomHorizontalFlip``; evaluation: resize to
     ``size / 0.875`` and ``CenterCrop(size)``. Workers return uint8 tensors; normalization runs on
-    the device. The order follows :class:`EpochPlan`; the augmentation draws depend on
-    ``(seed, epoch, start_step)`` and the worker count.
+    the device. The order follows :class:`EpochPlan`; the augmentation of a sample is drawn from a
+    generator seeded with ``mix_seed(seed, epoch, index)``, so it depends neither on the number of
+    workers or processes nor on the step an epoch starts from.
 
     Args:
         samples: ``(path, label)`` pairs.
@@ -311,7 +337,7 @@ class FileLoader(_EpochLength):
                 T.Resize(round(image_size / EVAL_CROP_FRACTION), antialias=True),
                 T.CenterCrop(image_size),
             ]
-        self.dataset = _Files(samples, T.Compose([*ops, T.PILToTensor()]))
+        self.dataset = _Files(samples, T.Compose([*ops, T.PILToTensor()]), seed)
         self.train, self.device, self.workers = train, torch.device(device), workers
         self.batch_size, self.seed, self.channels_last = batch_size, seed, channels_last
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -325,7 +351,7 @@ class FileLoader(_EpochLength):
             self.local = list(range(rank, len(samples), world_size))
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(images float32 normalized, labels)`` on the device."""
+        """Yield ``(normalized float32 images, labels)`` on the device from batch ``start_step``."""
         if self.train:
             batches = _PlanBatches(self.plan, epoch, start_step)
         else:
@@ -336,7 +362,8 @@ class FileLoader(_EpochLength):
             batch_sampler=batches,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start_step)),
+            # seeds the workers' generators (reseeded per sample) without a draw from the caller's
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)),
             persistent_workers=False,
         )
         for x, y in loader:
