@@ -184,6 +184,28 @@ def test_a_set_option_that_changes_training_is_another_run(tmp_path, monkeypatch
     assert capsys.readouterr().out.count("already recorded on cpu") == 2
 
 
+def test_a_neutral_option_of_a_run_in_the_file_is_not_another_run(tmp_path, monkeypatch, capsys):
+    """A run of the file that sets a neutral option itself (``grad_checkpointing``: the same
+    training; ``threads``) has the label and recorded options of the run without it: recorded
+    once, then skipped, and trained with the option when it comes first."""
+    monkeypatch.chdir(tmp_path)
+    base = dict(data="digits", epochs=1, train_subset=128, val_subset=64, progress=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "tensorboard": False}))
+    runs = [{"mixer": "shuffle", "grad_checkpointing": True, "threads": 2}, {"mixer": "shuffle"}]
+    spec = dict(name="n", base="base.yaml", records="r/x_runs.jsonl", report="r/R.md", runs=runs)
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["n.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "--grad-checkpointing --mixer shuffle --threads 2" in out  # trained with them
+    assert out.count("already recorded on cpu") == 1  # and the second is the same run
+    records = [json.loads(line) for line in (tmp_path / "r/x_runs.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["options"]) for r in records] == [('mixer="shuffle"', {})]
+    assert (tmp_path / "runs/sweeps/n/mixer=shuffle/seed0/last.pt").is_file()
+    capsys.readouterr()
+    assert main(["n.yaml"]) == 0  # and both are recorded for the next time
+    assert capsys.readouterr().out.count("already recorded on cpu") == 2
+
+
 def _dry_run_commands(argv: list[str], capsys) -> list[str]:
     capsys.readouterr()
     assert main([*argv, "--dry-run"]) == 0

@@ -23,7 +23,8 @@ its own baselines. ``RESULTS.md`` is regenerated from all record files after eac
 changes what a run learns (``epochs``, ``lr``, ``mixer_kwargs`` ...) makes other runs: it is part
 of their labels, folders and recorded options, so the runs recorded without it are neither
 skipped for them nor averaged with them; one that only says where or how a run goes
-(``data_dir``, ``workers``, ``threads`` ...: ``NEUTRAL_KEYS``) does not.
+(``data_dir``, ``workers``, ``threads`` ...: ``NEUTRAL_KEYS``) does not, whether it comes with
+``--set`` or from a run of the file.
 
 A run's own ``seeds`` replace the file's for that run (a question answered on one seed stays on
 one seed when the file is run again); ``--seeds`` on the command line replaces both.
@@ -72,9 +73,10 @@ SPEC_KEYS = ("name", "base", "dataset", "records", "seeds", "set", "runs", "repo
 MODEL_KEYS = ("model", "mixer", "pointwise")
 #: run options that are not about the method (kept out of the configuration's label)
 PLUMBING_KEYS = ("data_dir", "output", "progress", "tensorboard", "cache_dir", "device", "workers")
-#: options that change where and how a run is seen, never what it learns: a ``--set`` of one of
-#: them leaves a recorded run recorded (e.g. ``data_dir``, which differs from machine to machine;
-#: ``grad_checkpointing``, which trains the same weights with less memory)
+#: options that change where and how a run is seen, never what it learns: one of them, from
+#: ``--set`` or a run of the file, leaves a recorded run recorded (e.g. ``data_dir``, which
+#: differs from machine to machine; ``grad_checkpointing``, which trains the same weights with
+#: less memory)
 NEUTRAL_KEYS = (
     *PLUMBING_KEYS,
     "threads",
@@ -302,7 +304,10 @@ def run_sweep(
     changing = {k: v for k, v in (extra or {}).items() if k not in NEUTRAL_KEYS}
     for seed, run in jobs:
         run = {**changing, **run}  # the run's own options win, as in training
-        label = run_label(run)
+        # a neutral option that a run of the file sets itself is left out of its label and
+        # recorded options alike (the same training with or without it)
+        learned = {k: v for k, v in run.items() if k not in NEUTRAL_KEYS}
+        label = run_label(learned)
         elapsed = time.monotonic() - start
         if time_budget and not dry_run and elapsed + longest > time_budget:
             print(f"[sweep] time budget {time_budget:.0f}s: stopping after {elapsed:.0f}s")
@@ -342,7 +347,7 @@ def run_sweep(
             "model": cfg.model,
             "mixer": cfg.mixer,
             "pointwise": cfg.pointwise,
-            "options": _method_options(run),
+            "options": _method_options(learned),
             "recipe": spec.name,
             "base": spec.base,
             "sweep_settings": {**spec.common, **(extra or {})},
@@ -365,6 +370,7 @@ def run_sweep(
         if note:
             record["note"] = note
         append_record(records_path, record)
+        done.add((label, seed, device))  # a later job of the same run (e.g. a twin) is skipped
         # the records file itself and the record files beside it (results/*_runs.jsonl)
         write_report(report, sorted({records_path, *records_path.parent.glob("*_runs.jsonl")}))
         new.append(record)
