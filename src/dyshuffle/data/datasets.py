@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._progress import progress_bar
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -101,8 +102,10 @@ def _cached_decode(
         return hit
     tr_src, tr_names, tr_y, va_src, va_names, va_y, classes, extra = make()
     _log(f"data: decoding {len(tr_src) + len(va_src)} images once (cache: {folder})", verbose)
-    xtr = decode_images(tr_src, tr_names, image_size, workers)
-    xva = decode_images(va_src, va_names, xtr.shape[-1], workers)
+    total = len(tr_src) + len(va_src)
+    with progress_bar(total, "decode images", enabled=verbose, unit="img") as bar:
+        xtr = decode_images(tr_src, tr_names, image_size, workers, progress=bar.update)
+        xva = decode_images(va_src, va_names, xtr.shape[-1], workers, progress=bar.update)
     arrays = {
         "train_images": xtr,
         "train_labels": torch.tensor(tr_y, dtype=torch.int64),
@@ -220,7 +223,7 @@ def load_data(
     split_args = (train_split, val_split, val_fraction)
     if is_archive(root_path):
         if mode == "workers":
-            folder = extract_once(root_path, cache)
+            folder = extract_once(root_path, cache, progress=verbose)
             _log(f"data: {root_path} extracted in {folder}", verbose)
             return _folder_files(name, folder, split_args, image_size, str(root_path))
         # "archive-2": hidden folders are skipped since version 2 of the archive reader

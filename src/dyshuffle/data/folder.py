@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._progress import progress_bar
 from .common import DatasetError, is_image_file
 from .decode import remove_stale_temp
 
@@ -114,13 +115,16 @@ def read_archive(path: str | os.PathLike) -> tuple[dict[str, bytes], list[str]]:
     return out, folders
 
 
-def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+def extract_once(
+    path: str | os.PathLike, cache_dir: str | os.PathLike, progress: bool = False
+) -> Path:
     """Extract an archive into ``cache_dir/extracted/<stem>-<key>`` unless already there.
 
     The key depends on the archive's path, size and modification time; extraction goes to a
     temporary folder renamed into place at the end, so an interrupted extraction is redone (its
     folder is removed once stale, see :func:`~dyshuffle.data.decode.remove_stale_temp`), and of
-    two processes extracting at once the second keeps the first one's folder.
+    two processes extracting at once the second keeps the first one's folder. ``progress``: a
+    bar of the bytes extracted, on a terminal.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,11 +137,20 @@ def extract_once(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     try:
         tf = _open_tar(path, stream=False)
-        with tf:
+        bar = progress_bar(
+            None, f"extract {path.name}", enabled=progress, unit="B", unit_scale=True
+        )
+
+        def members():  # read as extraction goes (no second pass over the archive for a total)
+            for member in tf:
+                yield member
+                bar.update(member.size)
+
+        with tf, bar:
             if hasattr(tarfile, "data_filter"):
-                tf.extractall(tmp, filter="data")
+                tf.extractall(tmp, members=members(), filter="data")
             else:  # pragma: no cover - Python without extraction filters
-                tf.extractall(tmp)  # noqa: S202
+                tf.extractall(tmp, members=members())  # noqa: S202
         os.replace(tmp, target)
     except (tarfile.TarError, OSError, EOFError) as e:
         if isinstance(e, OSError) and target.is_dir():  # another process renamed first

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
 
+from .._progress import progress_bar
 from ..data.datasets import list_datasets
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
@@ -301,6 +302,7 @@ def collect_statistics(
     *,
     max_samples: int | None = None,
     num_examples: int = 4,
+    progress: bool = False,
 ) -> InspectionStats:
     """Run ``model`` in ``eval()`` over ``batches`` and record every dynamic layer's choices.
 
@@ -310,6 +312,7 @@ def collect_statistics(
         class_names: one name per label.
         max_samples: stop after this many samples (``None``: the whole iterable).
         num_examples: images kept with their permutations (the first of distinct classes).
+        progress: a bar of the images seen, on a terminal (stderr).
 
     Raises:
         ValueError: the model has no dynamic layer, or a label is out of range.
@@ -354,6 +357,7 @@ def collect_statistics(
     seen_classes: set[int] = set()
     total, correct = 0, 0
     param = next(model.parameters(), None)
+    bar = progress_bar(max_samples, "inspect", enabled=progress, unit="img")
     try:
         for images, labels in batches:
             if max_samples is not None and total >= max_samples:
@@ -382,7 +386,9 @@ def collect_statistics(
                         )
                     )
             total += len(labels_np)
+            bar.update(len(labels_np))
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         for m, training in flags:
@@ -782,6 +788,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--examples", type=int, default=4, help="images drawn with their matrices")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar (on a terminal)",
+    )
     return p
 
 
@@ -829,7 +841,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         stats = collect_statistics(
-            model, batches, class_names, max_samples=args.max_samples, num_examples=args.examples
+            model,
+            batches,
+            class_names,
+            max_samples=args.max_samples,
+            num_examples=args.examples,
+            progress=args.progress,
         )
     except ValueError as e:
         print(f"dyshuffle inspect: {e}", file=sys.stderr)

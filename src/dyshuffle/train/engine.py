@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from dyshuffle.data import BatchMix, mix_batch, mix_seed
 
+from .._progress import progress_bar
 from .checkpoint import (
     CheckpointError,
     layer_defaults,
@@ -124,11 +125,14 @@ def evaluate(
     amp: str = "none",
     dist_info: DistInfo | None = None,
     num_classes: int | None = None,
+    progress: bool = False,
+    desc: str = "evaluate",
 ) -> dict[str, Any]:
     """Top-1, top-5 and mean cross-entropy of ``model`` over ``loader`` (all ranks together).
 
     Every rank evaluates its own share; correct counts, loss sums and sample counts are summed
-    with ``all_reduce``, so the result is the metric of the whole split.
+    with ``all_reduce``, so the result is the metric of the whole split. ``progress``: a bar of
+    the batches (``desc``) on a terminal, drawn by the first rank.
 
     Returns:
         ``top1``, ``top5`` (percent), ``loss``, ``count`` (all ranks), ``correct1``,
@@ -139,7 +143,11 @@ def evaluate(
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct1, correct5, count
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bar = progress_bar(
+        _batches(loader), desc, enabled=progress and info.is_main, unit="batch"
+    )  # fmt: skip
     for x, y in loader.epoch(0):
+        bar.update(1)
         with _autocast(device, amp):
             out = model(x)
         out = out.float()
@@ -150,6 +158,7 @@ def evaluate(
             [hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)]
         )
         loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+    bar.close()
     local = counts.tolist()
     all_reduce_sum(counts, info)
     all_reduce_sum(loss_sum, info)
@@ -167,6 +176,14 @@ def evaluate(
 
 
 # -- setup helpers ----------------------------------------------------------------------------
+
+
+def _batches(loader: Any) -> int | None:
+    """Batches of one pass over ``loader`` (``None`` when it cannot say)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _subset(n: int, keep: int, seed: int = 0) -> Tensor | None:
@@ -755,12 +772,7 @@ class _Run:
 
         bar = None
         if cfg.progress and self.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=steps, initial=start, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                leave=False, dynamic_ncols=True, file=sys.stderr, disable=None,
-            )  # fmt: skip
+            bar = progress_bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", initial=start)
         t0 = time.perf_counter()
         seconds_before = self.partial["train_seconds"]
         # one process: check every step on the CPU (free), else at log/save steps or on a signal;
@@ -893,8 +905,9 @@ class _Run:
                 row.update(train_stats)
                 if ep % cfg.eval_every == 0 or ep == cfg.epochs:
                     m = evaluate(
-                        self.eval_model(), self.val_loader, self.device, amp=cfg.amp, dist_info=info
-                    )
+                        self.eval_model(), self.val_loader, self.device, amp=cfg.amp,
+                        dist_info=info, progress=cfg.progress, desc=f"validate epoch {ep}",
+                    )  # fmt: skip
                     row.update(val_loss=m["loss"], val_top1=m["top1"], val_top5=m["top5"])
                     self._last_eval = {**m, "epoch": ep}
                 self.epoch, self.step_in_epoch = ep, 0
@@ -990,7 +1003,10 @@ class _Run:
         model = self.eval_model()
         final = self._last_eval
         if final is None or final["epoch"] != self.epoch:
-            final = evaluate(model, self.val_loader, self.device, amp=cfg.amp, dist_info=info)
+            final = evaluate(
+                model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
+                progress=cfg.progress, desc="validate",
+            )  # fmt: skip
         results: dict[str, Any] = {
             "top1": final["top1"],
             "top5": final["top5"],
@@ -1001,7 +1017,10 @@ class _Run:
         }
         if self.dynamic:
             with permutation_mode(model, "soft"):
-                soft = evaluate(model, self.val_loader, self.device, amp=cfg.amp, dist_info=info)
+                soft = evaluate(
+                    model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
+                    progress=cfg.progress, desc="validate (soft permutations)",
+                )  # fmt: skip
             results.update(
                 top1_hard=final["top1"],
                 top5_hard=final["top5"],

@@ -31,6 +31,7 @@ def evaluate_checkpoint(
     weights: str = "auto",
     permutation: str = "both",
     overrides: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint; the data set defaults to the one it was trained on.
 
@@ -45,6 +46,7 @@ def evaluate_checkpoint(
         permutation: ``"hard"``, ``"soft"`` or ``"both"`` (dynamic models).
         overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
             (``cache_dir``, ``loader``, ``val_subset``, ...).
+        progress: a bar of the batches on a terminal (stderr).
 
     Returns:
         ``top1``, ``top5``, ``count`` (and ``top1_soft``/``top1_hard``... for dynamic models),
@@ -122,7 +124,10 @@ def evaluate_checkpoint(
             modes = ["hard"]
         for mode in modes:
             with permutation_mode(model, mode):
-                m = evaluate(model, loader, info.device, amp=amp, dist_info=info)
+                m = evaluate(
+                    model, loader, info.device, amp=amp, dist_info=info, progress=progress,
+                    desc=f"evaluate ({mode} permutations)" if dynamic else "evaluate",
+                )  # fmt: skip
             if mode == modes[0]:
                 out.update(
                     top1=m["top1"],
@@ -183,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar (on a terminal)",
+    )
+    p.add_argument(
         "--threads", type=int, default=0, help="CPU threads (default 0: PyTorch's own choice)"
     )
     args = p.parse_args(argv)
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate_checkpoint(
             args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
             batch_size=args.batch_size, device=args.device, amp=args.amp, weights=args.weights,
-            permutation=args.permutation, overrides=overrides,
+            permutation=args.permutation, overrides=overrides, progress=args.progress,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, DatasetError) as e:
         print(f"dyshuffle evaluate: error: {e}", file=sys.stderr)
