@@ -87,6 +87,9 @@ def test_the_first_decode_of_an_image_folder_counts_every_image(tmp_path, bars):
     assert bar == {"total": 21, "desc": "decode images", "enabled": True, "n": 21, "closed": True}
     load_data("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache", verbose=True)
     assert len(bars.named("decode images")) == 1  # from the cache: nothing to decode
+    load_data("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "other", verbose=True,
+              progress=False)  # fmt: skip
+    assert bars.named("decode images")[1]["enabled"] is False  # (dyshuffle train --no-progress)
 
 
 def test_extraction_counts_the_bytes_of_every_member(tmp_path, bars):

@@ -94,6 +94,7 @@ def _cached_decode(
     image_size: int | None,
     workers: int,
     verbose: bool,
+    progress: bool,
 ) -> tuple[dict[str, Tensor], dict]:
     folder = cache_dir / "arrays" / key
     hit = load_array_cache(folder)
@@ -103,7 +104,7 @@ def _cached_decode(
     tr_src, tr_names, tr_y, va_src, va_names, va_y, classes, extra = make()
     _log(f"data: decoding {len(tr_src) + len(va_src)} images once (cache: {folder})", verbose)
     total = len(tr_src) + len(va_src)
-    with progress_bar(total, "decode images", enabled=verbose, unit="img") as bar:
+    with progress_bar(total, "decode images", enabled=progress, unit="img") as bar:
         xtr = decode_images(tr_src, tr_names, image_size, workers, progress=bar.update)
         xva = decode_images(va_src, va_names, xtr.shape[-1], workers, progress=bar.update)
     arrays = {
@@ -130,6 +131,7 @@ def load_data(
     image_size: int | None = None,
     workers: int = 4,
     verbose: bool = False,
+    progress: bool | None = None,
 ) -> ArrayData | FileData:
     """Load a data set by name.
 
@@ -149,6 +151,8 @@ def load_data(
             first image's size for folders, 224 for ImageNet).
         workers: decoding threads.
         verbose: log what is read and cached to stderr.
+        progress: progress bars of a first decode or extraction, on a terminal (default:
+            ``verbose``).
 
     Returns:
         :class:`ArrayData` (memory) or :class:`FileData` (workers).
@@ -157,6 +161,7 @@ def load_data(
         DatasetError: missing or malformed data, naming the path and the expected layout.
         ValueError: an unknown name or loader, naming the valid ones.
     """
+    progress = verbose if progress is None else progress
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be at least 1 (None: the default), got {image_size!r}")
     if name in DATASETS and DATASETS[name][0] and root is None:
@@ -216,14 +221,14 @@ def load_data(
                 {"wnids": wnids},
             )
 
-        arrays, meta = _cached_decode(key, cache, make, size, workers, verbose)
+        arrays, meta = _cached_decode(key, cache, make, size, workers, verbose, progress)
         return _decoded_data(name, arrays, meta, root_path, {"wnids": meta.get("wnids", [])})
 
     # imagefolder: a folder or an archive of one
     split_args = (train_split, val_split, val_fraction)
     if is_archive(root_path):
         if mode == "workers":
-            folder = extract_once(root_path, cache, progress=verbose)
+            folder = extract_once(root_path, cache, progress=progress)
             _log(f"data: {root_path} extracted in {folder}", verbose)
             return _folder_files(name, folder, split_args, image_size, str(root_path))
         # "archive-2": hidden folders are skipped since version 2 of the archive reader
@@ -271,7 +276,7 @@ def load_data(
                 {"train_dir": layout.train_dir, "val_dir": layout.val_dir},
             )
 
-    arrays, meta = _cached_decode(key, cache, make, image_size, workers, verbose)
+    arrays, meta = _cached_decode(key, cache, make, image_size, workers, verbose, progress)
     extra = {k: meta.get(k) for k in ("train_dir", "val_dir")}
     return _decoded_data(name, arrays, meta, root_path, extra)
 

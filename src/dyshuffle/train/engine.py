@@ -215,6 +215,7 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
             image_size=cfg.image_size,
             workers=max(cfg.workers, 1),
             verbose=verbose and info.is_main,
+            progress=cfg.progress and verbose and info.is_main,
         )
 
     data = load() if info.is_main else None
