@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,45 @@ def test_preprocess_of_file_evaluated_models_is_the_file_loaders_evaluation(tmp_
         assert not torch.allclose(preprocess(im, (3, 32, 32), MEAN, STD), batch[0], atol=0.1)
     with pytest.raises(ValueError, match="crop_fraction must be in"):
         preprocess(Image.new("RGB", (8, 8)), (3, 8, 8), MEAN, STD, 0)
+
+
+def test_predict_decodes_one_batch_at_a_time_after_checking_every_file(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Memory does not grow with the number of images: when a batch is predicted, at most the
+    images of the batches so far have been decoded. A missing file anywhere is reported before
+    anything is printed; a truncated one (seen only when decoded) stops at its batch."""
+    predict_mod = sys.modules[main.__module__]  # (the package's `predict` is the function)
+    ckpt, _ = checkpoint
+    paths = [str(p) for p in _images(tmp_path)] * 3  # 12 images
+    decoded, seen = [0], []
+    original_preprocess, original_predict = predict_mod.preprocess, predict_mod.predict
+
+    def counting_preprocess(*args, **kwargs):
+        decoded[0] += 1
+        return original_preprocess(*args, **kwargs)
+
+    def recording_predict(model, images, *args, **kwargs):
+        seen.append((decoded[0], images.shape[0]))
+        return original_predict(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "preprocess", counting_preprocess)
+    monkeypatch.setattr(predict_mod, "predict", recording_predict)
+    assert main([str(ckpt), *paths, "--batch-size", "5"]) == 0
+    assert seen == [(5, 5), (10, 5), (12, 2)]
+    assert len(capsys.readouterr().out.splitlines()) == 12 * 6
+
+    decoded[0] = 0
+    assert main([str(ckpt), *paths, str(tmp_path / "gone.png"), "--batch-size", "5"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "gone.png" in out.err and decoded[0] == 0
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), np.uint8)).save(big)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(big.read_bytes()[: big.stat().st_size // 2])  # its header is whole
+    seen.clear()
+    assert main([str(ckpt), *paths[:5], str(truncated), "--batch-size", "5"]) == 2
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 5 * 6 and "truncated.jpg" in out.err  # the first batch
+    assert "not an image PIL can read" in out.err and len(seen) == 1

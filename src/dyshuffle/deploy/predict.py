@@ -22,6 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
+from .._progress import progress_bar
 from ..data.common import is_image_file
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
@@ -129,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar on stderr (on a terminal)",
+    )
     return p
 
 
@@ -151,27 +158,44 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"dyshuffle predict: no image files in {args.images}", file=sys.stderr)
         return 2
-    tensors = []
+    # every file is checked before anything is printed (PIL reads only its header here); the
+    # images are then decoded one batch at a time, so memory does not grow with their number
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                tensors.append(preprocess(im, input_size, mean, std, crop_fraction))
-        except FileNotFoundError:
-            print(f"dyshuffle predict: image {path!r} does not exist", file=sys.stderr)
+        if (error := _unreadable(path, header_only=True)) is not None:
+            print(f"dyshuffle predict: {error}", file=sys.stderr)
             return 2
-        except (UnidentifiedImageError, OSError) as e:  # not an image, truncated, unreadable
-            print(
-                f"dyshuffle predict: {path!r} is not an image PIL can read ({e})", file=sys.stderr
-            )
-            return 2
-    for start in range(0, len(tensors), args.batch_size):
-        batch = torch.stack(tensors[start : start + args.batch_size])
-        results = predict(model, batch, class_names, args.topk)
-        for path, top in zip(paths[start : start + args.batch_size], results):
-            print(path)
-            for name, p in top:
-                print(f"  {p:.4f}  {name}")
+    with progress_bar(len(paths), "predict", enabled=args.progress, unit="img") as bar:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            tensors = []
+            for path in chunk:
+                try:
+                    with Image.open(path) as im:
+                        tensors.append(preprocess(im, input_size, mean, std, crop_fraction))
+                except (UnidentifiedImageError, OSError):  # e.g. truncated: seen when decoded
+                    print(f"dyshuffle predict: {_unreadable(path)}", file=sys.stderr)
+                    return 2
+            results = predict(model, torch.stack(tensors), class_names, args.topk)
+            for path, top in zip(chunk, results):
+                print(path)
+                for name, p in top:
+                    print(f"  {p:.4f}  {name}")
+            bar.update(len(chunk))
     return 0
+
+
+def _unreadable(path: str, header_only: bool = False) -> str | None:
+    """Why PIL cannot read the image ``path`` (``None`` when it can): with ``header_only``,
+    the file must exist and PIL must know its format; else the whole image must decode."""
+    try:
+        with Image.open(path) as im:
+            if not header_only:
+                im.load()
+    except FileNotFoundError:
+        return f"image {path!r} does not exist"
+    except (UnidentifiedImageError, OSError) as e:  # not an image, truncated, unreadable
+        return f"{path!r} is not an image PIL can read ({e})"
+    return None
 
 
 if __name__ == "__main__":
