@@ -8,7 +8,8 @@ memory (ImageNet). Both split every global batch into one slice per rank, so the
 global batch do not depend on the number of processes, and both can start an epoch at any step,
 which is what an exact mid-epoch resume needs. Their random augmentation is a function of
 ``(seed, epoch)`` (in memory) or ``(seed, epoch, sample index)`` (files) only, so a resumed epoch
-is augmented as the epoch that never stopped.
+is augmented as the epoch that never stopped. Both also offer torchvision's RandAugment,
+TrivialAugmentWide and random erasing (:mod:`dyshuffle.data.augment`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,28 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import (
+    AUTO_AUGMENT,
+    NUM_MAGNITUDE_BINS,
+    RA_NUM_OPS,
+    AugmentChoice,
+    auto_augment,
+    draw_auto_augment,
+    draw_erase_boxes,
+    erase,
+    torchvision_erase_box,
+)
 from .common import DatasetError
 
 __all__ = [
     "EVAL_CROP_FRACTION",
+    "EpochDraws",
     "EpochPlan",
     "FileLoader",
     "InMemoryLoader",
@@ -127,6 +141,38 @@ def random_crop(x: Tensor, offsets: Tensor, padding: int) -> Tensor:
     return xp.gather(3, cols)  # (N, C, H, W)
 
 
+def _check_augment(auto_augment: str, ra_magnitude: int, random_erasing: float) -> None:
+    if auto_augment not in AUTO_AUGMENT:
+        raise ValueError(f"unknown auto_augment {auto_augment!r}; valid: {', '.join(AUTO_AUGMENT)}")
+    if not 0 <= ra_magnitude < NUM_MAGNITUDE_BINS:
+        raise ValueError(
+            f"ra_magnitude must be in [0, {NUM_MAGNITUDE_BINS - 1}], got {ra_magnitude!r}"
+        )
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"random_erasing must be in [0, 1], got {random_erasing!r}")
+
+
+@dataclass(frozen=True)
+class EpochDraws:
+    """The random draws of one training epoch of :class:`InMemoryLoader`, by position in the epoch.
+
+    Attributes:
+        order: ``(n,)`` sample indices (the epoch order).
+        offsets: ``(n, 2)`` random-crop corners (:func:`random_crop`).
+        flips: ``(n,)`` bool, horizontal flips.
+        augment: the auto-augment operations (:func:`~dyshuffle.data.augment.draw_auto_augment`),
+            ``None`` when off.
+        erase: ``(n, 4)`` random-erasing rectangles
+            (:func:`~dyshuffle.data.augment.draw_erase_boxes`), ``None`` when off.
+    """
+
+    order: Tensor
+    offsets: Tensor
+    flips: Tensor
+    augment: AugmentChoice | None
+    erase: Tensor | None
+
+
 class _EpochLength:
     """Length of a loader's epoch: the plan's steps in training, this rank's share otherwise.
 
@@ -165,6 +211,12 @@ class InMemoryLoader(_EpochLength):
         mean, std: normalization (fractions of 255).
         crop_padding: zero padding of the random crop (0 disables it).
         hflip: random horizontal flips.
+        auto_augment: ``"randaugment"`` (torchvision's ``RandAugment``, ``num_ops=2``),
+            ``"trivialaugment"`` (``TrivialAugmentWide``) or ``"none"``: per image, after the
+            crop and flip, on the uint8 batch (:func:`~dyshuffle.data.augment.auto_augment`).
+        ra_magnitude: RandAugment's magnitude bin (0-30).
+        random_erasing: chance that an image gets one rectangle set to 0 after normalization
+            (the mean colour), torchvision's ``RandomErasing`` defaults otherwise.
         seed, world_size, rank: see :class:`EpochPlan`.
         channels_last: return batches in channels-last memory format.
     """
@@ -183,11 +235,15 @@ class InMemoryLoader(_EpochLength):
         std: Sequence[float],
         crop_padding: int = 0,
         hflip: bool = False,
+        auto_augment: str = "none",
+        ra_magnitude: int = 9,
+        random_erasing: float = 0.0,
         seed: int = 0,
         world_size: int = 1,
         rank: int = 0,
         channels_last: bool = False,
     ) -> None:
+        _check_augment(auto_augment, ra_magnitude, random_erasing)
         if images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8, got {images.dtype}")
         self.images, self.labels = images, labels
@@ -197,6 +253,9 @@ class InMemoryLoader(_EpochLength):
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.crop_padding = int(crop_padding) if train else 0
         self.hflip = bool(hflip) and train
+        self.auto_augment = auto_augment if train else "none"
+        self.ra_magnitude = int(ra_magnitude)
+        self.random_erasing = float(random_erasing) if train else 0.0
         self.channels_last = channels_last
         self.batch_size = batch_size
         self.world_size, self.rank = world_size, rank
@@ -207,9 +266,28 @@ class InMemoryLoader(_EpochLength):
         else:
             self.local = torch.arange(rank, len(labels), world_size, device=self.device)
 
-    def _finish(self, x: Tensor) -> Tensor:
+    def _finish(self, x: Tensor, boxes: Tensor | None = None) -> Tensor:
         x = normalize(x, self.mean, self.std)
+        if boxes is not None:
+            x = erase(x, boxes)  # 0 after normalization: the mean colour
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def draws(self, epoch: int) -> EpochDraws:
+        """The random draws of training epoch ``epoch``, all from one CPU generator seeded with
+        ``mix_seed(seed, epoch)``: the order, crop offsets, flips, then (when on) the
+        auto-augment operations and the erasing rectangles of every position of the epoch."""
+        plan = self.plan
+        g = plan.generator(epoch)
+        n = plan.num_samples
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
+        augment = draw_auto_augment(self.auto_augment, n, g, magnitude=self.ra_magnitude)
+        boxes = None
+        if self.random_erasing > 0:
+            h, w = self.images.shape[-2:]
+            boxes = draw_erase_boxes(n, h, w, self.random_erasing, g)
+        return EpochDraws(order, offsets, flips, augment, boxes)
 
     def epoch(self, epoch: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(normalized float32 images, labels)`` of ``epoch`` from batch ``start_step``."""
@@ -219,12 +297,9 @@ class InMemoryLoader(_EpochLength):
                 yield self._finish(self.images[idx]), self.labels[idx]
             return
         plan = self.plan
-        g = plan.generator(epoch)
-        n = plan.num_samples
-        order = torch.randperm(n, generator=g)
-        offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
-        flips = torch.randint(0, 2, (n,), generator=g).bool()
-        order, offsets, flips = (t.to(self.device) for t in (order, offsets, flips))
+        d = self.draws(epoch)
+        order, offsets, flips = (t.to(self.device) for t in (d.order, d.offsets, d.flips))
+        boxes = None if d.erase is None else d.erase.to(self.device)
         for step in range(start_step, plan.steps):
             pos = plan.positions(step)
             idx = order[pos]
@@ -232,7 +307,9 @@ class InMemoryLoader(_EpochLength):
             x = random_crop(x, offsets[pos], self.crop_padding)
             if self.hflip:
                 x = torch.where(flips[pos].view(-1, 1, 1, 1), x.flip(3), x)
-            yield self._finish(x), self.labels[idx]
+            if d.augment is not None:  # (its choices stay on the CPU, where it groups them)
+                x = auto_augment(x, d.augment[pos], self.auto_augment)
+            yield self._finish(x, None if boxes is None else boxes[pos]), self.labels[idx]
 
 
 class _PlanBatches(torch.utils.data.Sampler):
@@ -259,30 +336,44 @@ class _Files(torch.utils.data.Dataset):
 
     With an ``(epoch, index)`` key the transform runs with torch's global CPU generator seeded
     with ``mix_seed(seed, epoch, index)`` and restored afterwards: its random draws (torchvision's
-    v1 transforms draw from that generator only) are then a function of the run's seed, the
-    epoch and the sample, not of the worker that decodes it or of the draws before it, and the
-    caller's generator is left as it was when there are no workers (the main process).
+    v1 transforms, ``RandAugment``, ``TrivialAugmentWide`` and ``RandomErasing`` included, draw
+    from that generator only, never from Python's ``random``) are then a function of the run's
+    seed, the epoch and the sample, not of the worker that decodes it or of the draws before it,
+    and the caller's generator is left as it was when there are no workers (the main process).
+
+    With ``erase_prob`` an item is ``(image, label, box)``: ``box`` is the rectangle that
+    torchvision's ``RandomErasing(p=erase_prob)`` draws next (``torchvision_erase_box`` of
+    :mod:`dyshuffle.data.augment`), erased later on the normalized batch.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform, seed: int = 0) -> None:
+    def __init__(
+        self, samples: list[tuple[str, int]], transform, seed: int = 0, erase_prob: float = 0.0
+    ) -> None:
         self.samples, self.transform, self.seed = samples, transform, seed
+        self.erase_prob = erase_prob
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+    def _item(self, image, label: int) -> tuple:
+        x = self.transform(image)
+        if self.erase_prob > 0:
+            return x, label, torchvision_erase_box(x, self.erase_prob)
+        return x, label
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         from .decode import open_image
 
         epoch, i = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[i]
         image = open_image(path, path)
         if epoch is None:
-            return self.transform(image), label
+            return self._item(image, label)
         # only the CPU generator: torch.manual_seed would also reseed (and not restore) CUDA's
         state = torch.default_generator.get_state()
         try:
             torch.default_generator.manual_seed(mix_seed(self.seed, epoch, i))
-            return self.transform(image), label
+            return self._item(image, label)
         finally:
             torch.default_generator.set_state(state)
 
@@ -290,11 +381,14 @@ class _Files(torch.utils.data.Dataset):
 class FileLoader(_EpochLength):
     """A multi-worker ``DataLoader`` over image files with torchvision transforms.
 
-    Training: ``RandomResizedCrop(size)`` and ``RandomHorizontalFlip``; evaluation: resize to
-    ``size / 0.875`` and ``CenterCrop(size)``. Workers return uint8 tensors; normalization runs on
-    the device. The order follows :class:`EpochPlan`; the augmentation of a sample is drawn from a
-    generator seeded with ``mix_seed(seed, epoch, index)``, so it depends neither on the number of
-    workers or processes nor on the step an epoch starts from.
+    Training: ``RandomResizedCrop(size)``, ``RandomHorizontalFlip``, then ``RandAugment`` or
+    ``TrivialAugmentWide`` (bilinear) on the PIL image, and ``RandomErasing`` after normalization,
+    as torchvision's classification recipe; evaluation: resize to ``size / 0.875`` and
+    ``CenterCrop(size)``. Workers return uint8 tensors (and, with random erasing, the rectangle
+    each image's draws chose); normalization and erasing run on the device. The order follows
+    :class:`EpochPlan`; the augmentation of a sample is drawn from a generator seeded with
+    ``mix_seed(seed, epoch, index)``, so it depends neither on the number of workers or processes
+    nor on the step an epoch starts from.
 
     Args:
         samples: ``(path, label)`` pairs.
@@ -302,7 +396,8 @@ class FileLoader(_EpochLength):
         batch_size: global batch size (training) or per-rank batch size (evaluation).
         train: shuffle and augment.
         device: where batches go.
-        mean, std, hflip, seed, world_size, rank, channels_last: as :class:`InMemoryLoader`.
+        mean, std, hflip, auto_augment, ra_magnitude, random_erasing, seed, world_size, rank,
+            channels_last: as :class:`InMemoryLoader`.
         workers: loader processes.
     """
 
@@ -320,6 +415,9 @@ class FileLoader(_EpochLength):
         mean: Sequence[float],
         std: Sequence[float],
         hflip: bool = True,
+        auto_augment: str = "none",
+        ra_magnitude: int = 9,
+        random_erasing: float = 0.0,
         seed: int = 0,
         world_size: int = 1,
         rank: int = 0,
@@ -328,16 +426,29 @@ class FileLoader(_EpochLength):
     ) -> None:
         from torchvision import transforms as T
 
+        _check_augment(auto_augment, ra_magnitude, random_erasing)
+        self.auto_augment = auto_augment if train else "none"
+        self.ra_magnitude = int(ra_magnitude)
+        self.random_erasing = float(random_erasing) if train else 0.0
         if train:
             ops = [T.RandomResizedCrop(image_size, antialias=True)]
             if hflip:
                 ops.append(T.RandomHorizontalFlip())
+            bilinear = T.InterpolationMode.BILINEAR
+            if auto_augment == "randaugment":
+                ops.append(
+                    T.RandAugment(RA_NUM_OPS, self.ra_magnitude, NUM_MAGNITUDE_BINS, bilinear)
+                )
+            elif auto_augment == "trivialaugment":
+                ops.append(T.TrivialAugmentWide(NUM_MAGNITUDE_BINS, bilinear))
         else:
             ops = [
                 T.Resize(round(image_size / EVAL_CROP_FRACTION), antialias=True),
                 T.CenterCrop(image_size),
             ]
-        self.dataset = _Files(samples, T.Compose([*ops, T.PILToTensor()]), seed)
+        self.dataset = _Files(
+            samples, T.Compose([*ops, T.PILToTensor()]), seed, erase_prob=self.random_erasing
+        )
         self.train, self.device, self.workers = train, torch.device(device), workers
         self.batch_size, self.seed, self.channels_last = batch_size, seed, channels_last
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
@@ -366,9 +477,11 @@ class FileLoader(_EpochLength):
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)),
             persistent_workers=False,
         )
-        for x, y in loader:
+        for x, y, *box in loader:
             x = x.to(self.device, non_blocking=True)
             x = normalize(x, self.mean, self.std)
+            if box:  # the rectangles drawn with each sample: 0 after normalization
+                x = erase(x, box[0])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)

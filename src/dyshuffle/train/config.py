@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "eval_weights": ("auto", "model", "ema"),
+    "auto_augment": ("none", "randaugment", "trivialaugment"),
 }
 
 
@@ -54,6 +55,11 @@ class TrainConfig:
         (multi-worker DataLoader) or ``auto``. workers: loader processes / decode threads.
         train_subset/val_subset: use only the first N samples of a fixed random order (0: all).
         crop_padding/hflip: augmentation (``None``: the data set's default).
+        auto_augment: ``randaugment`` (torchvision's RandAugment, 2 operations at magnitude
+        bin ``ra_magnitude``, 0-30) or ``trivialaugment`` (TrivialAugmentWide), per image after
+        the crop and flip; random_erasing: chance that an image gets one rectangle set to the
+        mean colour (0 after normalization; torchvision's RandomErasing). See
+        :mod:`dyshuffle.data.augment`.
     Model:
         model, stem (``auto``: ``cifar`` up to 64 pixels), mixer, pointwise, mixer_kwargs
         (extra :func:`~dyshuffle.models.create_model` keywords, e.g. ``{mode: soft}``),
@@ -94,6 +100,9 @@ class TrainConfig:
     val_subset: int = 0
     crop_padding: int | None = None
     hflip: bool | None = None
+    auto_augment: str = "none"
+    ra_magnitude: int = 9
+    random_erasing: float = 0.0
     # model
     model: str = "shufflenet_v2_x0_5"
     stem: str = "auto"
@@ -192,6 +201,13 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not 0.0 <= self.mix_prob <= 1.0:
             raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob!r}")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ConfigError(f"random_erasing must be in [0, 1], got {self.random_erasing!r}")
+        if not 0 <= self.ra_magnitude <= 30:
+            raise ConfigError(
+                f"ra_magnitude must be in [0, 30] (torchvision's 31 magnitude bins), "
+                f"got {self.ra_magnitude!r}"
+            )
         if self.grad_accum_steps > self.batch_size:
             raise ConfigError(
                 f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size "
@@ -369,6 +385,11 @@ HELP: dict[str, str] = {
     "val_subset": "use N validation images of a fixed random order (0: all)",
     "crop_padding": "random-crop zero padding in pixels (default: the data set's)",
     "hflip": "random horizontal flips (default: the data set's; off for digits)",
+    "auto_augment": "per-image RandAugment (2 ops) or TrivialAugmentWide after crop and flip "
+    "(torchvision's)",
+    "ra_magnitude": "RandAugment magnitude bin, 0-30",
+    "random_erasing": "chance that an image gets one rectangle erased to the mean colour "
+    "(torchvision's RandomErasing after normalization; 0: off)",
     "model": "model name (dyshuffle.models.list_models())",
     "stem": "auto: cifar up to 64 pixels, else imagenet",
     "mixer": "channel mixer: shuffle, none, learned, dynamic, static_dynamic",

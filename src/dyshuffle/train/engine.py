@@ -223,6 +223,10 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
     if data is None:
         data = load()
     hflip = data.hflip if cfg.hflip is None else cfg.hflip
+    augment = dict(  # training loaders only
+        auto_augment=cfg.auto_augment, ra_magnitude=cfg.ra_magnitude,
+        random_erasing=cfg.random_erasing,
+    )  # fmt: skip
     common = dict(
         mean=data.mean, std=data.std, seed=cfg.seed, world_size=info.world_size, rank=info.rank,
         channels_last=cfg.channels_last,
@@ -240,7 +244,7 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         pad = data.crop_padding if cfg.crop_padding is None else cfg.crop_padding
         train_loader = InMemoryLoader(
             data.train_images.to(dev), data.train_labels.to(dev), batch_size=cfg.batch_size,
-            train=True, crop_padding=pad, hflip=hflip, **common,
+            train=True, crop_padding=pad, hflip=hflip, **augment, **common,
         )  # fmt: skip
         val_loader = InMemoryLoader(
             data.val_images.to(dev), data.val_labels.to(dev), batch_size=cfg.eval_batch_size,
@@ -257,7 +261,7 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         data.val_samples = [data.val_samples[i] for i in va.tolist()]
     files = dict(image_size=data.image_size, device=info.device, workers=cfg.workers, **common)
     train_loader = FileLoader(
-        data.train_samples, batch_size=cfg.batch_size, train=True, hflip=hflip, **files
+        data.train_samples, batch_size=cfg.batch_size, train=True, hflip=hflip, **augment, **files
     )
     val_loader = FileLoader(data.val_samples, batch_size=cfg.eval_batch_size, train=False, **files)
     return data, train_loader, val_loader
