@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issues 5 and 6, everything written to $OUT as it is produced:
 #   0. tests/test_fused.py on the GPU (the fused Triton kernel of the hard dynamic shuffle against
-#      the PyTorch path, eager and under torch.compile), FUSED_TESTS=1 (the default) only; pytest
+#      the PyTorch path, eager and under torch.compile) and the grouped auto-augment of the memory
+#      loader against torchvision, FUSED_TESTS=1 (the default) only; pytest
 #      comes from the wheels gpu_prepare.sh carries when the device has none;
 #   1. the CUDA benchmark of the issue-5 target (ShuffleNetV2 1.0x, bf16, channels_last, both
 #      stems, batch 1024 down to 1) on a quiet GPU: (a) eager, BENCH_BUDGET seconds; (b) the same
@@ -107,10 +108,13 @@ if [ "${FUSED_TESTS:-1}" = 1 ]; then
             --target /tmp/site .gpu/whl/*.whl >/dev/null 2>&1
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
-    log "tests/test_fused.py on $DEVICE"
-    timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused.py \
+    # and the memory loader's grouped auto-augment against torchvision per image, on the GPU
+    tests="tests/test_fused.py tests/test_augment.py::test_grouped_batch_equals_torchvision_per_sample"
+    log "$tests on $DEVICE"
+    # shellcheck disable=SC2086
+    timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider -rs $tests \
         >"$OUT/fused-tests.log" 2>&1
-    log "tests/test_fused.py: exit $? ($(tail -n 1 "$OUT/fused-tests.log"))"
+    log "tests on $DEVICE: exit $? ($(tail -n 1 "$OUT/fused-tests.log"))"
 fi
 
 # 1. benchmark: the target configuration only, on a quiet GPU.

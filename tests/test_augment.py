@@ -82,11 +82,16 @@ def test_tables_and_draws_are_torchvisions(policy):
     assert A.draw_auto_augment("none", n, torch.Generator()) is None
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
-def test_grouped_batch_equals_torchvision_per_sample(policy, monkeypatch):
+def test_grouped_batch_equals_torchvision_per_sample(policy, device, monkeypatch):
     """Fast path (one call per (op, bin, sign) group on the batch) == reference (torchvision's
-    operation on each image alone), for every image; and one call per group."""
-    x = _images(96, 18, 22)  # not square: TranslateX/Y and the tables' height/width differ
+    operation on each image alone), for every image; and one call per group. On CUDA too
+    (scripts/gpu_session.sh runs it): the memory loader augments on the training device."""
+    x = _images(96, 18, 22).to(device)  # not square: TranslateX/Y and the tables' h/w differ
     g = torch.Generator().manual_seed(1)
     choice = A.draw_auto_augment(policy, len(x), g, magnitude=13)
     calls = []
