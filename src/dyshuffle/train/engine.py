@@ -794,11 +794,8 @@ class _Run:
                 # DistributedDataParallel reduces the gradients in the last backward pass only
                 sync = i + 1 == len(parts) or self.ddp is None
                 with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                    if len(parts) == 1:
-                        x_i, y_i, yb_i = x, y, mix.y_b
-                    else:
-                        x_i, y_i = x[part], y[part]
-                        yb_i = None if mix.y_b is None else mix.y_b[part]
+                    x_i, y_i = x[part], y[part]  # (views)
+                    yb_i = None if mix.y_b is None else mix.y_b[part]
                     with _autocast(dev, cfg.amp):
                         out = net(x_i)
                         task = self.criterion(out, y_i)
