@@ -3,7 +3,7 @@
 Training, evaluation, the first decode of an image folder, the extraction of an archive and
 ``dyshuffle inspect`` report their progress through :func:`progress_bar`; on a terminal the bar
 is drawn and cleared when the work is done (``leave=False``), elsewhere (a log file, CI) nothing
-is written. ``TQDM_DISABLE=1`` turns every bar off, as for any tqdm bar.
+is written. The commands' ``--no-progress`` turns them off (``enabled=False``).
 """
 
 from __future__ import annotations
