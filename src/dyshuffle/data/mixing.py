@@ -2,12 +2,11 @@
 mode), each image paired with the one before it (torchvision's ``v2.MixUp``/``v2.CutMix``).
 
 Mixup (Zhang et al., 2018) replaces a batch by ``lam * x + (1 - lam) * x'``, CutMix (Yun et al.,
-2019) pastes a rectangle of ``x'`` into ``x``; in both, ``x'`` is the batch rolled by one sample and
-the loss is
-``lam * loss(out, y) + (1 - lam) * loss(out, y')``: with label smoothing the cross-entropy is
-linear in its target, so that is the cross-entropy against the mixed soft labels. One ``lam`` per
-batch, drawn from ``Beta(alpha, alpha)``; for CutMix it is then set to the fraction of pixels that
-stayed ``x`` (the rectangle is clipped at the border).
+2019) pastes a rectangle of ``x'`` into ``x``; in both, ``x'`` is the batch rolled by one sample
+and the loss is ``lam * loss(out, y) + (1 - lam) * loss(out, y')``: with label smoothing the
+cross-entropy is linear in its target, so that is the cross-entropy against the mixed soft
+labels. One ``lam`` per batch, drawn from ``Beta(alpha, alpha)``; for CutMix it is then set to
+the fraction of pixels that stayed ``x`` (the rectangle is clipped at the border).
 
 The draws come from a generator the caller seeds (the training loop seeds it with the run's seed,
 the epoch, the step and the rank), so a resumed run mixes its batches as the uninterrupted one.
