@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,39 @@ def test_figures_are_drawn_small_and_written_atomically(tmp_path, monkeypatch):
         write_figures(_figure_records(), tmp_path / "figures")
     assert path.read_bytes() == data
     assert list(tmp_path.joinpath("figures").iterdir()) == [path]
+
+
+def test_records_and_reports_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    """A sweep rewrites RESULTS.md and appends to results/ after each run: the next run's record
+    names the commit, not a dirty tree; a change of the code (or of a recipe) still does."""
+    import shutil
+    import subprocess
+
+    from dyshuffle.train.report import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    monkeypatch.delenv("DYSHUFFLE_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    for rel in ("src/m.py", "configs/c.yaml", "results/r_runs.jsonl", "RESULTS.md", "docs/D.md"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("0\n")
+
+    def git(*args: str) -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ["PATH"]}  # fmt: skip
+        out = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    head = git("rev-parse", "HEAD")
+    for rel in ("results/r_runs.jsonl", "RESULTS.md", "docs/D.md"):
+        (repo / rel).write_text("1\n")
+    assert git_commit(repo / "src") == head  # (asked from a subfolder, as the package does)
+    for rel in ("src/m.py", "configs/c.yaml"):
+        (repo / rel).write_text("1\n")
+        assert git_commit(repo / "src") == head + "-dirty", rel
+        git("checkout", "-q", "--", rel)

@@ -78,11 +78,19 @@ def plot_curves(path: str | os.PathLike, rows: list[dict[str, Any]], title: str 
         plt.close(fig)
 
 
+#: tracked paths whose changes leave what the code computes as it was (the run records and
+#: reports a sweep rewrites as it goes, the prose): they do not make the tree ``-dirty``
+UNTRACKED_BY_COMMIT = ("results", "RESULTS.md", "docs", "README.md")
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     """The commit of the source tree (``git rev-parse HEAD``, ``-dirty`` when modified).
 
-    ``DYSHUFFLE_COMMIT``, when set, names it instead: a copy of the tree sent to a device machine
-    may carry a ``.git`` of another commit (scripts/gpu_prepare.sh writes the right one).
+    Changes in :data:`UNTRACKED_BY_COMMIT` do not count: a sweep appends its records and
+    rewrites ``RESULTS.md`` after every run, and the runs after the first would otherwise all
+    name a dirty tree of the commit they ran. ``DYSHUFFLE_COMMIT``, when set, names it instead:
+    a copy of the tree sent to a device machine may carry a ``.git`` of another commit
+    (scripts/gpu_prepare.sh writes the right one).
     """
     if os.environ.get("DYSHUFFLE_COMMIT"):
         return os.environ["DYSHUFFLE_COMMIT"]
@@ -94,7 +102,15 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
         if rev.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                *(f":(top,exclude){p}" for p in UNTRACKED_BY_COMMIT),
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
