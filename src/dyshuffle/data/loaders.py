@@ -174,15 +174,28 @@ class EpochDraws:
 
 
 class _EpochLength:
-    """Length of a loader's epoch: the plan's steps in training, this rank's share otherwise.
+    """Length of a loader's epoch: the plan's steps in training, this rank's share otherwise;
+    and the last step of every batch, on the device (:meth:`_finish`).
 
-    Subclasses set ``train``, ``batch_size`` and either ``plan`` (training) or ``local``.
+    Subclasses set ``train``, ``batch_size``, ``mean``, ``std``, ``channels_last`` and either
+    ``plan`` (training) or ``local``.
     """
 
     train: bool
     batch_size: int
     plan: EpochPlan
     local: Sequence[int] | Tensor
+    mean: Tensor
+    std: Tensor
+    channels_last: bool
+
+    def _finish(self, x: Tensor, boxes: Tensor | None = None) -> Tensor:
+        """uint8 batch on the device -> normalized float32, erased in ``boxes`` (0 after
+        normalization: the mean colour), in the loader's memory format."""
+        x = normalize(x, self.mean, self.std)
+        if boxes is not None:
+            x = erase(x, boxes)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
     def num_samples(self) -> int:
@@ -265,12 +278,6 @@ class InMemoryLoader(_EpochLength):
             )
         else:
             self.local = torch.arange(rank, len(labels), world_size, device=self.device)
-
-    def _finish(self, x: Tensor, boxes: Tensor | None = None) -> Tensor:
-        x = normalize(x, self.mean, self.std)
-        if boxes is not None:
-            x = erase(x, boxes)  # 0 after normalization: the mean colour
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def draws(self, epoch: int) -> EpochDraws:
         """The random draws of training epoch ``epoch``, all from one CPU generator seeded with
@@ -477,11 +484,6 @@ class FileLoader(_EpochLength):
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)),
             persistent_workers=False,
         )
-        for x, y, *box in loader:
-            x = x.to(self.device, non_blocking=True)
-            x = normalize(x, self.mean, self.std)
-            if box:  # the rectangles drawn with each sample: 0 after normalization
-                x = erase(x, box[0])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y, *box in loader:  # (box: the rectangles drawn with each sample, if erasing)
+            x = self._finish(x.to(self.device, non_blocking=True), box[0] if box else None)
             yield x, y.to(self.device, non_blocking=True)
