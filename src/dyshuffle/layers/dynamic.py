@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused as _fused
+from . import fused_training as _fused_training
 from ._checks import (
     FACTOR_GRADS,
     INITS,
@@ -33,6 +34,7 @@ from ._checks import (
 from .permutation import (
     EXACT_ASSIGNMENT_MAX,
     _apply,
+    _as_dtype,
     _exporting,
     _functorch_function,
     _gather_channels,
@@ -75,11 +77,6 @@ JOINT_CHOICES_MAX = 256
 #: launch for every operation, so there (and in training, and in traced or exported graphs) the
 #: layer concatenates first. ``dyshuffle.tools.op_count`` empties it to count what a GPU runs.
 PARTS_DEVICES = {"cpu"}
-
-
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``; no operator at all when it already is (``.to`` would dispatch one)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def orthogonality(m: Tensor) -> Tensor:
@@ -488,6 +485,15 @@ class DynamicShuffle(nn.Module):
             always the PyTorch operators. The
             permutation is the same but for samples whose two best candidates score within
             rounding of each other (the kernel computes the generator in float32).
+        fused_training: in ``"ste"`` training, run the step in two Triton kernels
+            (:mod:`~dyshuffle.layers.fused_training`: the forward above, which also writes
+            what the backward needs, and one backward kernel; the generator's weight
+            gradients in four PyTorch operators) instead of about 46 operators, on CUDA
+            (and on the CPU under Triton's interpreter), eagerly (``torch.compile`` keeps the
+            PyTorch operators), when the layer allows it: the cases of ``fused`` above, and no
+            ``noise``, ``balance`` or ``descriptor_grad=False``. Same forward, and the same
+            gradients within float32 rounding. ``False`` (the default) until a GPU benchmark
+            shows that it pays; ``DYSHUFFLE_FUSED=0`` switches it off as well.
 
     An input of another floating dtype than the layer's (say bfloat16 features in a float32
     layer, without autocast) is taken on every path: the generator runs in the layer's dtype and
@@ -519,6 +525,7 @@ class DynamicShuffle(nn.Module):
         logit_cap: float | None = None,
         descriptor_norm: bool = False,
         fused: bool = True,
+        fused_training: bool = False,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -545,6 +552,7 @@ class DynamicShuffle(nn.Module):
         self.logit_cap = None if logit_cap is None else float(logit_cap)
         self.descriptor_norm = check_flag(descriptor_norm, "descriptor_norm")
         self.fused = check_flag(fused, "fused")
+        self.fused_training = check_flag(fused_training, "fused_training")
         self.reduction = check_positive_int(reduction, "reduction")
         self.hidden = max(channels // self.reduction, check_positive_int(min_hidden, "min_hidden"))
         self.factor_groups = 1 if self.shared else self.groups
@@ -608,6 +616,23 @@ class DynamicShuffle(nn.Module):
             fused_tables = _fused.score_table(self._onehot_a, self._onehot_b)
         self._keep("_fused_score", fused_tables[0])
         self._keep("_fused_segment", fused_tables[1])
+        # ... and those of the fused training step: the column of each logit (numbered apart for
+        # A and B), the inverse columns ainv, a + binv of every pair, where each channel sits
+        train_tables = (None,) * 4
+        if joint is not None:
+            a, b = self.a, self.b
+            column = torch.cat([torch.arange(a * a) % a, a + torch.arange(b * b) % b])
+            rows_ab = torch.arange(joint.shape[0])
+            inv_cols = torch.cat(
+                [self._inv_a[rows_ab // self._nb], a + self._inv_b[rows_ab % self._nb]], dim=1
+            )
+            train_tables = (
+                column.to(torch.int32),
+                inv_cols.to(torch.int32).contiguous(),
+                *_fused_training.channel_tables(self.groups, a, b, self.cross_shuffle),
+            )
+        for name, tensor in zip(("column", "inv_cols", "rows", "moved"), train_tables):
+            self._keep(f"_fused_{name}", tensor)
         self._build_logits()
         self.reset_logits()
 
@@ -944,6 +969,8 @@ class DynamicShuffle(nn.Module):
         """
         if self._fusable(x, parts):
             return self._fused_forward((x, *parts))
+        if self._fusable_training(x, parts):
+            return self._fused_training_forward((x, *parts))
         inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
         a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
@@ -1025,6 +1052,49 @@ class DynamicShuffle(nn.Module):
         if x.dtype not in _fused.FUSED_DTYPES or self.channels > _fused.FUSED_MAX_CHANNELS:
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in inputs))
+
+    def _fusable_training(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
+        """This training call can be the fused training step's (``fused_training``)."""
+        if not (self.fused_training and self.training and self.mode == "ste"):
+            return False
+        if not torch.is_grad_enabled() or self._index_ab_inv is None or self._fused_moved is None:
+            return False
+        if self.noise or self.balance or not self.descriptor_grad:
+            return False
+        if not _fused_training.available(x.device) or torch.compiler.is_compiling():
+            return False
+        if not self._fused_generator or self.hard_identity or self.descriptor_bn is not None:
+            return False
+        if self.logit_cap is not None:
+            return False
+        inputs = (x, *parts)
+        if len(inputs) > 2 or _exporting() or _transformed() or not _channels_last(inputs):
+            return False
+        if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
+            return False
+        return x.dtype in _fused.FUSED_DTYPES and self.channels <= _fused.FUSED_MAX_CHANNELS
+
+    def _fused_training_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`forward` of :meth:`_fusable_training` inputs: two kernels."""
+        self._check_parts(inputs)
+        first, last = self.generator[0], self.generator[-1]
+        tables = (
+            _fused.float32(self._fused_score),
+            self._fused_segment,
+            self._fused_column,
+            self._index_ab,
+            self._index_ab_inv,
+            self._fused_inv_cols,
+            self._fused_rows,
+            self._fused_moved,
+            self._perms_a.shape[0],
+        )
+        # the regularizer's mean over the samples (one factor group), as in forward()
+        scale = 1.0 / max(inputs[0].shape[0], 1)
+        y, self.last_orthogonal_loss = _fused_training.ste_shuffle(
+            inputs, first.weight, first.bias, last.weight, last.bias, tables, self.tau, scale
+        )
+        return y
 
     def _fused_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """:meth:`forward` of :meth:`_fusable` inputs, in one kernel."""

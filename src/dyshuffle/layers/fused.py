@@ -86,6 +86,26 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _factor_rows_gram(soft, seg, col, in_l, r):
+        """``M M^T`` of the softmax factors, rows of both factors together: ``(R, R)``.
+
+        ``soft`` ``(L,)`` holds the factor matrices' entries, ``seg`` the row (``0..a-1`` for
+        ``A``, ``a..a+b-1`` for ``B``) and ``col`` the column (numbered apart for the two factors,
+        so that the entries of ``A`` and ``B`` never meet) of each; ``r`` ``(R,)`` the rows.
+        """
+        same_col = (col[:, None] == col[None, :]) & in_l[:, None] & in_l[None, :]
+        prod = tl.where(same_col, soft[:, None] * soft[None, :], 0.0)  # (L, L)
+        member = seg[:, None] == r[None, :]  # (L, R): logit l lies in row r
+        # rows[r, l'] = sum_{l in row r} prod[l, l'], then gram[r, r'] = sum_{l' in row r'} rows
+        rows = tl.sum(tl.where(member[:, :, None], prod[:, None, :], 0.0), axis=0)  # (R, L)
+        return tl.sum(tl.where(member[None, :, :], rows[:, :, None], 0.0), axis=1)  # (R, R)
+
+    @triton.jit
+    def _num_rows(seg, in_l):
+        """How many rows the two factors have together, ``a + b``."""
+        return tl.max(tl.where(in_l, seg, -1), axis=0) + 1
+
+    @triton.jit
     def _hard_shuffle_kernel(
         x0_ptr,
         x1_ptr,
@@ -116,12 +136,24 @@ if triton is not None:
         num_b,
         inv_pixels,
         inv_tau,
+        pooled_ptr,
+        hidden_ptr,
+        soft_ptr,
+        row_ptr,
+        orth_ptr,
+        column_ptr,
+        orth_scale,
         TWO_PARTS: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_L: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SAVE: tl.constexpr = False,
+        BLOCK_R: tl.constexpr = 1,
     ):
+        # SAVE (the STE training forward of dyshuffle.layers.fused_training): also write what its
+        # backward needs, per sample: the descriptor, the generator's hidden layer (after the
+        # ReLU), the softmax factors, the chosen pair's row and the orthogonal regularizer
         n = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
         in_c = c < channels
@@ -151,6 +183,8 @@ if triton is not None:
                 )
                 acc += tl.sum(v1.to(tl.float32), axis=0)
         pooled = acc * inv_pixels
+        if SAVE:
+            tl.store(pooled_ptr + n * channels + c, pooled, mask=in_c)
 
         # 2. the generator, one hidden unit at a time: logits = W2 relu(W1 pooled + b1) + b2
         l_ = tl.arange(0, BLOCK_L)
@@ -160,6 +194,8 @@ if triton is not None:
             w1 = tl.load(w1_ptr + j * channels + c, mask=in_c, other=0.0)
             hj = tl.sum(w1 * pooled, axis=0) + tl.load(b1_ptr + j)
             hj = tl.maximum(hj, 0.0)
+            if SAVE:
+                tl.store(hidden_ptr + n * hidden + j, hj)
             w2 = tl.load(w2_ptr + l_ * hidden + j, mask=in_l, other=0.0)
             logits += w2 * hj
         logits = logits * inv_tau
@@ -184,6 +220,15 @@ if triton is not None:
         choice_a = tl.argmax(tl.where(k < num_a, scores, float("-inf")), axis=0)
         choice_b = tl.argmax(tl.where((k >= num_a) & in_k, scores, float("-inf")), axis=0)
         row = choice_a.to(tl.int64) * num_b + (choice_b.to(tl.int64) - num_a)
+        if SAVE:
+            tl.store(soft_ptr + n * num_logits + l_, soft, mask=in_l)
+            tl.store(row_ptr + n, row)
+            col = tl.load(column_ptr + l_, mask=in_l, other=-1)
+            r = tl.arange(0, BLOCK_R)
+            gram = _factor_rows_gram(soft, seg, col, in_l, r)
+            eye = (r[:, None] == r[None, :]) & (r[:, None] < _num_rows(seg, in_l))
+            diff = gram - eye.to(tl.float32)
+            tl.store(orth_ptr + n, tl.sum(tl.sum(diff * diff, axis=1), axis=0) * orth_scale)
 
         # 5. the composed index of that pair, and the gather
         src = tl.load(index_ptr + row * channels + c, mask=in_c, other=0)
@@ -370,6 +415,13 @@ def _run(kernel, *args) -> Tensor:
         table.shape[0] - num_a,
         1.0 / (h * w),
         1.0 / tau,
+        out,  # (the training outputs, not written: SAVE is off)
+        out,
+        out,
+        out,
+        out,
+        segment,
+        1.0,
         TWO_PARTS=two_parts,
         BLOCK_C=block_c,
         BLOCK_P=max(1, _TILE // block_c),

@@ -235,6 +235,11 @@ def factor_index_tables(
     return ta, tb - compose_index(zero_a[:1], zero_b[:1], groups, cross_shuffle)
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no operator at all when it already is (``.to`` would dispatch one)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Dense ``(..., C, C)`` matrices ``P`` with ``P @ x == x[idx]`` (for tests and pictures)."""
     c = idx.shape[-1]

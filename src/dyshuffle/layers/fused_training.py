@@ -1,0 +1,429 @@
+"""The STE training step of the dynamic shuffle as two Triton kernels (issue 5).
+
+In ``"ste"`` training a :class:`~dyshuffle.layers.DynamicShuffle` with shared factors adds about
+46 compute operators per layer to a training step (``python3 -m dyshuffle.tools.op_count``): the
+descriptor, the generator, the softmax, the regularizer, the choice, the gather, and in the
+backward the inverse gather, the factor gradients' contraction, the regularizer's gradient, the
+softmax's and the generator's backward. On a GPU the CIFAR models are bound by launching them
+(a training step 2.2x the fixed shuffle's on an H200, eager). :func:`ste_shuffle` does the same
+step with two kernels, the sum of the regularizer and four small PyTorch operators for the
+generator's weight gradients (ShuffleNetV2 1.0x: 2.2 compute operators per layer more than the
+fixed shuffle's step, each kernel counted as one):
+
+- forward: the inference kernel of :mod:`~dyshuffle.layers.fused` (descriptor, generator,
+  softmax, choice and gather of each sample in one program, the parts of a concatenation read
+  where they are), which also writes what the backward needs and each sample's regularizer;
+- backward, one program per sample: the contraction of the output and its gradient into the
+  factor gradients, the regularizer's gradient, the softmax's and the generator's backward down
+  to the descriptor, and the input gradient (the inverse gather plus the descriptor's share)
+  written to each part. The weight gradients are two matrix products and two sums over the
+  samples (deterministic, no atomics).
+
+Numbers are float32 inside the kernels (the PyTorch path computes the generator and the
+contraction in the input's dtype under autocast): in float32 the gradients equal the PyTorch
+path's within rounding, and the forward output bit for bit (tests/test_fused_training.py, which
+runs the kernels on the CPU through Triton's interpreter). Opt-in (``fused_training=True`` of the
+layer) until a GPU benchmark shows it pays (``dyshuffle bench --variants dynamic
+dynamic:fused_training=true``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import fused as _fused
+from .permutation import _as_dtype
+
+__all__ = ["available", "channel_tables", "ste_shuffle"]
+
+
+def available(device: torch.device) -> bool:
+    """The training kernels can run on ``device``: CUDA with Triton, or the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``, the tests). There is no C version for the CPU, where
+    the PyTorch path's training step is within the target already (docs/BENCHMARKS.md)."""
+    if not _fused.ENABLED or _fused.triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _fused._INTERPRETED)
+
+
+def channel_tables(groups: int, a: int, b: int, cross_shuffle: bool) -> tuple[Tensor, Tensor]:
+    """Where each output channel sits in its group's ``(a, b)`` grid, for the backward kernel.
+
+    Output channel ``c`` holds slot ``u = i * b + j`` of group ``g`` (``c = u * G + g`` with the
+    cross-group shuffle, ``g * a * b + u`` without).
+
+    Returns:
+        ``rows`` ``(2, C)`` int32: ``i`` and ``a + j`` of every channel (its row of ``A`` and of
+        ``B`` in the numbering of the kernels' logit rows), and ``moved`` ``(a + b, C)`` int32:
+        for ``k < a`` the channel of slot ``(k, j)`` of the same group, for ``k >= a`` that of
+        slot ``(i, k - a)``.
+    """
+    m = a * b
+    c = torch.arange(groups * m)
+    if cross_shuffle:
+        u, g = c // groups, c % groups
+    else:
+        g, u = c // m, c % m
+    i, j = u // b, u % b
+
+    def channel(i_: Tensor, j_: Tensor) -> Tensor:
+        slot = i_ * b + j_
+        return slot * groups + g if cross_shuffle else g * m + slot
+
+    moved = [channel(torch.full_like(i, k), j) for k in range(a)]
+    moved += [channel(i, torch.full_like(j, k)) for k in range(b)]
+    rows = torch.stack([i, a + j])
+    return rows.to(torch.int32), torch.stack(moved).to(torch.int32)
+
+
+if _fused.triton is not None:
+    triton = _fused.triton
+    tl = _fused.tl
+
+    @triton.jit
+    def _ste_backward_kernel(
+        gy_ptr,
+        y_ptr,
+        gx0_ptr,
+        gx1_ptr,
+        soft_ptr,
+        hidden_ptr,
+        row_ptr,
+        w1_ptr,
+        w2_ptr,
+        segment_ptr,
+        column_ptr,
+        rows_ptr,
+        moved_ptr,
+        inv_cols_ptr,
+        index_inv_ptr,
+        dlogit_ptr,
+        dhidden_ptr,
+        gorth_ptr,
+        c0,
+        channels,
+        pixels,
+        width,
+        sgn,
+        sgc,
+        sgh,
+        sgw,
+        syn,
+        syh,
+        syw,
+        s0n,
+        s0h,
+        s0w,
+        s1n,
+        s1h,
+        s1w,
+        hidden,
+        num_logits,
+        num_cols,
+        inv_pixels,
+        inv_tau,
+        orth_scale,
+        TWO_PARTS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        in_c = c < channels
+        r = tl.arange(0, BLOCK_R)  # the a + b rows (and moved-channel maps) of both factors
+        in_r = r < num_cols
+
+        # 1. acc[k, c] = sum_p gy[p, c] * y[p, moved[k, c]]: the contraction of the output and
+        #    its gradient that the factor gradients are sums of
+        moved = tl.load(
+            moved_ptr + r[:, None] * channels + c[None, :],
+            mask=in_r[:, None] & in_c[None, :],
+            other=0,
+        )
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for start in range(0, pixels, BLOCK_P):
+            p = start + tl.arange(0, BLOCK_P)
+            in_p = p < pixels
+            h = p // width
+            w = p - h * width
+            offg = n * sgn + h * sgh + w * sgw
+            g = tl.load(
+                gy_ptr + offg[:, None] + c[None, :] * sgc,
+                mask=in_p[:, None] & in_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            offy = n * syn + h * syh + w * syw
+            ys = tl.load(
+                y_ptr + offy[:, None, None] + moved[None, :, :],
+                mask=in_p[:, None, None] & in_r[None, :, None] & in_c[None, None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(g[:, None, :] * ys, axis=0)
+
+        # 2. summed over the channels of each row: part[k, q] = sum_{c in row q} acc[k, c]
+        #    (row q < a: channels with i = q, for A; q >= a: j = q - a, for B)
+        row_a = tl.load(rows_ptr + c, mask=in_c, other=-1)
+        row_b = tl.load(rows_ptr + channels + c, mask=in_c, other=-1)
+        part = tl.zeros([BLOCK_R, BLOCK_R], dtype=tl.float32)
+        for q in range(0, num_cols):
+            in_q = (row_a == q) | (row_b == q)
+            col_q = tl.sum(tl.where(in_q[None, :], acc, 0.0), axis=1)  # (R,)
+            part = tl.where(r[None, :] == q, col_q[:, None], part)
+
+        # 3. the soft factors' gradient: dA[i, k] = part[ainv[k], i], dB[j, l] = part[a +
+        #    binv[l], a + j] (inv_cols of the chosen pair: ainv, then a + binv)
+        l_ = tl.arange(0, BLOCK_L)
+        in_l = l_ < num_logits
+        seg = tl.load(segment_ptr + l_, mask=in_l, other=-1)
+        col = tl.load(column_ptr + l_, mask=in_l, other=-1)
+        row = tl.load(row_ptr + n)
+        k_of = tl.load(inv_cols_ptr + row * num_cols + col, mask=in_l, other=-1)
+        pick = (k_of[:, None, None] == r[None, :, None]) & (seg[:, None, None] == r[None, None, :])
+        dsoft = tl.sum(tl.sum(tl.where(pick, part[None, :, :], 0.0), axis=2), axis=1)  # (L,)
+
+        # 4. + the regularizer's gradient, 4 (M M^T - I) M of each factor, times its weight
+        soft = tl.load(soft_ptr + n * num_logits + l_, mask=in_l, other=0.0)
+        gram = _fused._factor_rows_gram(soft, seg, col, in_l, r)
+        eye = (r[:, None] == r[None, :]) & in_r[:, None]
+        diff = gram - eye.to(tl.float32)  # (R, R)
+        # entries[l, q] = M[q, col(l)]: the soft entry in row q and the column of logit l
+        same_col = (col[:, None] == col[None, :]) & in_l[None, :]
+        member = seg[:, None] == r[None, :]  # (L, R)
+        entries = tl.sum(
+            tl.where(same_col[:, :, None] & member[None, :, :], soft[None, :, None], 0.0), axis=1
+        )
+        # diff_rows[l, q] = diff[row(l), q]
+        diff_rows = tl.sum(tl.where(member[:, :, None], diff[None, :, :], 0.0), axis=1)
+        gorth = tl.load(gorth_ptr).to(tl.float32) * (4.0 * orth_scale)
+        dsoft += gorth * tl.sum(diff_rows * entries, axis=1)
+
+        # 5. the softmax's backward (each row of each factor), then the temperature
+        same_row = (seg[:, None] == seg[None, :]) & in_l[None, :]
+        dot = tl.sum(tl.where(same_row, (soft * dsoft)[None, :], 0.0), axis=1)
+        dlogit = tl.where(in_l, soft * (dsoft - dot) * inv_tau, 0.0)
+        tl.store(dlogit_ptr + n * num_logits + l_, dlogit, mask=in_l)
+
+        # 6. the generator's backward to the descriptor, one hidden unit at a time
+        dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for j in range(0, hidden):
+            w2 = tl.load(w2_ptr + l_ * hidden + j, mask=in_l, other=0.0)
+            hj = tl.load(hidden_ptr + n * hidden + j)
+            dh = tl.where(hj > 0.0, tl.sum(w2 * dlogit, axis=0), 0.0)
+            tl.store(dhidden_ptr + n * hidden + j, dh)
+            w1 = tl.load(w1_ptr + j * channels + c, mask=in_c, other=0.0)
+            dz += w1 * dh
+        dz = dz * inv_pixels
+
+        # 7. the input's gradient: gx[p, c] = gy[p, inverse[c]] + dz[c] / pixels, to each part
+        src = tl.load(index_inv_ptr + row * channels + c, mask=in_c, other=0)
+        in0 = in_c & (c < c0)
+        in1 = in_c & (c >= c0)
+        for start in range(0, pixels, BLOCK_P):
+            p = start + tl.arange(0, BLOCK_P)
+            in_p = p < pixels
+            h = p // width
+            w = p - h * width
+            offg = n * sgn + h * sgh + w * sgw
+            v = tl.load(
+                gy_ptr + offg[:, None] + src[None, :] * sgc,
+                mask=in_p[:, None] & in_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            v += dz[None, :]
+            off0 = n * s0n + h * s0h + w * s0w
+            tl.store(gx0_ptr + off0[:, None] + c[None, :], v, mask=in_p[:, None] & in0[None, :])
+            if TWO_PARTS:
+                off1 = n * s1n + h * s1h + w * s1w
+                tl.store(
+                    gx1_ptr + off1[:, None] + (c - c0)[None, :],
+                    v,
+                    mask=in_p[:, None] & in1[None, :],
+                )
+
+
+class _FusedSTE(torch.autograd.Function):
+    """The layer's STE step: ``(x0, x1, w1, b1, w2, b2) -> (y, regularizer)`` with the tables
+    of the layer as constants (see :func:`ste_shuffle`)."""
+
+    @staticmethod
+    def forward(ctx, x0, x1, w1, b1, w2, b2, tables, tau, orth_scale):  # type: ignore[override]
+        score, segment, column, index, index_inv, inv_cols, rows, moved, num_a = tables
+        parts = (x0,) if x1 is None else (x0, x1)
+        n, c0, h, w = x0.shape
+        channels = index.shape[1]
+        hidden, num_logits = w1.shape[0], w2.shape[0]
+        dev = x0.device
+        f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
+        y = torch.empty(
+            (n, channels, h, w), dtype=x0.dtype, device=dev, memory_format=torch.channels_last
+        )
+        pooled = torch.empty(n, channels, device=dev)
+        hid = torch.empty(n, hidden, device=dev)
+        soft = torch.empty(n, num_logits, device=dev)
+        row = torch.empty(n, dtype=torch.int64, device=dev)
+        orth = torch.empty(n, device=dev)  # (every sample's is written)
+        if n:
+            second = parts[-1]
+            block_c = _fused.triton.next_power_of_2(channels)
+            _fused._hard_shuffle_kernel[(n,)](
+                x0,
+                second,
+                y,
+                *f32,
+                score,
+                segment,
+                index,
+                c0,
+                channels,
+                h * w,
+                w,
+                x0.stride(0),
+                x0.stride(2),
+                x0.stride(3),
+                second.stride(0),
+                second.stride(2),
+                second.stride(3),
+                y.stride(0),
+                y.stride(2),
+                y.stride(3),
+                hidden,
+                num_logits,
+                num_a,
+                score.shape[0] - num_a,
+                1.0 / (h * w),
+                1.0 / tau,
+                pooled,
+                hid,
+                soft,
+                row,
+                orth,
+                column,
+                orth_scale,
+                TWO_PARTS=x1 is not None,
+                BLOCK_C=block_c,
+                BLOCK_P=max(1, _fused._TILE // block_c),
+                BLOCK_L=_fused.triton.next_power_of_2(num_logits),
+                BLOCK_K=_fused.triton.next_power_of_2(score.shape[0]),
+                SAVE=True,
+                BLOCK_R=_fused.triton.next_power_of_2(moved.shape[0]),
+            )
+        ctx.save_for_backward(y, pooled, hid, soft, row, *f32[::2])
+        ctx.tables = tables
+        ctx.tau, ctx.orth_scale = tau, orth_scale
+        ctx.part_shapes = [(p.shape, p.dtype) for p in parts]
+        ctx.weight_dtypes = [t.dtype for t in (w1, b1, w2, b2)]
+        return y, orth.sum()
+
+    @staticmethod
+    def backward(ctx, gy, gloss):  # type: ignore[override]
+        y, pooled, hid, soft, row, w1, w2 = ctx.saved_tensors
+        _, segment, column, _, index_inv, inv_cols, rows, moved, _ = ctx.tables
+        shapes = ctx.part_shapes
+        n, channels, h, w = y.shape
+        hidden, num_logits = hid.shape[1], soft.shape[1]
+        dev = y.device
+        gxs = [
+            torch.empty(s, dtype=dt, device=dev, memory_format=torch.channels_last)
+            for s, dt in shapes
+        ]
+        dlogit = torch.empty(n, num_logits, device=dev)
+        dhid = torch.empty(n, hidden, device=dev)
+        if n:
+            if gloss is None:
+                gloss = torch.zeros((), device=dev)
+            gx0, gx1 = gxs[0], gxs[-1]
+            block_c = _fused.triton.next_power_of_2(channels)
+            block_r = _fused.triton.next_power_of_2(moved.shape[0])
+            _ste_backward_kernel[(n,)](
+                gy,
+                y,
+                gx0,
+                gx1,
+                soft,
+                hid,
+                row,
+                w1,
+                w2,
+                segment,
+                column,
+                rows,
+                moved,
+                inv_cols,
+                index_inv,
+                dlogit,
+                dhid,
+                gloss.reshape(1),
+                shapes[0][0][1],
+                channels,
+                h * w,
+                w,
+                *gy.stride(),
+                y.stride(0),
+                y.stride(2),
+                y.stride(3),
+                gx0.stride(0),
+                gx0.stride(2),
+                gx0.stride(3),
+                gx1.stride(0),
+                gx1.stride(2),
+                gx1.stride(3),
+                hidden,
+                num_logits,
+                moved.shape[0],
+                1.0 / (h * w),
+                1.0 / ctx.tau,
+                ctx.orth_scale,
+                TWO_PARTS=len(shapes) == 2,
+                BLOCK_C=block_c,
+                BLOCK_P=max(1, _fused._TILE // (block_c * block_r)),
+                BLOCK_L=_fused.triton.next_power_of_2(num_logits),
+                BLOCK_R=block_r,
+            )
+        else:
+            dlogit.zero_()
+            dhid.zero_()
+        # the generator's weight gradients: sums over the samples, in PyTorch (deterministic)
+        need, dtypes = ctx.needs_input_grad, ctx.weight_dtypes
+        gw1 = _as_dtype(dhid.T @ pooled, dtypes[0]) if need[2] else None
+        gb1 = _as_dtype(dhid.sum(0), dtypes[1]) if need[3] else None
+        gw2 = _as_dtype(dlogit.T @ hid, dtypes[2]) if need[4] else None
+        gb2 = _as_dtype(dlogit.sum(0), dtypes[3]) if need[5] else None
+        gx0 = gxs[0] if need[0] else None
+        gx1 = gxs[1] if len(gxs) == 2 and need[1] else None
+        return gx0, gx1, gw1, gb1, gw2, gb2, None, None, None
+
+
+def ste_shuffle(
+    parts: tuple[Tensor, ...],
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    tables: tuple,
+    tau: float,
+    orth_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """The STE training forward of a dynamic shuffle with shared factors, as two kernels.
+
+    Args:
+        parts: one or two channels_last ``(N, C_i, H, W)`` tensors of one dtype (the channel
+            concatenation is the layer's input).
+        w1, b1, w2, b2: the generator's two linear layers (any float dtype; the kernels read
+            them in float32 and the gradients come in their dtype's float32 form).
+        tables: ``(score, segment, column, index, index_inv, inv_cols, rows, moved, Na)``: the
+            layer's scoring tables (:func:`~dyshuffle.layers.fused.score_table`), the column of
+            each logit, the joint index table and its inverses, the inverse factor columns of
+            every pair, :func:`channel_tables` and the first factor's number of permutations.
+        tau: softmax temperature.
+        orth_scale: weight of each sample's regularizer in the returned sum.
+
+    Returns:
+        The permuted ``(N, C, H, W)`` channels_last output and ``orth_scale * sum_n R_n``, with
+        ``R_n = ||A A^T - I||^2 + ||B B^T - I||^2`` of sample ``n``; gradients reach the parts
+        (the inverse gather and the descriptor's share) and the four weights.
+    """
+    x1 = parts[1] if len(parts) == 2 else None
+    return _FusedSTE.apply(parts[0], x1, w1, b1, w2, b2, tables, float(tau), float(orth_scale))

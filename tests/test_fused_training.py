@@ -1,0 +1,195 @@
+"""The fused STE training step (dyshuffle.layers.fused_training) against the PyTorch path.
+
+As in tests/test_fused.py, without a GPU ``test_under_triton_interpreter`` runs this file again
+in a fresh process with ``TRITON_INTERPRET=1``, where the other tests run the kernels on CPU
+tensors; on a CUDA machine they run on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dyshuffle.layers import DynamicShuffle, compact_index, fused, fused_training
+from dyshuffle.models import create_model
+from fused_cases import SHAPES, make_layer, make_parts
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+kernel = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs CUDA or Triton's interpreter (test_under_triton_interpreter runs it)",
+)
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernels run here")
+def test_under_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DYSHUFFLE_FUSED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+def _training_layer(channels: int, seed: int, **kwargs) -> DynamicShuffle:
+    layer = make_layer(channels, seed, DEVICE, **kwargs).train()
+    layer.fused_training = True
+    return layer
+
+
+def _step(layer, parts, fused_step: bool, grad_out, orth_weight=0.37, nchw_grad=False):
+    """Output, regularizer, input gradients and generator gradients of one STE step."""
+    layer.fused_training = fused_step
+    inputs = [p.detach().clone().requires_grad_(True) for p in parts]
+    layer.zero_grad()
+    y = layer(*inputs)
+    out = y.contiguous() if nchw_grad else y  # NCHW: the gradient arrives in another layout
+    loss = (out * grad_out).sum() + orth_weight * layer.last_orthogonal_loss
+    loss.backward()
+    weights = [p.grad.clone() for p in layer.generator.parameters()]
+    return y.detach(), layer.last_orthogonal_loss.detach(), [p.grad for p in inputs], weights
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1e-6)
+
+
+def check_fused_step_is_the_pytorch_step(layer, parts, rel=1e-5, **kwargs):
+    assert layer._fusable_training(parts[0], parts[1:])
+    chosen = layer.permutation(*parts)
+    assert len({tuple(r) for r in chosen.tolist()}) > 1, "inputs must get different permutations"
+    grad_out = torch.randn(parts[0].shape[0], layer.channels, *parts[0].shape[2:]).to(DEVICE)
+    ref = _step(layer, parts, False, grad_out, **kwargs)
+    got = _step(layer, parts, True, grad_out, **kwargs)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got[0], ref[0])  # the same permutation, values copied
+    assert _close(got[1], ref[1], rel)
+    for g, r in zip(got[2] + got[3], ref[2] + ref[3], strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert _close(g, r, rel), ((g - r).abs().max().item(), r.abs().max().item())
+
+
+@kernel
+@pytest.mark.parametrize("channels,split,kwargs", SHAPES)
+def test_fused_step_is_the_pytorch_step(channels, split, kwargs):
+    layer = _training_layer(channels, seed=channels, **kwargs)
+    check_fused_step_is_the_pytorch_step(layer, make_parts(5, channels, split, device=DEVICE))
+
+
+@kernel
+def test_gradient_in_another_layout_and_regularizer_unused():
+    layer = _training_layer(116, seed=11)
+    parts = make_parts(4, 116, 58, seed=11, device=DEVICE)
+    check_fused_step_is_the_pytorch_step(layer, parts, nchw_grad=True)
+    # the regularizer left out of the loss: its gradient is zero, the factors still learn
+    check_fused_step_is_the_pytorch_step(layer, parts, orth_weight=0.0)
+
+
+@kernel
+def test_half_input_without_autocast():
+    """bfloat16 features in a float32 layer: the generator runs in float32 on both paths."""
+    layer = _training_layer(116, seed=1)
+    parts = make_parts(7, 116, 58, seed=1, dtype=torch.bfloat16, device=DEVICE)
+    check_fused_step_is_the_pytorch_step(layer, parts, rel=2e-2)
+
+
+@kernel
+def test_whole_model_trains_alike():
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.train().to(DEVICE, memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
+    target = torch.tensor([1, 4, 7], device=DEVICE)
+    results = []
+    for flag in (False, True):
+        for m in layers:
+            m.fused_training = flag
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        orth = torch.stack([m.last_orthogonal_loss for m in layers]).mean()
+        (loss + 0.1 * orth).backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, grads0), (loss1, grads1) = results
+    assert torch.equal(loss0, loss1)
+    for g0, g1 in zip(grads0, grads1, strict=True):
+        # (the gradients of the biases before batch norms are zero but for rounding)
+        assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max() + 1e-6
+
+
+@kernel
+def test_empty_batch():
+    layer = _training_layer(116, seed=13)
+    parts = [p.requires_grad_(True) for p in make_parts(0, 116, 58, device=DEVICE)]
+    y = layer(*parts)
+    (y.sum() + layer.last_orthogonal_loss).backward()
+    assert y.shape == (0, 116, 6, 7)
+    assert parts[1].grad.shape == (0, 58, 6, 7)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in layer.generator.parameters())
+
+
+@kernel
+def test_pytorch_step_where_the_kernels_do_not_apply(monkeypatch):
+    layer = _training_layer(116, seed=14)
+    x = make_parts(4, 116, None, device=DEVICE)[0]
+    assert layer._fusable_training(x, ())
+    assert not layer._fusable_training(x.contiguous(), ())  # NCHW
+    with torch.no_grad():
+        assert not layer._fusable_training(x, ())
+    for name, value in (
+        ("fused_training", False),
+        ("mode", "soft"),
+        ("noise", 1.0),
+        ("balance", 0.1),
+        ("descriptor_grad", False),
+        ("hard_identity", True),
+        ("logit_cap", 3.0),
+    ):
+        monkeypatch.setattr(layer, name, value)
+        assert not layer._fusable_training(x, ()), name
+        monkeypatch.undo()
+    assert layer._fusable_training(x, ())
+    assert not layer.eval()._fusable_training(x, ())
+    layer.train()
+    with compact_index(layer):  # no joint tables
+        assert not layer._fusable_training(x, ())
+    monkeypatch.setattr(fused, "ENABLED", False)  # DYSHUFFLE_FUSED=0
+    assert not layer._fusable_training(x, ())
+    monkeypatch.undo()
+    per_group = DynamicShuffle(116, shared=False, fused_training=True).to(DEVICE)
+    assert not per_group._fusable_training(x, ())
+
+
+def test_channel_tables_move_along_one_factor():
+    """``moved[k, c]`` is the channel of the same group and column (k < a) or row (k >= a)."""
+    groups, a, b = 3, 2, 4
+    for cross in (True, False):
+        rows, moved = fused_training.channel_tables(groups, a, b, cross)
+        c = torch.arange(groups * a * b)
+        slot, group = (c // groups, c % groups) if cross else (c % (a * b), c // (a * b))
+        i, j = slot // b, slot % b
+        assert torch.equal(rows[0].long(), i) and torch.equal(rows[1].long(), a + j)
+        for k in range(a + b):
+            m = moved[k].long()
+            ms, mg = (m // groups, m % groups) if cross else (m % (a * b), m // (a * b))
+            assert torch.equal(mg, group)
+            if k < a:
+                assert torch.equal(ms // b, torch.full_like(i, k)) and torch.equal(ms % b, j)
+            else:
+                assert torch.equal(ms // b, i) and torch.equal(ms % b, torch.full_like(j, k - a))
+
+
+def test_option_is_checked():
+    with pytest.raises(ValueError, match="fused_training"):
+        DynamicShuffle(116, fused_training="yes")
