@@ -85,3 +85,29 @@ def test_the_profilers_log_lines_stay_off_stderr():
     assert "| shuffle | 0 |" in run.stdout
     # kineto's format: LEVEL:date time pid:tid File.cpp:line] message
     assert not re.search(r"(?m)^[A-Z]+:\S+ \S+ \d+:\d+ \w+\.cpp:\d+\]", run.stderr), run.stderr
+
+
+def test_fused_training_step_counts_its_kernel_launches():
+    """The fused training step: two kernel launches per layer stand for the STE operators, and
+    the counting leaves the kernels and their availability as they were."""
+    from dyshuffle.layers import fused, fused_training
+
+    pytest.importorskip("triton")
+    kernels = (fused._hard_shuffle_kernel, fused_training._ste_backward_kernel)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    counts = {}
+    for name, kwargs in (
+        ("shuffle", {"mixer": "shuffle"}),
+        ("dynamic", {"mixer": "dynamic"}),
+        ("fused", {"mixer": "dynamic", "fused_training": True}),
+    ):
+        torch.manual_seed(0)
+        model = create_model("shufflenet_v2_x0_5", stem="cifar", num_classes=10, **kwargs)
+        counts[name] = count_ops(model.to(memory_format=torch.channels_last), x, True)[1]
+    assert (fused._hard_shuffle_kernel, fused_training._ste_backward_kernel) == kernels
+    assert not fused_training.available(torch.device("cpu")) or fused._INTERPRETED
+    # 16 layers: the launches are counted (without them the fused step dispatches about as many
+    # operators as the fixed shuffle's, which concatenates and shuffles where it reads the parts
+    # and writes the permuted channels), and far fewer than the layers' PyTorch step
+    assert counts["fused"] >= counts["shuffle"] + 16
+    assert counts["fused"] < counts["shuffle"] + 5 * 16 < counts["dynamic"]
