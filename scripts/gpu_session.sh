@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issues 5 and 6, everything written to $OUT as it is produced:
-#   0. tests/test_fused.py on the GPU (the fused Triton kernel of the hard dynamic shuffle against
-#      the PyTorch path, eager and under torch.compile) and the grouped auto-augment of the memory
+#   0. tests/test_fused.py and tests/test_fused_training.py on the GPU (the fused Triton kernels of
+#      the hard dynamic shuffle and of its STE training step against the PyTorch path, eager and
+#      under torch.compile) and the grouped auto-augment of the memory
 #      loader against torchvision, FUSED_TESTS=1 (the default) only; pytest
 #      comes from the wheels gpu_prepare.sh carries when the device has none;
 #   1. the CUDA benchmark of the issue-5 target (ShuffleNetV2 1.0x, bf16, channels_last, both
@@ -49,7 +50,8 @@
 # fused kernel is an inference path; session 14 has the compiled training step), INSPECT_RESERVE
 # (40 s), MACHINE_RECORDS (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed
-# dynamic dynamic:fused=false": the dynamic layer with and without its fused kernel), FUSED_TESTS
+# dynamic dynamic:fused_training=true": the dynamic layer without and with its fused training
+# step), FUSED_TESTS
 # (1; 0: skip step 0).
 #
 # Smoke test on a CPU (tiny sizes, about 4 minutes on 2 cores; COMPILE_BUDGET=0 skips the
@@ -109,7 +111,8 @@ if [ "${FUSED_TESTS:-1}" = 1 ]; then
         export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
     # and the memory loader's grouped auto-augment against torchvision per image, on the GPU
-    tests="tests/test_fused.py tests/test_augment.py::test_grouped_batch_equals_torchvision_per_sample"
+    tests="tests/test_fused.py tests/test_fused_training.py"
+    tests="$tests tests/test_augment.py::test_grouped_batch_equals_torchvision_per_sample"
     log "$tests on $DEVICE"
     # shellcheck disable=SC2086
     timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider -rs $tests \
@@ -119,11 +122,14 @@ fi
 
 # 1. benchmark: the target configuration only, on a quiet GPU.
 # BENCH_VARIANTS: the variants of the eager bench (the compiled one: COMPILE_VARIANTS). The
-# default: the dynamic layer with its fused Triton kernel (layers/fused.py, the default on CUDA)
-# and without it, in the same run; three variants, so the ImageNet stem fits the budget. Add
-# static_dynamic for SDS, dynamic:factor_grad=channels for DynamicShuffle(factor_grad='channels')
-# (session 14 on the H200: training within the spread of the default, 1.13x its memory).
-BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic dynamic:fused=false}
+# default: the dynamic layer (its fused inference kernel, layers/fused.py, is the default on
+# CUDA) and the same layer with its training step fused (layers/fused_training.py, opt-in until
+# this measures it), in the same run; three variants, so the ImageNet stem fits the budget. Add
+# dynamic:fused=false for the layer without its inference kernel (session 15 on the H200: a third
+# slower in inference), static_dynamic for SDS, dynamic:factor_grad=channels for
+# DynamicShuffle(factor_grad='channels') (session 14 on the H200: training within the spread of
+# the default, 1.13x its memory).
+BENCH_VARIANTS=${BENCH_VARIANTS:-fixed dynamic dynamic:fused_training=true}
 read -r -a VARIANTS <<<"$BENCH_VARIANTS"
 bench=(python3 -m dyshuffle bench --device "$DEVICE" --layout channels_last --precision bf16
     --part model --models shufflenet_v2_x1_0 --stems cifar imagenet --batch "${BATCHES[@]}"
