@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dyshuffle import bench
+from dyshuffle.layers import DynamicShuffle
 from dyshuffle.macs import count_macs, count_params
 from dyshuffle.models import create_model
 
@@ -206,6 +207,42 @@ def test_time_round_robin_interleaves_and_repeats():
     assert all(t > 0 for v in times.values() for t in v)
     # warm-up and calibration of each, then a, b, a, b, a, b
     assert calls == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 3
+
+
+def test_a_variant_that_raises_is_reported_and_the_others_are_measured(monkeypatch, capsys):
+    """A kernel that does not compile on the device costs its own rows only, not the run."""
+    calls: list[str] = []
+
+    def broken():
+        raise RuntimeError("no kernel for this device\nmore detail")
+
+    fns = {"a": lambda: calls.append("a"), "bad": broken, "b": lambda: calls.append("b")}
+    with pytest.raises(RuntimeError):  # without a failures dict the exception propagates
+        bench.time_round_robin(fns, device=torch.device("cpu"), warmup=1, repeats=1)
+    failures: dict[str, str] = {}
+    times = bench.time_round_robin(
+        fns, device=torch.device("cpu"), warmup=1, repeats=2, failures=failures
+    )
+    assert failures == {"bad": "RuntimeError: no kernel for this device"}
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "bad": 0, "b": 2}
+
+    forward = DynamicShuffle.forward
+
+    def fails_in_training(self, *args):
+        if self.training:
+            raise RuntimeError("training kernel failed")
+        return forward(self, *args)
+
+    monkeypatch.setattr(DynamicShuffle, "forward", fails_in_training)
+    cfg = bench.BenchConfig(
+        parts=("layer",), layer_shapes=("16x4",), layer_variants=("fixed", "dynamic"),
+        batches=(2,), warmup=1, repeats=2, min_block_ms=0.0, threads=None, verbose=False,
+    )  # fmt: skip
+    rows = {(r["mode"], r["variant"]): r for r in bench.run_benchmark(cfg, "fp32", "channels_last")}
+    assert rows["train", "dynamic"]["note"] == "failed: RuntimeError: training kernel failed"
+    assert rows["train", "dynamic"].get("latency_ms") is None
+    assert rows["train", "fixed"]["latency_ms"] > 0 and rows["infer", "dynamic"]["latency_ms"] > 0
+    assert "bench: dynamic C16 4x4 b=2 train failed: RuntimeError" in capsys.readouterr().err
 
 
 def test_partial_rows_are_handed_out_after_each_mode():

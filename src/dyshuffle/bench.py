@@ -175,6 +175,7 @@ def time_round_robin(
     repeats: int = 10,
     min_block_s: float = 0.0,
     max_inner: int = 1000,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every function, timed in interleaved blocks.
 
@@ -189,23 +190,37 @@ def time_round_robin(
         repeats: timed blocks of each function.
         min_block_s: least duration of a block (short calls are repeated inside one block).
         max_inner: most calls in one block.
+        failures: when given, a function that raises during its warm-up (anything but running
+            out of device memory: a kernel that does not compile on this device, say) is left
+            out of the rounds and ``failures[name]`` says what it raised; the others are timed.
+            ``None``: the exception propagates.
 
     Returns:
-        name -> ``repeats`` seconds-per-call values, one per block.
+        name -> ``repeats`` seconds-per-call values, one per block (none for a failed function).
     """
     inner: dict[str, int] = {}
     for name, fn in fns.items():
-        for _ in range(warmup):
+        try:
+            for _ in range(warmup):
+                fn()
+            _synchronize(device)
+            t0 = time.perf_counter()
             fn()
-        _synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        _synchronize(device)
+            _synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if failures is None:
+                raise
+            failures[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            continue
         once = max(time.perf_counter() - t0, 1e-9)
         inner[name] = max(1, min(max_inner, math.ceil(min_block_s / once)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if name not in inner:
+                continue
             k = inner[name]
             _synchronize(device)
             t0 = time.perf_counter()
@@ -630,6 +645,7 @@ def _measure_group(
             continue
         fns = {v: (case.infer if mode == "infer" else case.train_step) for v, case in cases.items()}
         note = ""
+        failures: dict[str, str] = {}  # a variant that raises is reported, the others measured
         try:
             times = time_round_robin(
                 fns,
@@ -637,6 +653,7 @@ def _measure_group(
                 warmup=cfg.warmup,
                 repeats=cfg.repeats,
                 min_block_s=cfg.min_block_ms / 1e3,
+                failures=failures,
             )
         except torch.cuda.OutOfMemoryError:
             times, note = {v: [] for v in cases}, "out of memory"
@@ -655,7 +672,7 @@ def _measure_group(
                 variant=variant,
                 mode=mode,
                 repeats=len(ts),
-                note=note,
+                note=f"failed: {failures[variant]}" if variant in failures else note,
                 latency_ratio_paired=paired,
                 load_avg=load,
             )
@@ -675,6 +692,11 @@ def _measure_group(
                     row["note"] = "out of memory (memory step)"
                     torch.cuda.empty_cache()
             rows.append(row)
+        for variant, what in failures.items():
+            print(
+                f"bench: {variant} {base['target']} b={batch} {mode} failed: {what}",
+                file=sys.stderr,
+            )
         _log(cfg, "  " + _format_progress(rows[-len(cases) :]))
         on_mode(rows[-len(cases) :])
 
