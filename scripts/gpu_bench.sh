@@ -35,9 +35,12 @@ EOF
 common=(--device "$DEVICE" --layout channels_last --warmup 3 --repeats 10 --min-block-ms 20
         --batch "${BATCHES[@]}" --out-dir "$OUT_DIR")
 
-# 1. bf16 whole models, the target (1.0x) first: 60% of the budget
+# 1. bf16 whole models, the target (1.0x) first: 60% of the budget; the model variants, and the
+#    dynamic layer with its training step fused (DynamicShuffle(fused_training=True), opt-in until
+#    a GPU measures it)
 "$PY" -m dyshuffle bench "${common[@]}" --precision bf16 --part model \
     --models shufflenet_v2_x1_0 shufflenet_v2_x0_5 --stems cifar imagenet \
+    --variants fixed fixed_native dynamic dynamic:fused_training=true static_dynamic \
     --time-budget $((BUDGET * 6 / 10)) >/dev/null
 
 # 2. bf16 single layers (their own CSV, suffix _layers)
