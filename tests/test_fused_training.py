@@ -129,6 +129,17 @@ def test_whole_model_trains_alike():
 
 
 @kernel
+def test_second_derivatives_are_refused():
+    """The kernels' gradients are not differentiable: double backward raises, it is never zero."""
+    layer = _training_layer(116, seed=15)
+    x = make_parts(3, 116, None, device=DEVICE)[0].requires_grad_(True)
+    y = layer(x)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+
+
+@kernel
 def test_empty_batch():
     layer = _training_layer(116, seed=13)
     parts = [p.requires_grad_(True) for p in make_parts(0, 116, 58, device=DEVICE)]

@@ -318,6 +318,7 @@ class _FusedSTE(torch.autograd.Function):
         return y, orth.sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (the kernels' gradients have no gradient)
     def backward(ctx, gy, gloss):  # type: ignore[override]
         y, pooled, hid, soft, row, w1, w2 = ctx.saved_tensors
         _, segment, column, _, index_inv, inv_cols, rows, moved, _ = ctx.tables
