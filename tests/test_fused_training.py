@@ -87,6 +87,21 @@ def test_fused_step_is_the_pytorch_step(channels, split, kwargs):
     check_fused_step_is_the_pytorch_step(layer, make_parts(5, channels, split, device=DEVICE))
 
 
+
+@kernel
+@pytest.mark.parametrize(
+    "channels,split,n,hw,rel",
+    [
+        (58, 29, 24, (5, 3), 1e-5),  # 1 x 2 factors: a factor with one permutation
+        (976, 488, 4, (3, 5), 5e-5),  # ShuffleNetV2 2.0x stage 4 (sums over 976 channels)
+        (24, None, 9, (1, 1), 1e-5),  # one pixel
+    ],
+)
+def test_fused_step_at_the_edges(channels, split, n, hw, rel):
+    layer = _training_layer(channels, seed=channels)
+    parts = make_parts(n, channels, split, hw=hw, seed=3, device=DEVICE)
+    check_fused_step_is_the_pytorch_step(layer, parts, rel=rel)
+
 @kernel
 def test_gradient_in_another_layout_and_regularizer_unused():
     layer = _training_layer(116, seed=11)
