@@ -87,7 +87,6 @@ def test_fused_step_is_the_pytorch_step(channels, split, kwargs):
     check_fused_step_is_the_pytorch_step(layer, make_parts(5, channels, split, device=DEVICE))
 
 
-
 @kernel
 @pytest.mark.parametrize(
     "channels,split,n,hw,rel",
@@ -101,6 +100,7 @@ def test_fused_step_at_the_edges(channels, split, n, hw, rel):
     layer = _training_layer(channels, seed=channels)
     parts = make_parts(n, channels, split, hw=hw, seed=3, device=DEVICE)
     check_fused_step_is_the_pytorch_step(layer, parts, rel=rel)
+
 
 @kernel
 def test_gradient_in_another_layout_and_regularizer_unused():
