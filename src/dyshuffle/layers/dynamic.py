@@ -1033,25 +1033,53 @@ class DynamicShuffle(nn.Module):
             cls._fused_generator = False
 
     def _fusable(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
-        """The hard permutation of this call can be the fused kernel's (``fused``)."""
+        """The hard permutation of this call can be the fused kernel's (``fused``).
+
+        (Checked on every eager call, so cheap checks first: on a GPU the host time of a layer
+        is what the CIFAR models pay, see ``dyshuffle.tools.host_time``.)"""
         if not self.fused or self.training or self._index_ab is None:  # (then _fused_score too)
             return False
-        if not _fused.available(x.device):
+        if self.eval_permutation != "hard" or not self._fused_variant():
             return False
-        if not self._fused_generator:
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in parts)):
             return False
-        if self.eval_permutation != "hard" or self.hard_identity or self.descriptor_bn is not None:
-            return False
-        if self.logit_cap is not None:
-            return False
-        inputs = (x, *parts)
-        if len(inputs) > 2 or _exporting() or _transformed() or not _channels_last(inputs):
-            return False
-        if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
+        return _fused.available(x.device) and self._fused_inputs(x, parts)
+
+    def _fused_variant(self) -> bool:
+        """The layer's options are those the fused kernels compute: the generator of the pooled
+        input, the nearest permutations, no cap or standardization of the logits."""
+        return (
+            self._fused_generator
+            and not self.hard_identity
+            and self.descriptor_bn is None
+            and self.logit_cap is None
+        )
+
+    def _fused_inputs(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
+        """``x`` and ``parts`` are what the fused kernels take: one or two channels_last 4-D
+        parts of one dtype of theirs that concatenate to the layer's channels, outside exported
+        graphs and ``torch.func`` transforms. Anything else takes the PyTorch path, whose checks
+        name what is wrong."""
+        if len(parts) > 1 or x.dim() != 4 or x.stride(1) != 1:
             return False
         if x.dtype not in _fused.FUSED_DTYPES or self.channels > _fused.FUSED_MAX_CHANNELS:
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in inputs))
+        channels = x.shape[1]
+        if parts:
+            p = parts[0]
+            if p.dim() != 4 or p.stride(1) != 1 or p.dtype != x.dtype:
+                return False
+            if p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:]:
+                return False
+            channels += p.shape[1]
+        return channels == self.channels and not (_exporting() or _transformed())
+
+    def _generator_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The weights and biases of the generator's two linear layers (without the indexing of
+        ``nn.Sequential``, which costs more host time than the rest of a fused call's setup)."""
+        layers = self.generator._modules
+        first, last = layers["0"], layers["2"]
+        return first.weight, first.bias, last.weight, last.bias
 
     def _fusable_training(self, x: Tensor, parts: tuple[Tensor, ...]) -> bool:
         """This training call can be the fused training step's (``fused_training``)."""
@@ -1059,25 +1087,14 @@ class DynamicShuffle(nn.Module):
             return False
         if not torch.is_grad_enabled() or self._index_ab_inv is None or self._fused_moved is None:
             return False
-        if self.noise or self.balance or not self.descriptor_grad:
+        if self.noise or self.balance or not self.descriptor_grad or not self._fused_variant():
             return False
         if not _fused_training.available(x.device) or torch.compiler.is_compiling():
             return False
-        if not self._fused_generator or self.hard_identity or self.descriptor_bn is not None:
-            return False
-        if self.logit_cap is not None:
-            return False
-        inputs = (x, *parts)
-        if len(inputs) > 2 or _exporting() or _transformed() or not _channels_last(inputs):
-            return False
-        if any(p.dim() != 4 or p.dtype != x.dtype for p in inputs):
-            return False
-        return x.dtype in _fused.FUSED_DTYPES and self.channels <= _fused.FUSED_MAX_CHANNELS
+        return self._fused_inputs(x, parts)
 
     def _fused_training_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """:meth:`forward` of :meth:`_fusable_training` inputs: two kernels."""
-        self._check_parts(inputs)
-        first, last = self.generator[0], self.generator[-1]
         tables = (
             _fused.float32(self._fused_score),
             self._fused_segment,
@@ -1092,21 +1109,20 @@ class DynamicShuffle(nn.Module):
         # the regularizer's mean over the samples (one factor group), as in forward()
         scale = 1.0 / max(inputs[0].shape[0], 1)
         y, self.last_orthogonal_loss = _fused_training.ste_shuffle(
-            inputs, first.weight, first.bias, last.weight, last.bias, tables, self.tau, scale
+            inputs, *self._generator_weights(), tables, self.tau, scale
         )
         return y
 
     def _fused_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """:meth:`forward` of :meth:`_fusable` inputs, in one kernel."""
-        self._check_parts(inputs)
-        first, last = self.generator[0], self.generator[-1]
+        w1, b1, w2, b2 = self._generator_weights()
         return _fused.launch(
             inputs[0],
             inputs[1] if len(inputs) == 2 else None,
-            _fused.float32(first.weight),
-            _fused.float32(first.bias),
-            _fused.float32(last.weight),
-            _fused.float32(last.bias),
+            _fused.float32(w1),
+            _fused.float32(b1),
+            _fused.float32(w2),
+            _fused.float32(b2),
             _fused.float32(self._fused_score),  # (a float buffer: ``.half()`` converts it)
             self._fused_segment,
             self._index_ab,

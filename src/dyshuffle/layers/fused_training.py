@@ -267,7 +267,7 @@ class _FusedSTE(torch.autograd.Function):
         orth = torch.empty(n, device=dev)  # (every sample's is written)
         if n:
             second = parts[-1]
-            block_c = _fused.triton.next_power_of_2(channels)
+            block_c = _fused.pow2(channels)
             _fused._hard_shuffle_kernel[(n,)](
                 x0,
                 second,
@@ -305,10 +305,10 @@ class _FusedSTE(torch.autograd.Function):
                 TWO_PARTS=x1 is not None,
                 BLOCK_C=block_c,
                 BLOCK_P=max(1, _fused._TILE // block_c),
-                BLOCK_L=_fused.triton.next_power_of_2(num_logits),
-                BLOCK_K=_fused.triton.next_power_of_2(score.shape[0]),
+                BLOCK_L=_fused.pow2(num_logits),
+                BLOCK_K=_fused.pow2(score.shape[0]),
                 SAVE=True,
-                BLOCK_R=_fused.triton.next_power_of_2(moved.shape[0]),
+                BLOCK_R=_fused.pow2(moved.shape[0]),
             )
         ctx.save_for_backward(y, pooled, hid, soft, row, *f32[::2])
         ctx.tables = tables
@@ -336,8 +336,8 @@ class _FusedSTE(torch.autograd.Function):
             if gloss is None:
                 gloss = torch.zeros((), device=dev)
             gx0, gx1 = gxs[0], gxs[-1]
-            block_c = _fused.triton.next_power_of_2(channels)
-            block_r = _fused.triton.next_power_of_2(moved.shape[0])
+            block_c = _fused.pow2(channels)
+            block_r = _fused.pow2(moved.shape[0])
             _ste_backward_kernel[(n,)](
                 gy,
                 y,
@@ -380,7 +380,7 @@ class _FusedSTE(torch.autograd.Function):
                 TWO_PARTS=len(shapes) == 2,
                 BLOCK_C=block_c,
                 BLOCK_P=max(1, _fused._TILE // (block_c * block_r)),
-                BLOCK_L=_fused.triton.next_power_of_2(num_logits),
+                BLOCK_L=_fused.pow2(num_logits),
                 BLOCK_R=block_r,
             )
         else:
