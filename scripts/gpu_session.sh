@@ -120,6 +120,12 @@ if [ "${FUSED_TESTS:-1}" = 1 ]; then
     log "tests on $DEVICE: exit $? ($(tail -n 1 "$OUT/fused-tests.log"))"
 fi
 
+# the host time of one layer call on this machine's CPU (the GPU's code path, kernels not run;
+# a few seconds): what each dynamic layer adds where the GPU waits for the host
+timeout -k 5 60 python3 -m dyshuffle.tools.host_time --calls 500 --rounds 5 \
+    >"$OUT/host-time.log" 2>&1
+log "host time per layer call: exit $? (host-time.log)"
+
 # 1. benchmark: the target configuration only, on a quiet GPU.
 # BENCH_VARIANTS: the variants of the eager bench (the compiled one: COMPILE_VARIANTS). The
 # default: the dynamic layer (its fused inference kernel, layers/fused.py, is the default on
