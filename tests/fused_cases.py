@@ -3,9 +3,40 @@ tests/test_fused_cpu.py: C) are compared with the PyTorch path."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle
+
+#: Triton's interpreter is on in this process (kernels run on CPU tensors)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: where the Triton kernels' tests run them
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+#: a test that runs a Triton kernel: on CUDA, or under the interpreter
+kernel = pytest.mark.skipif(
+    not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs CUDA or Triton's interpreter (test_under_triton_interpreter runs it)",
+)
+
+
+def run_under_triton_interpreter(path: str) -> None:
+    """Run the test file ``path`` again in a fresh process with ``TRITON_INTERPRET=1`` (the
+    interpreter must be on before Triton is first imported), and assert that it passes."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DYSHUFFLE_FUSED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+
 
 #: (channels, split of the two parts or None for one input, layer options)
 SHAPES = [

@@ -9,46 +9,30 @@ CUDA machine they run directly on the GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle, LearnedShuffle, fused
 from dyshuffle.models import create_model
 from fused_cases import (
+    DEVICE,
+    INTERPRETED,
     SHAPES,
     check_kernel_is_the_pytorch_path,
+    kernel,
     make_layer,
     make_parts,
     op_args,
     reference,
+    run_under_triton_interpreter,
 )
 
 triton = pytest.importorskip("triton")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
-kernel = pytest.mark.skipif(
-    not (INTERPRETED or torch.cuda.is_available()),
-    reason="needs CUDA or Triton's interpreter (test_under_triton_interpreter runs it)",
-)
-
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="the kernel runs here")
 def test_under_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "DYSHUFFLE_FUSED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
+    run_under_triton_interpreter(__file__)
 
 
 def _layer(channels: int, seed: int, **kwargs) -> DynamicShuffle:

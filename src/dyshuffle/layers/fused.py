@@ -101,6 +101,13 @@ if triton is not None:
         return tl.sum(tl.where(member[None, :, :], rows[:, :, None], 0.0), axis=1)  # (R, R)
 
     @triton.jit
+    def _pixel_tile(start, pixels, width, BLOCK_P: tl.constexpr):
+        """The ``BLOCK_P`` pixels from ``start``: which are in the map, their rows and columns."""
+        p = start + tl.arange(0, BLOCK_P)
+        h = p // width
+        return p < pixels, h, p - h * width
+
+    @triton.jit
     def _num_rows(seg, in_l):
         """How many rows the two factors have together, ``a + b``."""
         return tl.max(tl.where(in_l, seg, -1), axis=0) + 1
@@ -165,10 +172,7 @@ if triton is not None:
         # 1. the descriptor: mean over the pixels of every channel of the concatenation
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, pixels, BLOCK_P):
-            p = start + tl.arange(0, BLOCK_P)
-            in_p = p < pixels
-            h = p // width
-            w = p - h * width
+            in_p, h, w = _pixel_tile(start, pixels, width, BLOCK_P)
             off0 = n * s0n + h * s0h + w * s0w
             v = tl.load(
                 x0_ptr + off0[:, None] + c[None, :], mask=in_p[:, None] & in0[None, :], other=0.0
@@ -235,10 +239,7 @@ if triton is not None:
         from0 = in_c & (src < c0)
         from1 = in_c & (src >= c0)
         for start in range(0, pixels, BLOCK_P):
-            p = start + tl.arange(0, BLOCK_P)
-            in_p = p < pixels
-            h = p // width
-            w = p - h * width
+            in_p, h, w = _pixel_tile(start, pixels, width, BLOCK_P)
             off0 = n * s0n + h * s0h + w * s0w
             take0 = in_p[:, None] & from0[None, :]
             v = tl.load(x0_ptr + off0[:, None] + src[None, :], mask=take0, other=0.0)
@@ -378,9 +379,11 @@ def launch(
     return _run(_hard_shuffle_kernel, *args)
 
 
-def _run(kernel, *args) -> Tensor:
+def _run(kernel, *args, save: tuple | None = None) -> Tensor:
     """Launch ``kernel`` (the Triton function, or its ``wrap_triton`` in the custom op) on the
     arguments of the operator ``dyshuffle::hard_shuffle`` (:func:`_hard_shuffle_op`)."""
+    # save: (pooled, hidden, soft, row, orth, column, orth_scale, a + b): the training outputs
+    # that the forward of dyshuffle.layers.fused_training has the kernel write (SAVE)
     x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts = args
     n, c0, h, w = x0.shape
     channels = index.shape[1]
@@ -389,6 +392,50 @@ def _run(kernel, *args) -> Tensor:
     )
     if out.numel() == 0:
         return out
+    block_c = pow2(channels)
+    num_logits = w2.shape[0]
+    # (without save, the training outputs' pointers are placeholders, never written)
+    training = save[:-1] if save is not None else (out, out, out, out, out, segment, 1.0)
+    kernel[(n,)](
+        x0,
+        x1,
+        out,
+        w1,
+        b1,
+        w2,
+        b2,
+        table,
+        segment,
+        index,
+        c0,
+        channels,
+        h * w,
+        w,
+        x0.stride(0),
+        x0.stride(2),
+        x0.stride(3),
+        x1.stride(0),
+        x1.stride(2),
+        x1.stride(3),
+        out.stride(0),
+        out.stride(2),
+        out.stride(3),
+        w1.shape[0],
+        num_logits,
+        num_a,
+        table.shape[0] - num_a,
+        1.0 / (h * w),
+        1.0 / tau,
+        *training,
+        TWO_PARTS=two_parts,
+        BLOCK_C=block_c,
+        BLOCK_P=max(1, _TILE // block_c),
+        BLOCK_L=pow2(num_logits),
+        BLOCK_K=pow2(table.shape[0]),
+        SAVE=save is not None,
+        BLOCK_R=1 if save is None else pow2(save[-1]),
+    )
+    return out
     block_c = pow2(channels)
     num_logits = w2.shape[0]
     kernel[(n,)](

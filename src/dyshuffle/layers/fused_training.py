@@ -145,10 +145,7 @@ if _fused.triton is not None:
         )
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for start in range(0, pixels, BLOCK_P):
-            p = start + tl.arange(0, BLOCK_P)
-            in_p = p < pixels
-            h = p // width
-            w = p - h * width
+            in_p, h, w = _fused._pixel_tile(start, pixels, width, BLOCK_P)
             offg = n * sgn + h * sgh + w * sgw
             g = tl.load(
                 gy_ptr + offg[:, None] + c[None, :] * sgc,
@@ -222,10 +219,7 @@ if _fused.triton is not None:
         in0 = in_c & (c < c0)
         in1 = in_c & (c >= c0)
         for start in range(0, pixels, BLOCK_P):
-            p = start + tl.arange(0, BLOCK_P)
-            in_p = p < pixels
-            h = p // width
-            w = p - h * width
+            in_p, h, w = _fused._pixel_tile(start, pixels, width, BLOCK_P)
             offg = n * sgn + h * sgh + w * sgw
             v = tl.load(
                 gy_ptr + offg[:, None] + src[None, :] * sgc,
@@ -252,64 +246,19 @@ class _FusedSTE(torch.autograd.Function):
     def forward(ctx, x0, x1, w1, b1, w2, b2, tables, tau, orth_scale):  # type: ignore[override]
         score, segment, column, index, index_inv, inv_cols, rows, moved, num_a = tables
         parts = (x0,) if x1 is None else (x0, x1)
-        n, c0, h, w = x0.shape
-        channels = index.shape[1]
+        n, channels, dev = x0.shape[0], index.shape[1], x0.device
         hidden, num_logits = w1.shape[0], w2.shape[0]
-        dev = x0.device
         f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
-        y = torch.empty(
-            (n, channels, h, w), dtype=x0.dtype, device=dev, memory_format=torch.channels_last
-        )
         pooled = torch.empty(n, channels, device=dev)
         hid = torch.empty(n, hidden, device=dev)
         soft = torch.empty(n, num_logits, device=dev)
         row = torch.empty(n, dtype=torch.int64, device=dev)
-        orth = torch.empty(n, device=dev)  # (every sample's is written)
-        if n:
-            second = parts[-1]
-            block_c = _fused.pow2(channels)
-            _fused._hard_shuffle_kernel[(n,)](
-                x0,
-                second,
-                y,
-                *f32,
-                score,
-                segment,
-                index,
-                c0,
-                channels,
-                h * w,
-                w,
-                x0.stride(0),
-                x0.stride(2),
-                x0.stride(3),
-                second.stride(0),
-                second.stride(2),
-                second.stride(3),
-                y.stride(0),
-                y.stride(2),
-                y.stride(3),
-                hidden,
-                num_logits,
-                num_a,
-                score.shape[0] - num_a,
-                1.0 / (h * w),
-                1.0 / tau,
-                pooled,
-                hid,
-                soft,
-                row,
-                orth,
-                column,
-                orth_scale,
-                TWO_PARTS=x1 is not None,
-                BLOCK_C=block_c,
-                BLOCK_P=max(1, _fused._TILE // block_c),
-                BLOCK_L=_fused.pow2(num_logits),
-                BLOCK_K=_fused.pow2(score.shape[0]),
-                SAVE=True,
-                BLOCK_R=_fused.pow2(moved.shape[0]),
-            )
+        orth = torch.empty(n, device=dev)  # (the kernel writes every sample's)
+        save = (pooled, hid, soft, row, orth, column, orth_scale, moved.shape[0])
+        args = (x0, parts[-1], *f32, score, segment, index, num_a, tau, x1 is not None)
+        y = _fused._run(_fused._hard_shuffle_kernel, *args, save=save)
+        if y.numel() == 0:  # (no pixels: the kernel did not run)
+            orth.zero_()
         ctx.save_for_backward(y, pooled, hid, soft, row, *f32[::2])
         ctx.tables = tables
         ctx.tau, ctx.orth_scale = tau, orth_scale

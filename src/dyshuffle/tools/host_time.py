@@ -20,49 +20,16 @@ are the median over ``--rounds`` of the mean of ``--calls`` calls, in microsecon
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from ..layers import DynamicShuffle, create_mixer, fused, fused_training, mix_concat
+from ..layers import DynamicShuffle, create_mixer, fused, mix_concat
+from ._kernels import gpu_path_without_kernels
 
 __all__ = ["host_times", "main"]
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def _gpu_path_without_kernels() -> Iterator[None]:
-    """The layers take their Triton path on CPU tensors, with the kernels replaced by no-ops."""
-    if fused.triton is None:
-        raise RuntimeError("the GPU path needs Triton installed")
-    saved = (
-        fused._hard_shuffle_kernel,
-        fused_training._ste_backward_kernel,
-        fused._INTERPRETED,
-        fused_training.available,
-    )
-    fused._hard_shuffle_kernel = _NoLaunch()
-    fused_training._ste_backward_kernel = _NoLaunch()
-    fused._INTERPRETED = True  # (what makes launch() take the Triton path on the CPU)
-    fused_training.available = lambda device: True
-    try:
-        yield
-    finally:
-        (
-            fused._hard_shuffle_kernel,
-            fused_training._ste_backward_kernel,
-            fused._INTERPRETED,
-            fused_training.available,
-        ) = saved
 
 
 def _per_call(fn: Callable[[], object], calls: int, rounds: int) -> float:
@@ -113,7 +80,7 @@ def host_times(
         fixed.eval()
         layer.eval()
         out["fixed shuffle, inference"] = _per_call(infer(fixed), calls, rounds)
-        with _gpu_path_without_kernels():
+        with gpu_path_without_kernels():
             out["dynamic, inference, GPU path (kernel not run)"] = _per_call(
                 infer(layer), calls, rounds
             )
@@ -122,7 +89,7 @@ def host_times(
     fixed.train()
     layer.train()
     out["fixed shuffle, training step"] = _per_call(step(fixed), calls, rounds)
-    with _gpu_path_without_kernels():
+    with gpu_path_without_kernels():
         out["dynamic, fused training step (kernels not run)"] = _per_call(
             step(layer), calls, rounds
         )

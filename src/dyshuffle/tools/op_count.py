@@ -24,10 +24,8 @@ step computes nothing then, which changes no count): what the training step disp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..layers import DynamicShuffle, orthogonal_loss
 from ..layers import dynamic as dynamic_module
-from ..layers import fused as fused_module
-from ..layers import fused_training as fused_training_module
 from ..models import create_model
+from ._kernels import KernelStub, gpu_path_without_kernels
 
 __all__ = ["count_ops", "main"]
 
@@ -75,55 +72,18 @@ def count_ops(model: torch.nn.Module, x: torch.Tensor, train: bool) -> tuple[int
             m.fused = value
 
 
-class _Launches:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` counts a launch, computes nothing."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs) -> None:
-            self.count += 1
-
-        return launch
-
-
-@contextlib.contextmanager
-def _counted_kernels() -> Iterator[_Launches]:
-    """The fused training step's kernels as launch counters, the step taken on this device."""
-    if fused_module.triton is None:
-        raise RuntimeError("counting the fused training step needs Triton installed")
-    launches = _Launches()
-    saved = (
-        fused_module._hard_shuffle_kernel,
-        fused_training_module._ste_backward_kernel,
-        fused_training_module.available,
-    )
-    fused_module._hard_shuffle_kernel = launches
-    fused_training_module._ste_backward_kernel = launches
-    fused_training_module.available = lambda device: True
-    try:
-        yield launches
-    finally:
-        (
-            fused_module._hard_shuffle_kernel,
-            fused_training_module._ste_backward_kernel,
-            fused_training_module.available,
-        ) = saved
-
-
 def _count(model: torch.nn.Module, x: torch.Tensor, train: bool) -> tuple[int, int]:
     fused_training = train and any(
         isinstance(m, DynamicShuffle) and m.fused_training for m in model.modules()
     )
     if not fused_training:
         return _count_ops(model, x, train, None)
-    with _counted_kernels() as launches:
+    with gpu_path_without_kernels() as launches:
         return _count_ops(model, x, train, launches)
 
 
 def _count_ops(
-    model: torch.nn.Module, x: torch.Tensor, train: bool, launches: _Launches | None
+    model: torch.nn.Module, x: torch.Tensor, train: bool, launches: KernelStub | None
 ) -> tuple[int, int]:
     target = torch.zeros(x.shape[0], dtype=torch.long)
     # foreach: CUDA's default (multi-tensor kernels), so that the count is what a GPU dispatches
@@ -144,11 +104,11 @@ def _count_ops(
                 model(x)
 
     step()  # lazy state (optimizer buffers) out of the counted call
-    before = 0 if launches is None else launches.count
+    before = 0 if launches is None else launches.launches
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     names = _top_level(prof)
-    kernels = 0 if launches is None else launches.count - before
+    kernels = 0 if launches is None else launches.launches - before
     return len(names) + kernels, sum(n not in VIEW_OPS for n in names) + kernels
 
 
