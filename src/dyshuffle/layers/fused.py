@@ -436,52 +436,6 @@ def _run(kernel, *args, save: tuple | None = None) -> Tensor:
         BLOCK_R=1 if save is None else pow2(save[-1]),
     )
     return out
-    block_c = pow2(channels)
-    num_logits = w2.shape[0]
-    kernel[(n,)](
-        x0,
-        x1,
-        out,
-        w1,
-        b1,
-        w2,
-        b2,
-        table,
-        segment,
-        index,
-        c0,
-        channels,
-        h * w,
-        w,
-        x0.stride(0),
-        x0.stride(2),
-        x0.stride(3),
-        x1.stride(0),
-        x1.stride(2),
-        x1.stride(3),
-        out.stride(0),
-        out.stride(2),
-        out.stride(3),
-        w1.shape[0],
-        num_logits,
-        num_a,
-        table.shape[0] - num_a,
-        1.0 / (h * w),
-        1.0 / tau,
-        out,  # (the training outputs, not written: SAVE is off)
-        out,
-        out,
-        out,
-        out,
-        segment,
-        1.0,
-        TWO_PARTS=two_parts,
-        BLOCK_C=block_c,
-        BLOCK_P=max(1, _TILE // block_c),
-        BLOCK_L=pow2(num_logits),
-        BLOCK_K=pow2(table.shape[0]),
-    )
-    return out
 
 
 if triton is not None:
