@@ -159,6 +159,8 @@ def test_pytorch_step_where_the_kernels_do_not_apply(monkeypatch):
     x = make_parts(4, 116, None, device=DEVICE)[0]
     assert layer._fusable_training(x, ())
     assert not layer._fusable_training(x.contiguous(), ())  # NCHW
+    empty = torch.empty(4, 116, 0, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    assert not layer._fusable_training(empty, ())  # no pixels
     with torch.no_grad():
         assert not layer._fusable_training(x, ())
     for name, value in (

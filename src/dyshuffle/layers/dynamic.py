@@ -1091,7 +1091,8 @@ class DynamicShuffle(nn.Module):
             return False
         if not _fused_training.available(x.device) or torch.compiler.is_compiling():
             return False
-        return self._fused_inputs(x, parts)
+        # (maps without pixels take the PyTorch path: their descriptor is not a number)
+        return self._fused_inputs(x, parts) and x.shape[2] * x.shape[3] > 0
 
     def _fused_training_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
         """:meth:`forward` of :meth:`_fusable_training` inputs: two kernels."""

@@ -257,8 +257,9 @@ class _FusedSTE(torch.autograd.Function):
         save = (pooled, hid, soft, row, orth, column, orth_scale, moved.shape[0])
         args = (x0, parts[-1], *f32, score, segment, index, num_a, tau, x1 is not None)
         y = _fused._run(_fused._hard_shuffle_kernel, *args, save=save)
-        if y.numel() == 0:  # (no pixels: the kernel did not run)
-            orth.zero_()
+        if y.numel() == 0:  # (no samples or no pixels: the kernel did not run)
+            for t in (pooled, hid, soft, row, orth):
+                t.zero_()
         ctx.save_for_backward(y, pooled, hid, soft, row, *f32[::2])
         ctx.tables = tables
         ctx.tau, ctx.orth_scale = tau, orth_scale
