@@ -282,9 +282,7 @@ class _FusedSTE(torch.autograd.Function):
         ]
         dlogit = torch.empty(n, num_logits, device=dev)
         dhid = torch.empty(n, hidden, device=dev)
-        if n:
-            if gloss is None:
-                gloss = torch.zeros((), device=dev)
+        if n:  # (gloss is never None: autograd materializes the gradient of an unused output)
             gx0, gx1 = gxs[0], gxs[-1]
             block_c = _fused.pow2(channels)
             block_r = _fused.pow2(moved.shape[0])
@@ -333,9 +331,7 @@ class _FusedSTE(torch.autograd.Function):
                 BLOCK_L=_fused.pow2(num_logits),
                 BLOCK_R=block_r,
             )
-        else:
-            dlogit.zero_()
-            dhid.zero_()
+        # (no samples: the products and sums below are zeros)
         # the generator's weight gradients: sums over the samples, in PyTorch (deterministic)
         need, dtypes = ctx.needs_input_grad, ctx.weight_dtypes
         gw1 = _as_dtype(dhid.T @ pooled, dtypes[0]) if need[2] else None
