@@ -86,8 +86,9 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _factor_rows_gram(soft, seg, col, in_l, r):
-        """``M M^T`` of the softmax factors, rows of both factors together: ``(R, R)``.
+    def _orthogonality_residual(soft, seg, col, in_l, r):
+        """``M M^T - I`` of the softmax factors, rows of both factors together: ``(R, R)`` (zero
+        outside the ``a + b`` rows; its squared sum is the orthogonal regularizer).
 
         ``soft`` ``(L,)`` holds the factor matrices' entries, ``seg`` the row (``0..a-1`` for
         ``A``, ``a..a+b-1`` for ``B``) and ``col`` the column (numbered apart for the two factors,
@@ -98,7 +99,9 @@ if triton is not None:
         member = seg[:, None] == r[None, :]  # (L, R): logit l lies in row r
         # rows[r, l'] = sum_{l in row r} prod[l, l'], then gram[r, r'] = sum_{l' in row r'} rows
         rows = tl.sum(tl.where(member[:, :, None], prod[:, None, :], 0.0), axis=0)  # (R, L)
-        return tl.sum(tl.where(member[None, :, :], rows[:, :, None], 0.0), axis=1)  # (R, R)
+        gram = tl.sum(tl.where(member[None, :, :], rows[:, :, None], 0.0), axis=1)  # (R, R)
+        eye = (r[:, None] == r[None, :]) & (r[:, None] < _num_rows(seg, in_l))
+        return gram - eye.to(tl.float32)
 
     @triton.jit
     def _pixel_tile(start, pixels, width, BLOCK_P: tl.constexpr):
@@ -229,9 +232,7 @@ if triton is not None:
             tl.store(row_ptr + n, row)
             col = tl.load(column_ptr + l_, mask=in_l, other=-1)
             r = tl.arange(0, BLOCK_R)
-            gram = _factor_rows_gram(soft, seg, col, in_l, r)
-            eye = (r[:, None] == r[None, :]) & (r[:, None] < _num_rows(seg, in_l))
-            diff = gram - eye.to(tl.float32)
+            diff = _orthogonality_residual(soft, seg, col, in_l, r)
             tl.store(orth_ptr + n, tl.sum(tl.sum(diff * diff, axis=1), axis=0) * orth_scale)
 
         # 5. the composed index of that pair, and the gather

@@ -183,9 +183,7 @@ if _fused.triton is not None:
 
         # 4. + the regularizer's gradient, 4 (M M^T - I) M of each factor, times its weight
         soft = tl.load(soft_ptr + n * num_logits + l_, mask=in_l, other=0.0)
-        gram = _fused._factor_rows_gram(soft, seg, col, in_l, r)
-        eye = (r[:, None] == r[None, :]) & in_r[:, None]
-        diff = gram - eye.to(tl.float32)  # (R, R)
+        diff = _fused._orthogonality_residual(soft, seg, col, in_l, r)  # (R, R)
         # entries[l, q] = M[q, col(l)]: the soft entry in row q and the column of logit l
         same_col = (col[:, None] == col[None, :]) & in_l[None, :]
         member = seg[:, None] == r[None, :]  # (L, R)
