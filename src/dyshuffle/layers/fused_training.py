@@ -236,109 +236,135 @@ if _fused.triton is not None:
                 )
 
 
+def _forward(x0, x1, w1, b1, w2, b2, score, segment, column, index, num_a, tau, orth_scale, num_cols):
+    """The training forward: ``(y, orth_scale * sum_n R_n, pooled, hidden, soft, row)``, the
+    last four the float32 descriptor, hidden layer and softmax factors and the int64 chosen pair
+    of every sample, which the backward reads (``w1``-``b2`` float32, ``num_cols``: a + b)."""
+    n, channels, dev = x0.shape[0], index.shape[1], x0.device
+    pooled = torch.empty(n, channels, device=dev)
+    hid = torch.empty(n, w1.shape[0], device=dev)
+    soft = torch.empty(n, w2.shape[0], device=dev)
+    row = torch.empty(n, dtype=torch.int64, device=dev)
+    orth = torch.empty(n, device=dev)  # (the kernel writes every sample's)
+    save = (pooled, hid, soft, row, orth, column, orth_scale, num_cols)
+    two = x1 is not None
+    args = (x0, x1 if two else x0, w1, b1, w2, b2, score, segment, index, num_a, tau, two)
+    y = _fused._run(_fused._hard_shuffle_kernel, *args, save=save)
+    if y.numel() == 0:  # (no samples or no pixels: the kernel did not run)
+        for t in (pooled, hid, soft, row, orth):
+            t.zero_()
+    return y, orth.sum(), pooled, hid, soft, row
+
+
+def _backward(gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, orth_scale):
+    """The backward kernel: ``(gx0, gx1, dlogit, dhidden)``, the gradients of the parts (``gx1``
+    ``None`` for one part) and of the generator's logits and hidden layer (``w1``, ``w2``
+    float32; ``tables``: ``(segment, column, rows, moved, inv_cols, index_inv)``)."""
+    segment, column, rows, moved, inv_cols, index_inv = tables
+    n, channels, h, w = y.shape
+    hidden, num_logits = hid.shape[1], soft.shape[1]
+    dev = y.device
+    shapes = [(n, c0, h, w)] + ([(n, channels - c0, h, w)] if two_parts else [])
+    gxs = [
+        torch.empty(s, dtype=y.dtype, device=dev, memory_format=torch.channels_last)
+        for s in shapes
+    ]
+    dlogit = torch.empty(n, num_logits, device=dev)
+    dhid = torch.empty(n, hidden, device=dev)
+    if n:  # (no samples: the weight-gradient products and sums of these are zeros)
+        gx0, gx1 = gxs[0], gxs[-1]
+        block_c = _fused.pow2(channels)
+        block_r = _fused.pow2(moved.shape[0])
+        _ste_backward_kernel[(n,)](
+            gy,
+            y,
+            gx0,
+            gx1,
+            soft,
+            hid,
+            row,
+            w1,
+            w2,
+            segment,
+            column,
+            rows,
+            moved,
+            inv_cols,
+            index_inv,
+            dlogit,
+            dhid,
+            gloss.reshape(1),
+            c0,
+            channels,
+            h * w,
+            w,
+            *gy.stride(),
+            y.stride(0),
+            y.stride(2),
+            y.stride(3),
+            gx0.stride(0),
+            gx0.stride(2),
+            gx0.stride(3),
+            gx1.stride(0),
+            gx1.stride(2),
+            gx1.stride(3),
+            hidden,
+            num_logits,
+            moved.shape[0],
+            1.0 / (h * w),
+            1.0 / tau,
+            orth_scale,
+            TWO_PARTS=two_parts,
+            BLOCK_C=block_c,
+            BLOCK_P=max(1, _fused._TILE // (block_c * block_r)),
+            BLOCK_L=_fused.pow2(num_logits),
+            BLOCK_R=block_r,
+        )
+    return gxs[0], gxs[1] if two_parts else None, dlogit, dhid
+
+
+def _weight_grads(dhid, dlogit, pooled, hid, dtypes, need):
+    """The gradients of ``w1, b1, w2, b2``: sums over the samples in PyTorch (deterministic), in
+    ``dtypes`` (``None`` where ``need`` is false)."""
+    return (
+        _as_dtype(dhid.T @ pooled, dtypes[0]) if need[0] else None,
+        _as_dtype(dhid.sum(0), dtypes[1]) if need[1] else None,
+        _as_dtype(dlogit.T @ hid, dtypes[2]) if need[2] else None,
+        _as_dtype(dlogit.sum(0), dtypes[3]) if need[3] else None,
+    )
+
+
 class _FusedSTE(torch.autograd.Function):
-    """The layer's STE step: ``(x0, x1, w1, b1, w2, b2) -> (y, regularizer)`` with the tables
-    of the layer as constants (see :func:`ste_shuffle`)."""
+    """The layer's STE step in eager mode: ``(x0, x1, w1, b1, w2, b2) -> (y, regularizer)`` with
+    the tables of the layer as constants (see :func:`ste_shuffle`; under ``torch.compile`` the
+    operator ``dyshuffle::ste_shuffle`` does the same)."""
 
     @staticmethod
     def forward(ctx, x0, x1, w1, b1, w2, b2, tables, tau, orth_scale):  # type: ignore[override]
         score, segment, column, index, index_inv, inv_cols, rows, moved, num_a = tables
-        parts = (x0,) if x1 is None else (x0, x1)
-        n, channels, dev = x0.shape[0], index.shape[1], x0.device
-        hidden, num_logits = w1.shape[0], w2.shape[0]
         f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
-        pooled = torch.empty(n, channels, device=dev)
-        hid = torch.empty(n, hidden, device=dev)
-        soft = torch.empty(n, num_logits, device=dev)
-        row = torch.empty(n, dtype=torch.int64, device=dev)
-        orth = torch.empty(n, device=dev)  # (the kernel writes every sample's)
-        save = (pooled, hid, soft, row, orth, column, orth_scale, moved.shape[0])
-        args = (x0, parts[-1], *f32, score, segment, index, num_a, tau, x1 is not None)
-        y = _fused._run(_fused._hard_shuffle_kernel, *args, save=save)
-        if y.numel() == 0:  # (no samples or no pixels: the kernel did not run)
-            for t in (pooled, hid, soft, row, orth):
-                t.zero_()
+        y, loss, pooled, hid, soft, row = _forward(
+            x0, x1, *f32, score, segment, column, index, num_a, tau, orth_scale, moved.shape[0]
+        )
         ctx.save_for_backward(y, pooled, hid, soft, row, *f32[::2])
-        ctx.tables = tables
+        ctx.tables = (segment, column, rows, moved, inv_cols, index_inv)
         ctx.tau, ctx.orth_scale = tau, orth_scale
-        ctx.part_shapes = [(p.shape, p.dtype) for p in parts]
+        ctx.c0, ctx.two_parts = x0.shape[1], x1 is not None
         ctx.weight_dtypes = [t.dtype for t in (w1, b1, w2, b2)]
-        return y, orth.sum()
+        return y, loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # (the kernels' gradients have no gradient)
     def backward(ctx, gy, gloss):  # type: ignore[override]
+        # (gloss is never None: autograd materializes the gradient of an unused output)
         y, pooled, hid, soft, row, w1, w2 = ctx.saved_tensors
-        _, segment, column, _, index_inv, inv_cols, rows, moved, _ = ctx.tables
-        shapes = ctx.part_shapes
-        n, channels, h, w = y.shape
-        hidden, num_logits = hid.shape[1], soft.shape[1]
-        dev = y.device
-        gxs = [
-            torch.empty(s, dtype=dt, device=dev, memory_format=torch.channels_last)
-            for s, dt in shapes
-        ]
-        dlogit = torch.empty(n, num_logits, device=dev)
-        dhid = torch.empty(n, hidden, device=dev)
-        if n:  # (gloss is never None: autograd materializes the gradient of an unused output)
-            gx0, gx1 = gxs[0], gxs[-1]
-            block_c = _fused.pow2(channels)
-            block_r = _fused.pow2(moved.shape[0])
-            _ste_backward_kernel[(n,)](
-                gy,
-                y,
-                gx0,
-                gx1,
-                soft,
-                hid,
-                row,
-                w1,
-                w2,
-                segment,
-                column,
-                rows,
-                moved,
-                inv_cols,
-                index_inv,
-                dlogit,
-                dhid,
-                gloss.reshape(1),
-                shapes[0][0][1],
-                channels,
-                h * w,
-                w,
-                *gy.stride(),
-                y.stride(0),
-                y.stride(2),
-                y.stride(3),
-                gx0.stride(0),
-                gx0.stride(2),
-                gx0.stride(3),
-                gx1.stride(0),
-                gx1.stride(2),
-                gx1.stride(3),
-                hidden,
-                num_logits,
-                moved.shape[0],
-                1.0 / (h * w),
-                1.0 / ctx.tau,
-                ctx.orth_scale,
-                TWO_PARTS=len(shapes) == 2,
-                BLOCK_C=block_c,
-                BLOCK_P=max(1, _fused._TILE // (block_c * block_r)),
-                BLOCK_L=_fused.pow2(num_logits),
-                BLOCK_R=block_r,
-            )
-        # (no samples: the products and sums below are zeros)
-        # the generator's weight gradients: sums over the samples, in PyTorch (deterministic)
-        need, dtypes = ctx.needs_input_grad, ctx.weight_dtypes
-        gw1 = _as_dtype(dhid.T @ pooled, dtypes[0]) if need[2] else None
-        gb1 = _as_dtype(dhid.sum(0), dtypes[1]) if need[3] else None
-        gw2 = _as_dtype(dlogit.T @ hid, dtypes[2]) if need[4] else None
-        gb2 = _as_dtype(dlogit.sum(0), dtypes[3]) if need[5] else None
-        gx0 = gxs[0] if need[0] else None
-        gx1 = gxs[1] if len(gxs) == 2 and need[1] else None
-        return gx0, gx1, gw1, gb1, gw2, gb2, None, None, None
+        gx0, gx1, dlogit, dhid = _backward(
+            gy, gloss, y, soft, hid, row, w1, w2, ctx.tables, ctx.c0, ctx.two_parts, ctx.tau,
+            ctx.orth_scale,
+        )
+        need = ctx.needs_input_grad
+        grads = _weight_grads(dhid, dlogit, pooled, hid, ctx.weight_dtypes, need[2:6])
+        return gx0 if need[0] else None, gx1 if need[1] else None, *grads, None, None, None
 
 
 def ste_shuffle(
