@@ -236,7 +236,9 @@ if _fused.triton is not None:
                 )
 
 
-def _forward(x0, x1, w1, b1, w2, b2, score, segment, column, index, num_a, tau, orth_scale, num_cols):
+def _forward(
+    x0, x1, w1, b1, w2, b2, score, segment, column, index, num_a, tau, orth_scale, num_cols
+):
     """The training forward: ``(y, orth_scale * sum_n R_n, pooled, hidden, soft, row)``, the
     last four the float32 descriptor, hidden layer and softmax factors and the int64 chosen pair
     of every sample, which the backward reads (``w1``-``b2`` float32, ``num_cols``: a + b)."""
@@ -266,8 +268,7 @@ def _backward(gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, 
     dev = y.device
     shapes = [(n, c0, h, w)] + ([(n, channels - c0, h, w)] if two_parts else [])
     gxs = [
-        torch.empty(s, dtype=y.dtype, device=dev, memory_format=torch.channels_last)
-        for s in shapes
+        torch.empty(s, dtype=y.dtype, device=dev, memory_format=torch.channels_last) for s in shapes
     ]
     dlogit = torch.empty(n, num_logits, device=dev)
     dhid = torch.empty(n, hidden, device=dev)
@@ -359,7 +360,18 @@ class _FusedSTE(torch.autograd.Function):
         # (gloss is never None: autograd materializes the gradient of an unused output)
         y, pooled, hid, soft, row, w1, w2 = ctx.saved_tensors
         gx0, gx1, dlogit, dhid = _backward(
-            gy, gloss, y, soft, hid, row, w1, w2, ctx.tables, ctx.c0, ctx.two_parts, ctx.tau,
+            gy,
+            gloss,
+            y,
+            soft,
+            hid,
+            row,
+            w1,
+            w2,
+            ctx.tables,
+            ctx.c0,
+            ctx.two_parts,
+            ctx.tau,
             ctx.orth_scale,
         )
         need = ctx.needs_input_grad
