@@ -46,8 +46,9 @@
 # runs recorded there are skipped), RUNS_ROOT (/tmp/sweep-runs: run folders, a run folder left
 # with last.pt is resumed), BENCH_DEVICE (cuda), BENCH_BATCHES ("1024 256 32 1"), BENCH_BUDGET
 # (100 s; 0: none), COMPILE_BUDGET (120 s; 0: none; killed 60 s after it), COMPILE_BATCHES
-# ("1024"), COMPILE_VARIANTS ("fixed dynamic dynamic:fused=false"), COMPILE_MODES ("infer": the
-# fused kernel is an inference path; session 14 has the compiled training step), INSPECT_RESERVE
+# ("1024"), COMPILE_VARIANTS ("fixed dynamic:fused_training=true": the layer with both its fused
+# kernels, which torch.compile keeps as operators), COMPILE_MODES ("train infer": session 14 has
+# the compiled training step on PyTorch operators, 1.47 at CIFAR b1024), INSPECT_RESERVE
 # (40 s), MACHINE_RECORDS (/tmp/dyshuffle-session-records.jsonl),
 # SWEEP_MIN (240 s), EXPECT (0 s: start the first run whatever the budget), BENCH_VARIANTS ("fixed
 # dynamic dynamic:fused_training=true": the dynamic layer without and with its fused training
@@ -156,10 +157,13 @@ else
     # each variant compiles once per shape: only the target ratio, at COMPILE_BATCHES (session
     # 14: 120 s covered the CIFAR stem at batch 1024 only, so 1024 alone: both stems)
     read -r -a CBATCHES <<<"${COMPILE_BATCHES:-1024}"
-    # session 15: compiled, the layer took the PyTorch path on the H200 (torch 2.11); the fused
-    # kernel against the layer without it, inference only, says whether it does now
-    read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic dynamic:fused=false}"
-    read -r -a CMODES <<<"${COMPILE_MODES:-infer}"
+    # session 15: compiled, the layer took the PyTorch path on the H200 (torch 2.11); since
+    # session 23 both fused steps are operators that torch.compile keeps (step 0's
+    # test_compiled_* say whether they are kept on the device). Two variants, training first:
+    # each compiles per mode, and the budget stops between modes (in inference
+    # fused_training=true is the default layer, the fused inference kernel)
+    read -r -a CVARIANTS <<<"${COMPILE_VARIANTS:-fixed dynamic:fused_training=true}"
+    read -r -a CMODES <<<"${COMPILE_MODES:-train infer}"
     log "bench (b) --compile reduce-overhead: variants ${CVARIANTS[*]}, modes ${CMODES[*]}," \
         "batches ${CBATCHES[*]}," \
         "budget ${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"

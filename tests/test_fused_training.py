@@ -187,6 +187,103 @@ def test_pytorch_step_where_the_kernels_do_not_apply(monkeypatch):
     assert not per_group._fusable_training(x, ())
 
 
+def _op_args(layer, parts, orth_scale=0.25) -> tuple:
+    """The arguments of the operator ``dyshuffle::ste_shuffle`` for ``layer(*parts)``."""
+    x1 = parts[1] if len(parts) == 2 else None
+    weights = layer._generator_weights()
+    return (parts[0], x1, *weights, *layer._fused_training_tables(), layer.tau, orth_scale)
+
+
+@kernel
+@pytest.mark.parametrize("split", [58, None])
+def test_operators_pass_opcheck(split):
+    """The operators that torch.compile keeps: schema, shapes of the fake tensors, the autograd
+    formula, and the traced (AOT) forward and backward against the eager ones."""
+    layer = _training_layer(116, seed=21)
+    parts = [p.requires_grad_(True) for p in make_parts(3, 116, split, seed=21, device=DEVICE)]
+    args = _op_args(layer, parts)
+    torch.library.opcheck(torch.ops.dyshuffle.ste_shuffle, args)
+    y, _, _, hid, soft, row = (t.detach() for t in torch.ops.dyshuffle.ste_shuffle(*args))
+    assert torch.equal(y, layer(*parts))  # the operator's forward is the layer's output
+    w1, _, w2, _ = (w.detach() for w in layer._generator_weights())
+    tables = layer._fused_training_tables()
+    backward_args = (
+        torch.randn_like(y),
+        torch.tensor(0.5, device=DEVICE),
+        y,
+        soft,
+        hid,
+        row,
+        w1,
+        w2,
+        *(tables[k] for k in (1, 2, 6, 7, 5, 4)),  # segment, column, rows, moved, inv_cols, inv
+        parts[0].shape[1],
+        split is not None,
+        layer.tau,
+        0.25,
+    )
+    torch.library.opcheck(torch.ops.dyshuffle.ste_shuffle_backward, backward_args)
+
+
+@kernel
+@pytest.mark.parametrize(
+    "backend,split", [("aot_eager", 58), ("aot_eager", None), ("inductor", 58)]
+)
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # (the graph recorder's)
+def test_compiled_step_is_the_eager_step(backend, split):
+    """Under torch.compile the layer's training step is the two operators, and gives the eager
+    fused step's output, regularizer and gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer = _training_layer(116, seed=22)
+    parts = make_parts(4, 116, split, seed=22, device=DEVICE)
+    grad_out = torch.randn(4, 116, 6, 7, device=DEVICE)
+    ref = _step(layer, parts, True, grad_out)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    if backend == "inductor":
+        got, code = run_and_get_code(_step, compiled, parts, True, grad_out)
+        text = "\n".join(code)
+    else:
+        from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+        recorder = AotEagerAndRecordGraphs()
+        compiled = torch.compile(layer, backend=recorder, fullgraph=True)
+        got = _step(compiled, parts, True, grad_out)
+        text = "\n".join(g.code for g in recorder.fw_graphs + recorder.bw_graphs)
+    assert "dyshuffle.ste_shuffle.default" in text
+    assert "dyshuffle.ste_shuffle_backward.default" in text
+    assert "gather" not in text  # (the PyTorch path's hard permutation)
+    assert torch.equal(got[0], ref[0]) and _close(got[1], ref[1], 1e-6)
+    for g, r in zip(got[2] + got[3], ref[2] + ref[3], strict=True):
+        assert g.shape == r.shape and _close(g, r, 1e-5)
+
+
+@kernel
+def test_compiled_model_step_is_the_eager_step():
+    """A whole model compiled: its 16 dynamic layers' steps and regularizers, as in eager."""
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.train().to(DEVICE, memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    for m in layers:
+        m.fused_training = True
+    x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
+    target = torch.tensor([1, 4, 7], device=DEVICE)
+    torch._dynamo.reset()
+    results = []
+    for net in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), target)
+        orth = torch.stack([m.last_orthogonal_loss for m in layers]).mean()
+        (loss + 0.1 * orth).backward()
+        results.append((loss.detach(), orth.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, orth0, grads0), (loss1, orth1, grads1) = results
+    assert _close(loss1, loss0, 1e-5) and _close(orth1, orth0, 1e-5)
+    for g0, g1 in zip(grads0, grads1, strict=True):
+        assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max() + 1e-6
+
+
 def test_channel_tables_move_along_one_factor():
     """``moved[k, c]`` is the channel of the same group and column (k < a) or row (k >= a)."""
     groups, a, b = 3, 2, 4

@@ -489,8 +489,9 @@ class DynamicShuffle(nn.Module):
             (:mod:`~dyshuffle.layers.fused_training`: the forward above, which also writes
             what the backward needs, and one backward kernel; the generator's weight
             gradients in four PyTorch operators) instead of about 46 operators, on CUDA
-            (and on the CPU under Triton's interpreter), eagerly (``torch.compile`` keeps the
-            PyTorch operators), when the layer allows it: the cases of ``fused`` above, and no
+            (and on the CPU under Triton's interpreter), eagerly or under ``torch.compile``
+            (two custom operators with their autograd formula; not in exported graphs), when
+            the layer allows it: the cases of ``fused`` above, and no
             ``noise``, ``balance`` or ``descriptor_grad=False``. Same forward, and the same
             gradients within float32 rounding. ``False`` (the default) until a GPU benchmark
             shows that it pays; ``DYSHUFFLE_FUSED=0`` switches it off as well.
@@ -1089,14 +1090,15 @@ class DynamicShuffle(nn.Module):
             return False
         if self.noise or self.balance or not self.descriptor_grad or not self._fused_variant():
             return False
-        if not _fused_training.available(x.device) or torch.compiler.is_compiling():
+        if not _fused_training.available(x.device):
             return False
         # (maps without pixels take the PyTorch path: their descriptor is not a number)
         return self._fused_inputs(x, parts) and x.shape[2] * x.shape[3] > 0
 
-    def _fused_training_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        """:meth:`forward` of :meth:`_fusable_training` inputs: two kernels."""
-        tables = (
+    def _fused_training_tables(self) -> tuple:
+        """The layer's constants of the fused training step (``tables`` of
+        :func:`~dyshuffle.layers.fused_training.ste_shuffle`)."""
+        return (
             _fused.float32(self._fused_score),
             self._fused_segment,
             self._fused_column,
@@ -1107,10 +1109,13 @@ class DynamicShuffle(nn.Module):
             self._fused_moved,
             self._perms_a.shape[0],
         )
+
+    def _fused_training_forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`forward` of :meth:`_fusable_training` inputs: two kernels."""
         # the regularizer's mean over the samples (one factor group), as in forward()
         scale = 1.0 / max(inputs[0].shape[0], 1)
         y, self.last_orthogonal_loss = _fused_training.ste_shuffle(
-            inputs, *self._generator_weights(), tables, self.tau, scale
+            inputs, *self._generator_weights(), self._fused_training_tables(), self.tau, scale
         )
         return y
 

@@ -379,6 +379,174 @@ class _FusedSTE(torch.autograd.Function):
         return gx0 if need[0] else None, gx1 if need[1] else None, *grads, None, None, None
 
 
+# Under torch.compile the step is a pair of custom operators with their autograd formula and
+# shapes registered, which Dynamo and Inductor keep as calls (CUDA graphs capture them): the
+# autograd function above launches kernels that tracing cannot see into. (Opaque operators
+# rather than ``triton_op``: those run under Triton's interpreter too, where the tests trace
+# them on the CPU; ``wrap_triton`` of an interpreted kernel cannot be traced.)
+
+
+@torch.library.custom_op("dyshuffle::ste_shuffle", mutates_args=())
+def _ste_op(
+    x0: Tensor,
+    x1: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    score: Tensor,
+    segment: Tensor,
+    column: Tensor,
+    index: Tensor,
+    index_inv: Tensor,
+    inv_cols: Tensor,
+    rows: Tensor,
+    moved: Tensor,
+    num_a: int,
+    tau: float,
+    orth_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ste_shuffle`'s forward: the output, the regularizer and what the backward reads
+    (``index_inv``, ``inv_cols`` and ``rows`` are the backward's, inputs so that it has them)."""
+    f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
+    out = _forward(
+        x0, x1, *f32, score, segment, column, index, num_a, tau, orth_scale, moved.shape[0]
+    )
+    return out
+
+
+@_ste_op.register_fake
+def _(
+    x0,
+    x1,
+    w1,
+    b1,
+    w2,
+    b2,
+    score,
+    segment,
+    column,
+    index,
+    index_inv,
+    inv_cols,
+    rows,
+    moved,
+    num_a,
+    tau,
+    orth_scale,
+):
+    n, channels, h, w = x0.shape[0], index.shape[1], x0.shape[2], x0.shape[3]
+    y = x0.new_empty((n, channels, h, w)).contiguous(memory_format=torch.channels_last)
+    f32 = torch.float32
+    return (
+        y,
+        x0.new_empty((), dtype=f32),
+        x0.new_empty((n, channels), dtype=f32),
+        x0.new_empty((n, w1.shape[0]), dtype=f32),
+        x0.new_empty((n, w2.shape[0]), dtype=f32),
+        x0.new_empty((n,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("dyshuffle::ste_shuffle_backward", mutates_args=())
+def _ste_backward_op(
+    gy: Tensor,
+    gloss: Tensor,
+    y: Tensor,
+    soft: Tensor,
+    hid: Tensor,
+    row: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    segment: Tensor,
+    column: Tensor,
+    rows: Tensor,
+    moved: Tensor,
+    inv_cols: Tensor,
+    index_inv: Tensor,
+    c0: int,
+    two_parts: bool,
+    tau: float,
+    orth_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel of :func:`_ste_op`: the parts' gradients (the second one empty for one
+    part) and those of the logits and the hidden layer."""
+    tables = (segment, column, rows, moved, inv_cols, index_inv)
+    w1, w2 = _fused.float32(w1), _fused.float32(w2)
+    gx0, gx1, dlogit, dhid = _backward(
+        gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, orth_scale
+    )
+    return gx0, gx1 if gx1 is not None else y.new_empty(0), dlogit, dhid
+
+
+@_ste_backward_op.register_fake
+def _(
+    gy,
+    gloss,
+    y,
+    soft,
+    hid,
+    row,
+    w1,
+    w2,
+    segment,
+    column,
+    rows,
+    moved,
+    inv_cols,
+    index_inv,
+    c0,
+    two_parts,
+    tau,
+    orth_scale,
+):
+    n, channels, h, w = y.shape
+
+    def part(c: int) -> Tensor:
+        return y.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+
+    gx1 = part(channels - c0) if two_parts else y.new_empty(0)
+    return part(c0), gx1, soft.new_empty(soft.shape), hid.new_empty(hid.shape)
+
+
+def _ste_setup(ctx, inputs, output) -> None:
+    x0, x1, w1, b1, w2, b2 = inputs[:6]
+    # (the operator's arguments 7-8 and 10-13, in the order of the backward operator's)
+    segment, column, rows, moved, inv_cols, index_inv = (inputs[k] for k in (7, 8, 12, 13, 11, 10))
+    y, _, pooled, hid, soft, row = output
+    ctx.save_for_backward(
+        y, pooled, hid, soft, row, w1, w2, segment, column, rows, moved, inv_cols, index_inv
+    )
+    ctx.c0, ctx.two_parts, ctx.tau, ctx.orth_scale = x0.shape[1], x1 is not None, *inputs[15:]
+    ctx.weight_dtypes = [t.dtype for t in (w1, b1, w2, b2)]
+
+
+def _ste_op_backward(ctx, gy, gloss, *_):
+    y, pooled, hid, soft, row, w1, w2, *tables = ctx.saved_tensors
+    gx0, gx1, dlogit, dhid = _ste_backward_op(
+        gy,
+        gloss,
+        y,
+        soft,
+        hid,
+        row,
+        w1,
+        w2,
+        *tables,
+        ctx.c0,
+        ctx.two_parts,
+        ctx.tau,
+        ctx.orth_scale,
+    )
+    need = ctx.needs_input_grad
+    grads = _weight_grads(dhid, dlogit, pooled, hid, ctx.weight_dtypes, need[2:6])
+    gx1 = gx1 if ctx.two_parts and need[1] else None
+    return (gx0 if need[0] else None, gx1, *grads) + (None,) * 11
+
+
+_ste_op.register_autograd(_ste_op_backward, setup_context=_ste_setup)
+
+
 def ste_shuffle(
     parts: tuple[Tensor, ...],
     w1: Tensor,
@@ -409,4 +577,7 @@ def ste_shuffle(
         (the inverse gather and the descriptor's share) and the four weights.
     """
     x1 = parts[1] if len(parts) == 2 else None
+    if torch.compiler.is_compiling():  # (the operator's arguments: the tables unpacked)
+        y, loss, *_ = _ste_op(parts[0], x1, w1, b1, w2, b2, *tables, float(tau), float(orth_scale))
+        return y, loss
     return _FusedSTE.apply(parts[0], x1, w1, b1, w2, b2, tables, float(tau), float(orth_scale))
