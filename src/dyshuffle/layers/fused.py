@@ -377,12 +377,12 @@ def launch(
         return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     if compiling:  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
-    return _run(_hard_shuffle_kernel, *args)
+    return _run(*args)
 
 
-def _run(kernel, *args, save: tuple | None = None) -> Tensor:
-    """Launch ``kernel`` (the Triton function, or its ``wrap_triton`` in the custom op) on the
-    arguments of the operator ``dyshuffle::hard_shuffle`` (:func:`_hard_shuffle_op`)."""
+def _run(*args, save: tuple | None = None) -> Tensor:
+    """Launch the kernel on the arguments of the operator ``dyshuffle::hard_shuffle``
+    (:func:`_hard_shuffle_op`)."""
     # save: (pooled, hidden, soft, row, orth, column, orth_scale, a + b): the training outputs
     # that the forward of dyshuffle.layers.fused_training has the kernel write (SAVE)
     x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts = args
@@ -397,7 +397,7 @@ def _run(kernel, *args, save: tuple | None = None) -> Tensor:
     num_logits = w2.shape[0]
     # (without save, the training outputs' pointers are placeholders, never written)
     training = save[:-1] if save is not None else (out, out, out, out, out, segment, 1.0)
-    kernel[(n,)](
+    _hard_shuffle_kernel[(n,)](
         x0,
         x1,
         out,
@@ -439,23 +439,32 @@ def _run(kernel, *args, save: tuple | None = None) -> Tensor:
     return out
 
 
-if triton is not None:
+# An opaque custom operator, which torch.compile keeps as a call (CUDA graphs capture it), rather
+# than a ``triton_op``: its graphs can be traced under Triton's interpreter too, where the tests
+# compile the layer on the CPU (``wrap_triton`` of an interpreted kernel cannot be traced).
+@torch.library.custom_op("dyshuffle::hard_shuffle", mutates_args=())
+def _hard_shuffle_op(
+    x0: Tensor,
+    x1: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    table: Tensor,
+    segment: Tensor,
+    index: Tensor,
+    num_a: int,
+    tau: float,
+    two_parts: bool,
+) -> Tensor:
+    """:func:`hard_shuffle` as an operator that ``torch.compile`` keeps in its graph (``x1`` is
+    ``x0`` when ``two_parts`` is ``False``)."""
+    x0, x1 = _cpu.unit_channel_stride(x0, x1)
+    return _run(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
 
-    @torch.library.triton_op("dyshuffle::hard_shuffle", mutates_args=())
-    def _hard_shuffle_op(
-        x0: Tensor,
-        x1: Tensor,
-        w1: Tensor,
-        b1: Tensor,
-        w2: Tensor,
-        b2: Tensor,
-        table: Tensor,
-        segment: Tensor,
-        index: Tensor,
-        num_a: int,
-        tau: float,
-        two_parts: bool,
-    ) -> Tensor:
-        """:func:`hard_shuffle` as an operator that ``torch.compile`` sees into."""
-        kernel = torch.library.wrap_triton(_hard_shuffle_kernel)
-        return _run(kernel, x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
+
+@_hard_shuffle_op.register_fake
+def _(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts):
+    n, _, h, w = x0.shape
+    shape = (n, index.shape[1], h, w)
+    return torch.empty(shape, dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)

@@ -216,6 +216,16 @@ def launch(
     return out
 
 
+def unit_channel_stride(*parts: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``parts`` with the channel stride 1 that the fused kernels read (``None`` kept): the
+    inputs of their operators, which a compiled graph may have laid out otherwise (eager calls
+    never do)."""
+    return tuple(
+        p if p is None or p.stride(1) == 1 else p.contiguous(memory_format=torch.channels_last)
+        for p in parts
+    )
+
+
 @torch.library.custom_op("dyshuffle::hard_shuffle_cpu", mutates_args=(), device_types="cpu")
 def _hard_shuffle_op(
     x0: Tensor,
@@ -232,11 +242,8 @@ def _hard_shuffle_op(
     two_parts: bool,
 ) -> Tensor:
     """:func:`launch` as an operator that ``torch.compile`` keeps in its graph (``x1`` is ``x0``
-    when ``two_parts`` is ``False``). Parts whose channels a compiled graph laid out otherwise
-    are made channels_last first."""
-    x0, x1 = (
-        p if p.stride(1) == 1 else p.contiguous(memory_format=torch.channels_last) for p in (x0, x1)
-    )
+    when ``two_parts`` is ``False``)."""
+    x0, x1 = unit_channel_stride(x0, x1)
     return launch(x0, x1 if two_parts else None, w1, b1, w2, b2, table, segment, index, num_a, tau)
 
 

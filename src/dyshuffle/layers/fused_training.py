@@ -251,7 +251,7 @@ def _forward(
     save = (pooled, hid, soft, row, orth, column, orth_scale, num_cols)
     two = x1 is not None
     args = (x0, x1 if two else x0, w1, b1, w2, b2, score, segment, index, num_a, tau, two)
-    y = _fused._run(_fused._hard_shuffle_kernel, *args, save=save)
+    y = _fused._run(*args, save=save)
     if y.numel() == 0:  # (no samples or no pixels: the kernel did not run)
         for t in (pooled, hid, soft, row, orth):
             t.zero_()
@@ -408,6 +408,7 @@ def _ste_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`ste_shuffle`'s forward: the output, the regularizer and what the backward reads
     (``index_inv``, ``inv_cols`` and ``rows`` are the backward's, inputs so that it has them)."""
+    x0, x1 = _fused._cpu.unit_channel_stride(x0, x1)
     f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
     out = _forward(
         x0, x1, *f32, score, segment, column, index, num_a, tau, orth_scale, moved.shape[0]
