@@ -62,9 +62,25 @@ ERASE_SCALE = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)
 
 
-def _check_policy(policy: str) -> None:
+def check_policy(policy: str) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of :data:`AUTO_AUGMENT`."""
     if policy not in AUTO_AUGMENT:
         raise ValueError(f"unknown auto_augment {policy!r}; valid: {', '.join(AUTO_AUGMENT)}")
+
+
+def check_magnitude(magnitude: int, name: str = "magnitude") -> None:
+    """Raise ``ValueError`` unless ``magnitude`` is one of torchvision's magnitude bins."""
+    if not 0 <= magnitude < NUM_MAGNITUDE_BINS:
+        raise ValueError(
+            f"{name} must be in [0, {NUM_MAGNITUDE_BINS - 1}] (torchvision's bins), "
+            f"got {magnitude!r}"
+        )
+
+
+def check_prob(prob: float, name: str = "prob") -> None:
+    """Raise ``ValueError`` unless ``prob`` is a chance in [0, 1]."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {prob!r}")
 
 
 def magnitude_table(policy: str, height: int, width: int) -> Tensor:
@@ -75,7 +91,7 @@ def magnitude_table(policy: str, height: int, width: int) -> Tensor:
     torchvision passes to the operation. Rows of operations without a magnitude are 0;
     ``Solarize`` is a fraction of 255 and ``Posterize`` a number of bits.
     """
-    _check_policy(policy)
+    check_policy(policy)
     n = NUM_MAGNITUDE_BINS
     if policy == "randaugment":
         shear, color, rotate, posterize_span = 0.3, 0.9, 30.0, 4
@@ -144,12 +160,8 @@ def draw_auto_augment(
         generator: a CPU generator.
         magnitude: RandAugment's magnitude bin, ``0 .. NUM_MAGNITUDE_BINS - 1``.
     """
-    _check_policy(policy)
-    if not 0 <= magnitude < NUM_MAGNITUDE_BINS:
-        raise ValueError(
-            f"magnitude must be in [0, {NUM_MAGNITUDE_BINS - 1}] (torchvision's bins), "
-            f"got {magnitude!r}"
-        )
+    check_policy(policy)
+    check_magnitude(magnitude)
     if policy == "none":
         return None
     k = RA_NUM_OPS if policy == "randaugment" else 1
@@ -271,8 +283,7 @@ def draw_erase_boxes(
     Returns:
         int64 ``(n, 4)``: ``(top, left, box height, box width)``; all zero where nothing is erased.
     """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+    check_prob(prob)
     f64 = torch.float64
     erased = torch.rand(n, generator=generator, dtype=f64) < prob
     u_area = torch.rand(n, attempts, generator=generator, dtype=f64)

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .augment import (
-    AUTO_AUGMENT,
     NUM_MAGNITUDE_BINS,
     RA_NUM_OPS,
     AugmentChoice,
     auto_augment,
+    check_magnitude,
+    check_policy,
+    check_prob,
     draw_auto_augment,
     draw_erase_boxes,
     erase,
@@ -142,14 +144,9 @@ def random_crop(x: Tensor, offsets: Tensor, padding: int) -> Tensor:
 
 
 def _check_augment(auto_augment: str, ra_magnitude: int, random_erasing: float) -> None:
-    if auto_augment not in AUTO_AUGMENT:
-        raise ValueError(f"unknown auto_augment {auto_augment!r}; valid: {', '.join(AUTO_AUGMENT)}")
-    if not 0 <= ra_magnitude < NUM_MAGNITUDE_BINS:
-        raise ValueError(
-            f"ra_magnitude must be in [0, {NUM_MAGNITUDE_BINS - 1}], got {ra_magnitude!r}"
-        )
-    if not 0.0 <= random_erasing <= 1.0:
-        raise ValueError(f"random_erasing must be in [0, 1], got {random_erasing!r}")
+    check_policy(auto_augment)
+    check_magnitude(ra_magnitude, "ra_magnitude")
+    check_prob(random_erasing, "random_erasing")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .augment import check_prob
+
 __all__ = ["BatchMix", "mix_batch"]
 
 
@@ -68,8 +70,7 @@ def mix_batch(
     """
     _check_alpha("mixup", mixup)
     _check_alpha("cutmix", cutmix)
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+    check_prob(prob)
     if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and "
