@@ -81,8 +81,8 @@ def reference(layer: DynamicShuffle, parts) -> torch.Tensor:
 
 
 def op_args(layer: DynamicShuffle, parts) -> tuple:
-    """The arguments of the operators ``dyshuffle::hard_shuffle`` (Triton) and
-    ``dyshuffle::hard_shuffle_cpu`` (C) for ``layer`` on ``parts``."""
+    """The arguments of the operator ``dyshuffle::hard_shuffle`` (the C kernel on the CPU, the
+    Triton one on CUDA and under the interpreter) for ``layer`` on ``parts``."""
     first, last = layer.generator[0], layer.generator[-1]
     weights = tuple(t.detach() for t in (first.weight, first.bias, last.weight, last.bias))
     tables = (layer._fused_score, layer._fused_segment, layer._index_ab)

@@ -151,20 +151,20 @@ def test_export_keeps_the_pytorch_operators():
 @torch.no_grad()
 def test_compiled_layer_keeps_the_kernel():
     """torch.compile (inductor, one graph) keeps the kernel as the custom operator
-    ``dyshuffle::hard_shuffle_cpu``, the layer's only work in the generated code."""
+    ``dyshuffle::hard_shuffle``, the layer's only work in the generated code."""
     from torch._inductor.utils import run_and_get_code
 
     layer = make_layer(232, seed=9)
     parts = make_parts(5, 232, 116, hw=(4, 4), seed=9)
     torch.library.opcheck(
-        torch.ops.dyshuffle.hard_shuffle_cpu.default,
+        torch.ops.dyshuffle.hard_shuffle.default,
         op_args(layer, parts),
         test_utils=("test_schema", "test_faketensor"),
     )
     torch._dynamo.reset()
     out, code = run_and_get_code(torch.compile(layer, fullgraph=True), *parts)
     text = "\n".join(code)
-    assert "torch.ops.dyshuffle.hard_shuffle_cpu.default(" in text
+    assert "torch.ops.dyshuffle.hard_shuffle.default(" in text
     assert "argmax" not in text and "gather" not in text
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, reference(layer, parts))
@@ -196,7 +196,7 @@ def test_a_part_laid_out_otherwise_is_made_channels_last():
     args[1] = args[1].contiguous()  # NCHW: channel stride H * W
     assert args[1].stride(1) != 1
     with torch.no_grad():
-        out = torch.ops.dyshuffle.hard_shuffle_cpu(*args)
+        out = torch.ops.dyshuffle.hard_shuffle(*args)
         assert torch.equal(out, reference(layer, parts))
 
 

@@ -72,8 +72,8 @@ def available(device: torch.device) -> bool:
     installed); on the CPU, the C kernel of :mod:`~dyshuffle.layers.fused_cpu` (a C compiler
     at hand; built on the first call), or the Triton kernel under Triton's interpreter
     (``TRITON_INTERPRET=1`` set before Triton was imported: how the tests run it without a
-    GPU). ``torch.compile`` keeps either kernel as a custom operator (``dyshuffle::hard_shuffle``,
-    ``dyshuffle::hard_shuffle_cpu``)."""
+    GPU). ``torch.compile`` keeps either kernel as the custom operator
+    ``dyshuffle::hard_shuffle``."""
     if not ENABLED:
         return False
     if device.type == "cuda":
@@ -371,12 +371,10 @@ def launch(
         # an eval layer compiled in grad mode, failed to compile)
         w1, b1, w2, b2 = (w.detach() for w in (w1, b1, w2, b2))
     args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
-    if x0.device.type == "cpu" and not _INTERPRETED:
-        if compiling:
-            return torch.ops.dyshuffle.hard_shuffle_cpu(*args)
-        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     if compiling:  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
+    if x0.device.type == "cpu" and not _INTERPRETED:
+        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     return _run(*args)
 
 
@@ -439,9 +437,20 @@ def _run(*args, save: tuple | None = None) -> Tensor:
     return out
 
 
+def unit_channel_stride(*parts: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``parts`` with the channel stride 1 that the fused kernels read (``None`` kept): the
+    inputs of their operators, which a compiled graph may have laid out otherwise (eager calls
+    never do)."""
+    return tuple(
+        p if p is None or p.stride(1) == 1 else p.contiguous(memory_format=torch.channels_last)
+        for p in parts
+    )
+
+
 # An opaque custom operator, which torch.compile keeps as a call (CUDA graphs capture it), rather
 # than a ``triton_op``: its graphs can be traced under Triton's interpreter too, where the tests
-# compile the layer on the CPU (``wrap_triton`` of an interpreted kernel cannot be traced).
+# compile the layer on the CPU (``wrap_triton`` of an interpreted kernel cannot be traced). On the
+# CPU it is the C kernel (the Triton one under the interpreter).
 @torch.library.custom_op("dyshuffle::hard_shuffle", mutates_args=())
 def _hard_shuffle_op(
     x0: Tensor,
@@ -459,7 +468,10 @@ def _hard_shuffle_op(
 ) -> Tensor:
     """:func:`hard_shuffle` as an operator that ``torch.compile`` keeps in its graph (``x1`` is
     ``x0`` when ``two_parts`` is ``False``)."""
-    x0, x1 = _cpu.unit_channel_stride(x0, x1)
+    x0, x1 = unit_channel_stride(x0, x1)
+    if x0.device.type == "cpu" and not _INTERPRETED:
+        x1 = x1 if two_parts else None
+        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
     return _run(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
 
 

@@ -12,8 +12,9 @@ The source is compiled once per machine with the system's C compiler (``$CC``, e
 name holds a hash of the source, the flags and the compiler) and loaded with :mod:`ctypes`.
 Without a compiler, or when compiling fails, :func:`available` is ``False`` (with one warning
 that says why) and the layers keep the PyTorch operators. ``torch.compile`` keeps the kernel as
-the custom operator ``dyshuffle::hard_shuffle_cpu``; exported graphs (``torch.export``, ONNX,
-TorchScript) hold the PyTorch operators, which other runtimes have.
+the custom operator ``dyshuffle::hard_shuffle`` (:mod:`~dyshuffle.layers.fused`, whose CPU
+implementation it is); exported graphs (``torch.export``, ONNX, TorchScript) hold the PyTorch
+operators, which other runtimes have.
 """
 
 from __future__ import annotations
@@ -214,41 +215,3 @@ def launch(
     if status != 0:
         raise MemoryError(f"the CPU kernel could not allocate its scratch memory for {n} samples")
     return out
-
-
-def unit_channel_stride(*parts: Tensor | None) -> tuple[Tensor | None, ...]:
-    """``parts`` with the channel stride 1 that the fused kernels read (``None`` kept): the
-    inputs of their operators, which a compiled graph may have laid out otherwise (eager calls
-    never do)."""
-    return tuple(
-        p if p is None or p.stride(1) == 1 else p.contiguous(memory_format=torch.channels_last)
-        for p in parts
-    )
-
-
-@torch.library.custom_op("dyshuffle::hard_shuffle_cpu", mutates_args=(), device_types="cpu")
-def _hard_shuffle_op(
-    x0: Tensor,
-    x1: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    table: Tensor,
-    segment: Tensor,
-    index: Tensor,
-    num_a: int,
-    tau: float,
-    two_parts: bool,
-) -> Tensor:
-    """:func:`launch` as an operator that ``torch.compile`` keeps in its graph (``x1`` is ``x0``
-    when ``two_parts`` is ``False``)."""
-    x0, x1 = unit_channel_stride(x0, x1)
-    return launch(x0, x1 if two_parts else None, w1, b1, w2, b2, table, segment, index, num_a, tau)
-
-
-@_hard_shuffle_op.register_fake
-def _(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts):
-    n, _, h, w = x0.shape
-    shape = (n, index.shape[1], h, w)
-    return torch.empty(shape, dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)

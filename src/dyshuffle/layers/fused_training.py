@@ -408,7 +408,7 @@ def _ste_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`ste_shuffle`'s forward: the output, the regularizer and what the backward reads
     (``index_inv``, ``inv_cols`` and ``rows`` are the backward's, inputs so that it has them)."""
-    x0, x1 = _fused._cpu.unit_channel_stride(x0, x1)
+    x0, x1 = _fused.unit_channel_stride(x0, x1)
     f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
     out = _forward(
         x0, x1, *f32, score, segment, column, index, num_a, tau, orth_scale, moved.shape[0]
