@@ -417,25 +417,7 @@ def _ste_op(
 
 
 @_ste_op.register_fake
-def _(
-    x0,
-    x1,
-    w1,
-    b1,
-    w2,
-    b2,
-    score,
-    segment,
-    column,
-    index,
-    index_inv,
-    inv_cols,
-    rows,
-    moved,
-    num_a,
-    tau,
-    orth_scale,
-):
+def _(x0, x1, w1, b1, w2, b2, score, segment, column, index, *_):
     n, channels, h, w = x0.shape[0], index.shape[1], x0.shape[2], x0.shape[3]
     y = x0.new_empty((n, channels, h, w)).contiguous(memory_format=torch.channels_last)
     f32 = torch.float32
@@ -481,26 +463,8 @@ def _ste_backward_op(
 
 
 @_ste_backward_op.register_fake
-def _(
-    gy,
-    gloss,
-    y,
-    soft,
-    hid,
-    row,
-    w1,
-    w2,
-    segment,
-    column,
-    rows,
-    moved,
-    inv_cols,
-    index_inv,
-    c0,
-    two_parts,
-    tau,
-    orth_scale,
-):
+def _(gy, gloss, y, soft, hid, *rest):
+    c0, two_parts = rest[-4:-2]  # (then tau and orth_scale)
     n, channels, h, w = y.shape
 
     def part(c: int) -> Tensor:
@@ -524,21 +488,8 @@ def _ste_setup(ctx, inputs, output) -> None:
 
 def _ste_op_backward(ctx, gy, gloss, *_):
     y, pooled, hid, soft, row, w1, w2, *tables = ctx.saved_tensors
-    gx0, gx1, dlogit, dhid = _ste_backward_op(
-        gy,
-        gloss,
-        y,
-        soft,
-        hid,
-        row,
-        w1,
-        w2,
-        *tables,
-        ctx.c0,
-        ctx.two_parts,
-        ctx.tau,
-        ctx.orth_scale,
-    )
+    args = (gy, gloss, y, soft, hid, row, w1, w2, *tables)
+    gx0, gx1, dlogit, dhid = _ste_backward_op(*args, ctx.c0, ctx.two_parts, ctx.tau, ctx.orth_scale)
     need = ctx.needs_input_grad
     grads = _weight_grads(dhid, dlogit, pooled, hid, ctx.weight_dtypes, need[2:6])
     gx1 = gx1 if ctx.two_parts and need[1] else None
