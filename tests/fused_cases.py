@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle
+from dyshuffle.models import create_model
 
 #: Triton's interpreter is on in this process (kernels run on CPU tensors)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -56,6 +57,22 @@ def make_layer(channels: int, seed: int, device="cpu", **kwargs) -> DynamicShuff
         for p in layer.generator.parameters():
             p.add_(torch.randn_like(p))
     return layer.eval().to(device)
+
+
+def make_model(seed: int, device="cpu", train=False, perturb=False):
+    """ShuffleNetV2 0.5x (CIFAR stem) with dynamic shuffles, channels_last on ``device``, and its
+    dynamic layers; ``perturb``: their generators moved so that inputs get different
+    permutations (as :func:`make_layer`)."""
+    torch.manual_seed(seed)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    model = model.train(train).to(device, memory_format=torch.channels_last)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    if perturb:
+        with torch.no_grad():
+            for m in layers:
+                for p in m.generator.parameters():
+                    p.add_(torch.randn_like(p))
+    return model, layers
 
 
 def make_parts(

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle, LearnedShuffle, fused
-from dyshuffle.models import create_model
 from fused_cases import (
     DEVICE,
     INTERPRETED,
@@ -21,6 +20,7 @@ from fused_cases import (
     check_kernel_is_the_pytorch_path,
     kernel,
     make_layer,
+    make_model,
     make_parts,
     op_args,
     reference,
@@ -67,14 +67,7 @@ def test_half_inputs_are_pooled_in_float32(dtype):
 @kernel
 @torch.no_grad()
 def test_whole_model_evaluates_alike():
-    torch.manual_seed(0)
-    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
-    model = model.eval().to(DEVICE, memory_format=torch.channels_last)
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
-    for m in layers:
-        with torch.no_grad():
-            for p in m.generator.parameters():
-                p.add_(torch.randn_like(p))
+    model, layers = make_model(0, DEVICE, perturb=True)
     x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
     out = model(x)
     for m in layers:

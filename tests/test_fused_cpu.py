@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle, fused, fused_cpu
-from dyshuffle.models import create_model
 from fused_cases import (
     SHAPES,
     check_kernel_is_the_pytorch_path,
     make_layer,
+    make_model,
     make_parts,
     op_args,
     reference,
@@ -103,13 +103,7 @@ def test_layer_converted_to_half_chooses_as_its_pytorch_path(dtype):
 
 @torch.no_grad()
 def test_whole_model_evaluates_alike_in_fp32_and_bf16():
-    torch.manual_seed(0)
-    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
-    model = model.eval().to(memory_format=torch.channels_last)
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
-    for m in layers:
-        for p in m.generator.parameters():
-            p.add_(torch.randn_like(p))
+    model, layers = make_model(0, perturb=True)
     x = torch.randn(5, 3, 32, 32).to(memory_format=torch.channels_last)
     out = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -172,10 +166,7 @@ def test_compiled_layer_keeps_the_kernel():
 
 @torch.no_grad()
 def test_compiled_model_calls_the_kernel_in_every_layer(monkeypatch):
-    torch.manual_seed(3)
-    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
-    model = model.eval().to(memory_format=torch.channels_last)
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    model, layers = make_model(3)
     x = torch.randn(3, 3, 32, 32).to(memory_format=torch.channels_last)
     expected = model(x)
     calls = []

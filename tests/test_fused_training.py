@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from dyshuffle.layers import DynamicShuffle, compact_index, fused, fused_training
-from dyshuffle.models import create_model
 from fused_cases import (
     DEVICE,
     INTERPRETED,
     SHAPES,
     kernel,
     make_layer,
+    make_model,
     make_parts,
     run_under_triton_interpreter,
 )
@@ -107,28 +107,33 @@ def test_half_input_without_autocast():
     check_fused_step_is_the_pytorch_step(layer, parts, rel=2e-2)
 
 
-@kernel
-def test_whole_model_trains_alike():
-    torch.manual_seed(0)
-    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
-    model = model.train().to(DEVICE, memory_format=torch.channels_last)
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+def _model_steps(nets, fused_steps):
+    """Loss, mean regularizer and parameter gradients of one step of a ShuffleNetV2 0.5x (as
+    ``net`` of ``nets``, the model or a compiled form of it) with each ``fused_training``."""
+    model, layers = make_model(0, DEVICE, train=True)
     x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
     target = torch.tensor([1, 4, 7], device=DEVICE)
+    torch._dynamo.reset()
     results = []
-    for flag in (False, True):
+    for net, flag in zip(nets(model), fused_steps, strict=True):
         for m in layers:
             m.fused_training = flag
         model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss = torch.nn.functional.cross_entropy(net(x), target)
         orth = torch.stack([m.last_orthogonal_loss for m in layers]).mean()
         (loss + 0.1 * orth).backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (loss0, grads0), (loss1, grads1) = results
-    assert torch.equal(loss0, loss1)
+        results.append((loss.detach(), orth.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss0, orth0, grads0), (loss1, orth1, grads1) = results
     for g0, g1 in zip(grads0, grads1, strict=True):
         # (the gradients of the biases before batch norms are zero but for rounding)
         assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max() + 1e-6
+    return (loss0, orth0), (loss1, orth1)
+
+
+@kernel
+def test_whole_model_trains_alike():
+    (loss0, _), (loss1, _) = _model_steps(lambda model: (model, model), (False, True))
+    assert torch.equal(loss0, loss1)
 
 
 @kernel
@@ -262,26 +267,12 @@ def test_compiled_step_is_the_eager_step(backend, split):
 @kernel
 def test_compiled_model_step_is_the_eager_step():
     """A whole model compiled: its 16 dynamic layers' steps and regularizers, as in eager."""
-    torch.manual_seed(0)
-    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
-    model = model.train().to(DEVICE, memory_format=torch.channels_last)
-    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
-    for m in layers:
-        m.fused_training = True
-    x = torch.randn(3, 3, 32, 32).to(DEVICE, memory_format=torch.channels_last)
-    target = torch.tensor([1, 4, 7], device=DEVICE)
-    torch._dynamo.reset()
-    results = []
-    for net in (model, torch.compile(model, backend="aot_eager")):
-        model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x), target)
-        orth = torch.stack([m.last_orthogonal_loss for m in layers]).mean()
-        (loss + 0.1 * orth).backward()
-        results.append((loss.detach(), orth.detach(), [p.grad.clone() for p in model.parameters()]))
-    (loss0, orth0, grads0), (loss1, orth1, grads1) = results
+
+    def eager_and_compiled(model):
+        return model, torch.compile(model, backend="aot_eager")
+
+    (loss0, orth0), (loss1, orth1) = _model_steps(eager_and_compiled, (True, True))
     assert _close(loss1, loss0, 1e-5) and _close(orth1, orth0, 1e-5)
-    for g0, g1 in zip(grads0, grads1, strict=True):
-        assert (g1 - g0).abs().max() <= 1e-4 * g0.abs().max() + 1e-6
 
 
 def test_channel_tables_move_along_one_factor():
