@@ -200,12 +200,14 @@ def _op_args(layer, parts, orth_scale=0.25) -> tuple:
 
 
 @kernel
-@pytest.mark.parametrize("split", [58, None])
-def test_operators_pass_opcheck(split):
-    """The operators that torch.compile keeps: schema, shapes of the fake tensors, the autograd
-    formula, and the traced (AOT) forward and backward against the eager ones."""
+@pytest.mark.parametrize("split,hw", [(58, (6, 7)), (None, (6, 7)), (58, (1, 1))])
+def test_operators_pass_opcheck(split, hw):
+    """The operators that torch.compile keeps: schema, the fake tensors' shapes and strides
+    (also on 1 x 1 maps), the autograd formula, and the traced (AOT) forward and backward
+    against the eager ones."""
     layer = _training_layer(116, seed=21)
-    parts = [p.requires_grad_(True) for p in make_parts(3, 116, split, seed=21, device=DEVICE)]
+    parts = make_parts(3, 116, split, hw=hw, seed=21, device=DEVICE)
+    parts = [p.requires_grad_(True) for p in parts]
     args = _op_args(layer, parts)
     torch.library.opcheck(torch.ops.dyshuffle.ste_shuffle, args)
     y, _, _, hid, soft, row = (t.detach() for t in torch.ops.dyshuffle.ste_shuffle(*args))

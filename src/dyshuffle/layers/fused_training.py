@@ -419,7 +419,8 @@ def _ste_op(
 @_ste_op.register_fake
 def _(x0, x1, w1, b1, w2, b2, score, segment, column, index, *_):
     n, channels, h, w = x0.shape[0], index.shape[1], x0.shape[2], x0.shape[3]
-    y = x0.new_empty((n, channels, h, w)).contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last  # (strides as the kernel's output, also for 1 x 1 maps)
+    y = torch.empty((n, channels, h, w), dtype=x0.dtype, device=x0.device, memory_format=cl)
     f32 = torch.float32
     return (
         y,
@@ -468,7 +469,8 @@ def _(gy, gloss, y, soft, hid, *rest):
     n, channels, h, w = y.shape
 
     def part(c: int) -> Tensor:
-        return y.new_empty((n, c, h, w)).contiguous(memory_format=torch.channels_last)
+        shape, cl = (n, c, h, w), torch.channels_last
+        return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=cl)
 
     gx1 = part(channels - c0) if two_parts else y.new_empty(0)
     return part(c0), gx1, soft.new_empty(soft.shape), hid.new_empty(hid.shape)
