@@ -107,6 +107,29 @@ def test_half_input_without_autocast():
     check_fused_step_is_the_pytorch_step(layer, parts, rel=2e-2)
 
 
+@kernel
+def test_compiled_step_follows_the_temperature():
+    """A temperature schedule under torch.compile: the step of every new tau is that tau's (the
+    regularizer and the gradients depend on it), without a new graph for each (1 / tau is a
+    tensor of the graph, not a constant)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    layer = _training_layer(116, seed=23)
+    parts = make_parts(4, 116, 58, seed=23, device=DEVICE)
+    grad_out = torch.randn(4, 116, 6, 7, device=DEVICE)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter)
+    for tau in (1.0, 0.7, 2.0, 0.5, 3.0):
+        layer.tau = tau
+        ref = _step(layer, parts, True, grad_out)
+        got = _step(compiled, parts, True, grad_out)
+        assert torch.equal(got[0], ref[0]) and _close(got[1], ref[1], 1e-6), tau
+        for g, r in zip(got[2] + got[3], ref[2] + ref[3], strict=True):
+            assert _close(g, r, 1e-5), tau
+    assert counter.frame_count <= 2  # (the first tau a constant, then a graph input)
+
+
 def _model_steps(nets, fused_steps):
     """Loss, mean regularizer and parameter gradients of one step of a ShuffleNetV2 0.5x (as
     ``net`` of ``nets``, the model or a compiled form of it) with each ``fused_training``."""
@@ -196,7 +219,8 @@ def _op_args(layer, parts, orth_scale=0.25) -> tuple:
     """The arguments of the operator ``dyshuffle::ste_shuffle`` for ``layer(*parts)``."""
     x1 = parts[1] if len(parts) == 2 else None
     weights = layer._generator_weights()
-    return (parts[0], x1, *weights, *layer._fused_training_tables(), layer.tau, orth_scale)
+    inv_tau = torch.full((1,), 1.0 / layer.tau, device=DEVICE)
+    return (parts[0], x1, *weights, *layer._fused_training_tables(), inv_tau, orth_scale)
 
 
 @kernel
@@ -226,7 +250,7 @@ def test_operators_pass_opcheck(split, hw):
         *(tables[k] for k in (1, 2, 6, 7, 5, 4)),  # segment, column, rows, moved, inv_cols, inv
         parts[0].shape[1],
         split is not None,
-        layer.tau,
+        args[-2],  # 1 / tau
         0.25,
     )
     torch.library.opcheck(torch.ops.dyshuffle.ste_shuffle_backward, backward_args)

@@ -494,9 +494,7 @@ class DynamicShuffle(nn.Module):
             the layer allows it: the cases of ``fused`` above, and no
             ``noise``, ``balance`` or ``descriptor_grad=False``. Same forward, and the same
             gradients within float32 rounding. ``False`` (the default) until a GPU benchmark
-            shows that it pays; ``DYSHUFFLE_FUSED=0`` switches it off as well. Compiled, the
-            temperature is a constant of the graph: each new ``tau`` (a schedule) compiles
-            again, until Dynamo's recompile limit leaves the layer to eager mode.
+            shows that it pays; ``DYSHUFFLE_FUSED=0`` switches it off as well.
 
     An input of another floating dtype than the layer's (say bfloat16 features in a float32
     layer, without autocast) is taken on every path: the generator runs in the layer's dtype and

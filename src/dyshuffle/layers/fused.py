@@ -160,6 +160,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         SAVE: tl.constexpr = False,
         BLOCK_R: tl.constexpr = 1,
+        TAU_IN_MEMORY: tl.constexpr = False,
     ):
         # SAVE (the STE training forward of dyshuffle.layers.fused_training): also write what its
         # backward needs, per sample: the descriptor, the generator's hidden layer (after the
@@ -205,7 +206,10 @@ if triton is not None:
                 tl.store(hidden_ptr + n * hidden + j, hj)
             w2 = tl.load(w2_ptr + l_ * hidden + j, mask=in_l, other=0.0)
             logits += w2 * hj
-        logits = logits * inv_tau
+        if TAU_IN_MEMORY:  # (a compiled training step's: a new tau is not a new graph)
+            logits = logits * tl.load(inv_tau)
+        else:
+            logits = logits * inv_tau
 
         # 3. softmax over every row of the two factor matrices (segment[l]: the row of logit l)
         seg = tl.load(segment_ptr + l_, mask=in_l, other=-1)
@@ -378,9 +382,17 @@ def launch(
     return _run(*args)
 
 
+def inv_tau(tau: float | Tensor) -> float | Tensor:
+    """What the kernels take for the temperature: ``1 / tau``, or a one-element float32 tensor
+    that holds it (their ``TAU_IN_MEMORY`` form, which the compiled training step uses: an
+    operator's float arguments are constants of a compiled graph) as it is."""
+    return tau if isinstance(tau, Tensor) else 1.0 / tau
+
+
 def _run(*args, save: tuple | None = None) -> Tensor:
     """Launch the kernel on the arguments of the operator ``dyshuffle::hard_shuffle``
-    (:func:`_hard_shuffle_op`)."""
+    (:func:`_hard_shuffle_op`; ``tau`` may also be a tensor that holds ``1 / tau``,
+    :func:`inv_tau`)."""
     # save: (pooled, hidden, soft, row, orth, column, orth_scale, a + b): the training outputs
     # that the forward of dyshuffle.layers.fused_training has the kernel write (SAVE)
     x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts = args
@@ -424,7 +436,7 @@ def _run(*args, save: tuple | None = None) -> Tensor:
         num_a,
         table.shape[0] - num_a,
         1.0 / (h * w),
-        1.0 / tau,
+        inv_tau(tau),
         *training,
         TWO_PARTS=two_parts,
         BLOCK_C=block_c,
@@ -433,6 +445,7 @@ def _run(*args, save: tuple | None = None) -> Tensor:
         BLOCK_K=pow2(table.shape[0]),
         SAVE=save is not None,
         BLOCK_R=1 if save is None else pow2(save[-1]),
+        TAU_IN_MEMORY=isinstance(tau, Tensor),
     )
     return out
 

@@ -129,6 +129,7 @@ if _fused.triton is not None:
         BLOCK_P: tl.constexpr,
         BLOCK_L: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        TAU_IN_MEMORY: tl.constexpr,
     ):
         n = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK_C)
@@ -198,7 +199,10 @@ if _fused.triton is not None:
         # 5. the softmax's backward (each row of each factor), then the temperature
         same_row = (seg[:, None] == seg[None, :]) & in_l[None, :]
         dot = tl.sum(tl.where(same_row, (soft * dsoft)[None, :], 0.0), axis=1)
-        dlogit = tl.where(in_l, soft * (dsoft - dot) * inv_tau, 0.0)
+        if TAU_IN_MEMORY:  # (as in the forward kernel)
+            dlogit = tl.where(in_l, soft * (dsoft - dot) * tl.load(inv_tau), 0.0)
+        else:
+            dlogit = tl.where(in_l, soft * (dsoft - dot) * inv_tau, 0.0)
         tl.store(dlogit_ptr + n * num_logits + l_, dlogit, mask=in_l)
 
         # 6. the generator's backward to the descriptor, one hidden unit at a time
@@ -313,13 +317,14 @@ def _backward(gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, 
             num_logits,
             moved.shape[0],
             1.0 / (h * w),
-            1.0 / tau,
+            _fused.inv_tau(tau),
             orth_scale,
             TWO_PARTS=two_parts,
             BLOCK_C=block_c,
             BLOCK_P=max(1, _fused._TILE // (block_c * block_r)),
             BLOCK_L=_fused.pow2(num_logits),
             BLOCK_R=block_r,
+            TAU_IN_MEMORY=isinstance(tau, Tensor),
         )
     return gxs[0], gxs[1] if two_parts else None, dlogit, dhid
 
@@ -403,15 +408,17 @@ def _ste_op(
     rows: Tensor,
     moved: Tensor,
     num_a: int,
-    tau: float,
+    inv_tau: Tensor,
     orth_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`ste_shuffle`'s forward: the output, the regularizer and what the backward reads
-    (``index_inv``, ``inv_cols`` and ``rows`` are the backward's, inputs so that it has them)."""
+    (``index_inv``, ``inv_cols`` and ``rows`` are the backward's, inputs so that it has them;
+    ``inv_tau``: ``1 / tau`` in a one-element float32 tensor, so that a new temperature is not a
+    new compiled graph)."""
     x0, x1 = _fused.unit_channel_stride(x0, x1)
     f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
     out = _forward(
-        x0, x1, *f32, score, segment, column, index, num_a, tau, orth_scale, moved.shape[0]
+        x0, x1, *f32, score, segment, column, index, num_a, inv_tau, orth_scale, moved.shape[0]
     )
     return out
 
@@ -450,7 +457,7 @@ def _ste_backward_op(
     index_inv: Tensor,
     c0: int,
     two_parts: bool,
-    tau: float,
+    inv_tau: Tensor,
     orth_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward kernel of :func:`_ste_op`: the parts' gradients (the second one empty for one
@@ -458,7 +465,7 @@ def _ste_backward_op(
     tables = (segment, column, rows, moved, inv_cols, index_inv)
     w1, w2 = _fused.float32(w1), _fused.float32(w2)
     gx0, gx1, dlogit, dhid = _backward(
-        gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, orth_scale
+        gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, inv_tau, orth_scale
     )
     return gx0, gx1 if gx1 is not None else y.new_empty(0), dlogit, dhid
 
@@ -480,18 +487,18 @@ def _ste_setup(ctx, inputs, output) -> None:
     x0, x1, w1, b1, w2, b2 = inputs[:6]
     # (the operator's arguments 7-8 and 10-13, in the order of the backward operator's)
     segment, column, rows, moved, inv_cols, index_inv = (inputs[k] for k in (7, 8, 12, 13, 11, 10))
+    inv_tau, ctx.orth_scale = inputs[15:]
     y, _, pooled, hid, soft, row = output
-    ctx.save_for_backward(
-        y, pooled, hid, soft, row, w1, w2, segment, column, rows, moved, inv_cols, index_inv
-    )
-    ctx.c0, ctx.two_parts, ctx.tau, ctx.orth_scale = x0.shape[1], x1 is not None, *inputs[15:]
+    tables = (segment, column, rows, moved, inv_cols, index_inv)
+    ctx.save_for_backward(y, pooled, hid, soft, row, w1, w2, inv_tau, *tables)
+    ctx.c0, ctx.two_parts = x0.shape[1], x1 is not None
     ctx.weight_dtypes = [t.dtype for t in (w1, b1, w2, b2)]
 
 
 def _ste_op_backward(ctx, gy, gloss, *_):
-    y, pooled, hid, soft, row, w1, w2, *tables = ctx.saved_tensors
+    y, pooled, hid, soft, row, w1, w2, inv_tau, *tables = ctx.saved_tensors
     args = (gy, gloss, y, soft, hid, row, w1, w2, *tables)
-    gx0, gx1, dlogit, dhid = _ste_backward_op(*args, ctx.c0, ctx.two_parts, ctx.tau, ctx.orth_scale)
+    gx0, gx1, dlogit, dhid = _ste_backward_op(*args, ctx.c0, ctx.two_parts, inv_tau, ctx.orth_scale)
     need = ctx.needs_input_grad
     grads = _weight_grads(dhid, dlogit, pooled, hid, ctx.weight_dtypes, need[2:6])
     gx1 = gx1 if ctx.two_parts and need[1] else None
@@ -532,6 +539,8 @@ def ste_shuffle(
     """
     x1 = parts[1] if len(parts) == 2 else None
     if torch.compiler.is_compiling():  # (the operator's arguments: the tables unpacked)
-        y, loss, *_ = _ste_op(parts[0], x1, w1, b1, w2, b2, *tables, float(tau), float(orth_scale))
+        # (a tensor operation on tau, which Dynamo makes an input of the graph: not a constant)
+        inv_tau = torch.ones(1, device=parts[0].device) / tau
+        y, loss, *_ = _ste_op(parts[0], x1, w1, b1, w2, b2, *tables, inv_tau, float(orth_scale))
         return y, loss
     return _FusedSTE.apply(parts[0], x1, w1, b1, w2, b2, tables, float(tau), float(orth_scale))
