@@ -168,8 +168,9 @@ else
     log "bench (b) --compile reduce-overhead: variants ${CVARIANTS[*]}, modes ${CMODES[*]}," \
         "batches ${CBATCHES[*]}," \
         "budget ${COMPILE_BUDGET}s (killed at $((COMPILE_BUDGET + 60))s)"
-    # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV
-    timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --batch "${CBATCHES[@]}" \
+    # the CSV name does not say the compile mode: the suffix keeps (a)'s CSV. perf_hints: the
+    # log says where Inductor skips CUDA graphs ("skipping cudagraphs due to ...")
+    TORCH_LOGS=perf_hints timeout -k 10 $((COMPILE_BUDGET + 60)) "${bench[@]}" --batch "${CBATCHES[@]}" \
         --variants "${CVARIANTS[@]}" --modes "${CMODES[@]}" --compile reduce-overhead \
         --suffix _reduce-overhead \
         --time-budget "$COMPILE_BUDGET" >"$OUT/bench-compiled.log" 2>&1 \
