@@ -245,7 +245,8 @@ def _forward(
 ):
     """The training forward: ``(y, orth_scale * sum_n R_n, pooled, hidden, soft, row)``, the
     last four the float32 descriptor, hidden layer and softmax factors and the int64 chosen pair
-    of every sample, which the backward reads (``w1``-``b2`` float32, ``num_cols``: a + b)."""
+    of every sample, which the backward reads (``w1``-``b2`` float32, ``num_cols``: a + b;
+    ``tau`` the temperature, or ``1 / tau`` in a one-element tensor, :func:`.fused.inv_tau`)."""
     n, channels, dev = x0.shape[0], index.shape[1], x0.device
     pooled = torch.empty(n, channels, device=dev)
     hid = torch.empty(n, w1.shape[0], device=dev)
@@ -265,7 +266,8 @@ def _forward(
 def _backward(gy, gloss, y, soft, hid, row, w1, w2, tables, c0, two_parts, tau, orth_scale):
     """The backward kernel: ``(gx0, gx1, dlogit, dhidden)``, the gradients of the parts (``gx1``
     ``None`` for one part) and of the generator's logits and hidden layer (``w1``, ``w2``
-    float32; ``tables``: ``(segment, column, rows, moved, inv_cols, index_inv)``)."""
+    float32; ``tables``: ``(segment, column, rows, moved, inv_cols, index_inv)``; ``tau`` as in
+    :func:`_forward`)."""
     segment, column, rows, moved, inv_cols, index_inv = tables
     n, channels, h, w = y.shape
     hidden, num_logits = hid.shape[1], soft.shape[1]
@@ -417,10 +419,9 @@ def _ste_op(
     new compiled graph)."""
     x0, x1 = _fused.unit_channel_stride(x0, x1)
     f32 = [_fused.float32(t) for t in (w1, b1, w2, b2)]
-    out = _forward(
+    return _forward(
         x0, x1, *f32, score, segment, column, index, num_a, inv_tau, orth_scale, moved.shape[0]
     )
-    return out
 
 
 @_ste_op.register_fake
