@@ -377,9 +377,16 @@ def launch(
     args = (x0, x1 if two else x0, w1, b1, w2, b2, table, segment, index, num_a, tau, two)
     if compiling:  # a custom op that torch.compile (and CUDA graphs) keeps
         return torch.ops.dyshuffle.hard_shuffle(*args)
+    return _kernel(*args)
+
+
+def _kernel(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts) -> Tensor:
+    """The C kernel on the CPU, the Triton kernel elsewhere (and on the CPU under Triton's
+    interpreter), on the arguments of the operator ``dyshuffle::hard_shuffle``."""
     if x0.device.type == "cpu" and not _INTERPRETED:
+        x1 = x1 if two_parts else None
         return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
-    return _run(*args)
+    return _run(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
 
 
 def inv_tau(tau: float | Tensor) -> float | Tensor:
@@ -462,8 +469,7 @@ def unit_channel_stride(*parts: Tensor | None) -> tuple[Tensor | None, ...]:
 
 # An opaque custom operator, which torch.compile keeps as a call (CUDA graphs capture it), rather
 # than a ``triton_op``: its graphs can be traced under Triton's interpreter too, where the tests
-# compile the layer on the CPU (``wrap_triton`` of an interpreted kernel cannot be traced). On the
-# CPU it is the C kernel (the Triton one under the interpreter).
+# compile the layer on the CPU (``wrap_triton`` of an interpreted kernel cannot be traced).
 @torch.library.custom_op("dyshuffle::hard_shuffle", mutates_args=())
 def _hard_shuffle_op(
     x0: Tensor,
@@ -482,10 +488,7 @@ def _hard_shuffle_op(
     """:func:`hard_shuffle` as an operator that ``torch.compile`` keeps in its graph (``x1`` is
     ``x0`` when ``two_parts`` is ``False``)."""
     x0, x1 = unit_channel_stride(x0, x1)
-    if x0.device.type == "cpu" and not _INTERPRETED:
-        x1 = x1 if two_parts else None
-        return _cpu.launch(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau)
-    return _run(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
+    return _kernel(x0, x1, w1, b1, w2, b2, table, segment, index, num_a, tau, two_parts)
 
 
 @_hard_shuffle_op.register_fake
