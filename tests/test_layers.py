@@ -952,6 +952,55 @@ def test_hard_identity_is_the_cross_group_shuffle_with_the_ste_gradient(shared, 
     assert "hard_identity=True" in repr(layer)
 
 
+def test_permutation_mode_identity_forces_the_identity_factors_and_restores_the_layers():
+    """``permutation_mode(model, "identity")``: every dynamic layer of a model (SDS's included)
+    applies its identity factors, which is the same weights built with ``hard_identity=True``;
+    on leaving, each layer is as it was (a layer built with ``hard_identity`` keeps it)."""
+    from dyshuffle.models import create_model
+
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=10, stem="cifar", mixer="dynamic", init="random")
+    model = create_model("shufflenet_v2_x0_5", **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, DynamicShuffle):
+            randomize_generator(m)
+    forced = create_model("shufflenet_v2_x0_5", **kwargs, hard_identity=True).eval()
+    forced.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    with torch.no_grad():
+        hard = model(x)
+        with permutation_mode(model, "identity") as same:
+            assert same is model
+            assert all(m.hard_identity and m.eval_permutation == "hard" for m in layers)
+            identity = model(x)
+        assert torch.equal(identity, forced(x))
+        assert not torch.allclose(identity, hard)  # the random generators choose otherwise
+        assert torch.equal(model(x), hard)
+    assert not any(m.hard_identity for m in layers)
+    assert all(m.eval_permutation == "hard" for m in layers)
+    # a single layer, and a layer built with hard_identity keeps it in the other modes
+    layer = DynamicShuffle(24, groups=6, factors=(2, 2), init="random").eval()
+    randomize_generator(layer)
+    xl = torch.randn(5, 24, 2, 2)
+    assert not torch.equal(layer(xl), channel_shuffle(xl, 6))
+    with permutation_mode(layer, "identity"):
+        assert torch.equal(layer(xl), channel_shuffle(xl, 6))
+    fixed = DynamicShuffle(24, groups=6, factors=(2, 2), hard_identity=True).eval()
+    with permutation_mode(fixed, "hard"):
+        assert torch.equal(fixed(xl), channel_shuffle(xl, 6))
+    assert fixed.hard_identity
+    # an SDS's dynamic part is a dynamic layer too
+    sds = StaticDynamicShuffle(24, init="random").eval()
+    dyn = [m for m in sds.modules() if isinstance(m, DynamicShuffle)]
+    with permutation_mode(sds, "identity"):
+        assert dyn and all(m.hard_identity for m in dyn)
+    assert not any(m.hard_identity for m in dyn)
+    with pytest.raises(ValueError, match="'fixed'"):
+        with permutation_mode(layer, "fixed"):
+            pass
+
+
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])
 @pytest.mark.parametrize("shared,groups,factors", [(True, 2, (3, 4)), (False, 6, (2, 2))])
 def test_logit_cap_bounds_the_softmax_rows_and_keeps_the_ste_gradient(cls, shared, groups, factors):

@@ -438,6 +438,41 @@ def test_evaluate_uses_the_weights_the_run_evaluated(tmp_path, capsys):
     assert "--threads must be 0 or more, got -1" in capsys.readouterr().err
 
 
+def test_evaluate_identity_is_the_model_with_the_identity_factors_forced(tmp_path, capsys):
+    """``--permutation identity`` evaluates every dynamic layer with its identity factors forced:
+    the numbers of the same weights built with ``hard_identity=True`` and evaluated hard, not
+    those of the permutations the layers choose (a random generator chooses others)."""
+    out = tmp_path / "run"
+    argv = ["--train-subset", "64", "--val-subset", "100", "--batch-size", "32", "--epochs", "1",
+            "--mixer-kwargs", '{"init": "random"}', "--output", str(out), "--no-tensorboard",
+            *FAST]  # fmt: skip
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0, stdout
+    ev_json = tmp_path / "ev.json"
+
+    def evaluate(checkpoint, permutation):
+        argv = [str(checkpoint), "--permutation", permutation, "--json", str(ev_json)]
+        assert evaluate_cli.main([*argv, "--device", "cpu", "--no-progress"]) == 0
+        return json.loads(ev_json.read_text()), capsys.readouterr().out
+
+    every, printed = evaluate(out / "last.pt", "all")
+    assert {"top1_hard", "top1_soft", "top1_identity"} <= set(every)
+    assert every["permutation"] == "hard" and every["top1"] == every["top1_hard"]
+    assert f"identity: top-1 {every['top1_identity']:.2f}%" in printed
+    identity, _ = evaluate(out / "last.pt", "identity")
+    hard, _ = evaluate(out / "last.pt", "hard")
+    assert identity["permutation"] == "identity" and set(hard) == set(identity) - {
+        "top1_identity", "top5_identity"} | {"top1_hard", "top5_hard"}  # fmt: skip
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    state["model_args"]["hard_identity"] = True
+    torch.save(state, tmp_path / "forced.pt")
+    forced, _ = evaluate(tmp_path / "forced.pt", "hard")
+    assert forced["loss"] == pytest.approx(identity["loss"], rel=1e-6)
+    assert (forced["top1"], forced["top5"]) == (identity["top1"], identity["top5"])
+    assert identity["loss"] != pytest.approx(hard["loss"], rel=1e-4)
+    assert every["top1_identity"] == identity["top1"] and every["top1_hard"] == hard["top1"]
+
+
 def test_bf16_channels_last_run_keeps_float32_weights(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = run_cli(["--train-subset", "64", "--val-subset", "40", "--batch-size", "32",

@@ -1240,14 +1240,32 @@ def _set_on_layers(model: nn.Module, name: str, value: object) -> Iterator[nn.Mo
             setattr(m, name, b)
 
 
-def permutation_mode(model: nn.Module, which: str) -> contextlib.AbstractContextManager:
-    """Temporarily make every dynamic layer of ``model`` apply ``"soft"`` or ``"hard"`` in eval.
+#: what :func:`permutation_mode` can make the dynamic layers apply in evaluation
+PERMUTATION_MODES = ("hard", "soft", "identity")
+
+
+@contextlib.contextmanager
+def permutation_mode(model: nn.Module, which: str) -> Iterator[nn.Module]:
+    """Temporarily make every dynamic layer of ``model`` apply ``which`` in eval.
+
+    ``"hard"``: the chosen permutations (the deployed layer); ``"soft"``: the softmax factor
+    matrices (the binarization gap); ``"identity"``: the identity factors for every input, as
+    ``hard_identity`` does, i.e. each layer's fixed cross-group shuffle whatever its generator
+    gives. A trained model evaluated so shows what its choices are worth: the same accuracy as
+    ``"hard"`` when every layer chose the identity factors for every input, another when the network
+    relies on the permutations it chose.
 
     >>> with permutation_mode(model, "soft"):
     ...     soft_logits = model.eval()(x)
     """
-    check_choice(which, ("soft", "hard"), "permutation")
-    return _set_on_layers(model, "eval_permutation", which)
+    check_choice(which, PERMUTATION_MODES, "permutation")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            _set_on_layers(model, "eval_permutation", "soft" if which == "soft" else "hard")
+        )
+        if which == "identity":
+            stack.enter_context(_set_on_layers(model, "hard_identity", True))
+        yield model
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ Examples::
     dyshuffle evaluate runs/NAME/last.pt --json eval.json --permutation both
 
 For models with dynamic-shuffle layers it reports the accuracy with hard permutations (the
-deployed layer) and with the soft matrices.
+deployed layer) and with the soft matrices; ``--permutation identity`` (or ``all``) adds the
+accuracy with every layer's identity factors forced for every input (its fixed cross-group
+shuffle): what the permutations the layers chose are worth to the trained network.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["evaluate_checkpoint", "main"]
+__all__ = ["PERMUTATION_CHOICES", "evaluate_checkpoint", "main"]
+
+#: ``--permutation``: one mode of :func:`~dyshuffle.layers.permutation_mode`, or a group of them
+PERMUTATION_CHOICES = ("both", "hard", "soft", "identity", "all")
+_GROUPS = {"both": ["hard", "soft"], "all": ["hard", "soft", "identity"]}
 
 
 def evaluate_checkpoint(
@@ -43,13 +49,16 @@ def evaluate_checkpoint(
         device, amp: as in ``dyshuffle train``.
         weights: ``"auto"`` (the weights the run evaluated: its ``--eval-weights``, by default
             the EMA when kept), ``"model"`` or ``"ema"``.
-        permutation: ``"hard"``, ``"soft"`` or ``"both"`` (dynamic models).
+        permutation: ``"hard"``, ``"soft"``, ``"identity"`` (the identity factors forced in
+            every dynamic layer, :func:`~dyshuffle.layers.permutation_mode`), ``"both"`` (hard
+            and soft) or ``"all"`` (the three); for dynamic models.
         overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
             (``cache_dir``, ``loader``, ``val_subset``, ...).
         progress: a bar of the batches on a terminal (stderr).
 
     Returns:
-        ``top1``, ``top5``, ``count`` (and ``top1_soft``/``top1_hard``... for dynamic models),
+        ``top1``, ``top5``, ``count`` (and ``top1_hard``, ``top1_soft``, ``top1_identity``...
+        of the modes evaluated, for dynamic models),
         ``checkpoint``, ``data``, ``weights``.
     """
     from dyshuffle.layers import permutation_mode
@@ -61,8 +70,10 @@ def evaluate_checkpoint(
 
     if split not in ("val", "train"):
         raise ValueError(f"unknown split {split!r}; valid: val, train")
-    if permutation not in ("hard", "soft", "both"):
-        raise ValueError(f"unknown permutation {permutation!r}; valid: hard, soft, both")
+    if permutation not in PERMUTATION_CHOICES:
+        raise ValueError(
+            f"unknown permutation {permutation!r}; valid: {', '.join(PERMUTATION_CHOICES)}"
+        )
     model, state = model_from_checkpoint(checkpoint, weights=weights)
     base = dict(state.get("config") or {})
     values = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
@@ -119,7 +130,7 @@ def evaluate_checkpoint(
             "epoch": state.get("epoch"),
         }
         dynamic = has_dynamic_layers(model)
-        modes = ["hard", "soft"] if permutation == "both" else [permutation]
+        modes = _GROUPS.get(permutation, [permutation])
         if not dynamic:
             modes = ["hard"]
         for mode in modes:
@@ -174,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: the weights the run evaluated (its --eval-weights; the EMA when kept)",
     )
-    p.add_argument("--permutation", choices=("both", "hard", "soft"), default="both")
+    p.add_argument(
+        "--permutation",
+        choices=PERMUTATION_CHOICES,
+        default="both",
+        help="both: hard and soft (default); identity: every dynamic layer's identity factors "
+        "forced (its fixed cross-group shuffle); all: the three",
+    )
     p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
     p.add_argument(
         "--loader", choices=("auto", "memory", "workers"), help="(default: the training one)"
@@ -231,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if "top1_soft" in out or "top1_hard" in out:
         parts = [
             f"{m}: top-1 {out[f'top1_{m}']:.2f}% top-5 {out[f'top5_{m}']:.2f}%"
-            for m in ("hard", "soft")
+            for m in ("hard", "soft", "identity")
             if f"top1_{m}" in out
         ]
         print("dynamic shuffle permutations | " + " | ".join(parts))
