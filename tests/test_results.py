@@ -419,3 +419,34 @@ def test_records_and_reports_do_not_make_the_commit_dirty(tmp_path, monkeypatch)
         (repo / rel).write_text("1\n")
         assert git_commit(repo / "src") == head + "-dirty", rel
         git("checkout", "-q", "--", rel)
+
+
+def _identity_cell(text: str, mixer: str) -> str:
+    """The `hard - identity` cell of the first table row of ``mixer``."""
+    row = next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
+    return row.split("|")[12].strip()
+
+
+def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
+    """The `hard - identity` column: over the runs that measured both, the mean and spread of
+    each run's hard top-1 minus its top-1 with the identity factors forced (not the difference
+    of the two means: a run without the measurement counts in neither)."""
+    fixed = [record("shuffle", s, 80.0) for s in range(3)]
+    dyn = [
+        record("dynamic", 0, 81.0, top1_identity=80.0),  # +1.0
+        record("dynamic", 1, 82.0, top1_identity=79.0),  # +3.0
+        record("dynamic", 2, 90.0),  # recorded before the field: left out of the pairs
+    ]
+    text = render_results(fixed + dyn)
+    assert "| hard - identity (points) |" in text
+    assert _identity_cell(text, "dynamic") == "2.00 ± 1.41"
+    assert _identity_cell(text, "shuffle") == "-"  # no dynamic layers, nothing forced
+    one = render_results(fixed + [dict(dyn[0], top1_identity=81.0)])
+    assert _identity_cell(one, "dynamic") == "0.00"  # the identity factors for every image
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    rule = text.splitlines()[text.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")
+
+
+def _row(text: str, mixer: str) -> str:
+    return next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)

@@ -68,6 +68,7 @@ def test_sweep_records_runs_and_skips_recorded_ones(tmp_path, monkeypatch, capsy
     assert dyn["options"] == {"mixer.mode": "soft"}
     assert all(r["note"] == "tiny test" for r in records)
     assert dyn["top1_soft"] is not None and records[0]["top1_soft"] is None
+    assert dyn["top1_identity"] is not None and records[0]["top1_identity"] is None
     assert dyn["macs"] > records[0]["macs"]  # the generators are counted
     for r in records:
         assert 0.0 <= r["top1_hard"] <= 100.0 and r["command"].startswith("dyshuffle train")

@@ -360,6 +360,7 @@ def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
         "top5",
         "top1_soft",
         "top1_hard",
+        "top1_identity",
         "params",
         "macs",
         "train_seconds",
@@ -396,6 +397,12 @@ def test_train_writes_every_output_and_evaluate_agrees(tmp_path, capsys):
         res["top1_soft"]
     )
     assert ev["top5"] == pytest.approx(res["top5"]) and ev["weights"] == "ema"
+    # the identity factors forced: what evaluate --permutation identity gives for the same weights
+    code = evaluate_cli.main([str(out), "--permutation", "identity", "--json",
+                              str(tmp_path / "ev.json"), "--device", "cpu"])  # fmt: skip
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert code == 0 and ev["top1"] == pytest.approx(res["top1_identity"])
+    assert ev["top5"] == pytest.approx(res["top5_identity"])
 
 
 def test_evaluate_uses_the_weights_the_run_evaluated(tmp_path, capsys):

@@ -117,10 +117,12 @@ class Group:
         return [float(r[name]) for r in self.records if r.get(name) is not None]
 
     def mean_std(self, name: str) -> tuple[float, float] | None:
-        vals = self.values(name)
-        if not vals:
-            return None
-        return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
+        return _mean_std(self.values(name))
+
+    def paired_mean_std(self, name: str, other: str) -> tuple[float, float] | None:
+        """Mean and spread over seeds of ``name - other`` of each run that has both."""
+        pairs = [r for r in self.records if r.get(name) is not None and r.get(other) is not None]
+        return _mean_std([float(r[name]) - float(r[other]) for r in pairs])
 
     @property
     def first(self) -> dict[str, Any]:
@@ -153,6 +155,13 @@ def group_records(records: Sequence[dict[str, Any]]) -> list[Group]:
     for (key, _), i in sorted(latest.items(), key=lambda item: item[1]):
         groups.setdefault(key, Group(key)).records.append(records[i])
     return list(groups.values())
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (``nan`` for one value), ``None`` for none."""
+    if not vals:
+        return None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
 
 
 def _fmt(ms: tuple[float, float] | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -460,7 +469,11 @@ def render_results(
         "seeds of runs recorded there, each with its command, commit and device. `hard - fixed`:",
         "the hard top-1 minus that of the fixed shuffle with the 1x1 convolutions (the standard",
         "model) of the same model, schedule and device; for SDS rows, the model whose 1x1",
-        "convolutions they replace.",
+        "convolutions they replace. `hard - identity`: per run, the hard top-1 minus that of the",
+        "same weights with every dynamic layer's identity factors forced for every image",
+        '(`permutation_mode(model, "identity")`, each layer\'s fixed cross-group shuffle): what',
+        "the permutations the layers chose are worth to the trained network (0 when they chose",
+        "the identity factors for every image; `-` for runs recorded before it was measured).",
         "",
     ]
     if not records:
@@ -472,10 +485,10 @@ def render_results(
         lines += _figure_links(groups, dataset, figures or {})
         lines.append(
             "| model | mixer | pointwise | options | epochs | recipe | device | seeds "
-            "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points ± s.e.) | params | MMACs "
-            "| train img/s |"
+            "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points ± s.e.) "
+            "| hard - identity (points) | params | MMACs | train img/s |"
         )
-        lines.append("|" + "---|" * 14)
+        lines.append("|" + "---|" * 15)
         rows = sorted((g for g in groups if g.key[0] == dataset), key=lambda g: g.key[1:])
         for g in rows:
             f = g.first
@@ -487,7 +500,8 @@ def render_results(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
                 f"| {f['epochs']} | {f.get('recipe', '') or '-'} | {f['device']} "
                 f"| {len(g.records)} | {_fmt(hard)} | {_fmt(g.mean_std('top1_soft'))} "
-                f"| {delta} | {int(f['params']):,} | {float(f['macs']) / 1e6:.1f} "
+                f"| {delta} | {_fmt(g.paired_mean_std('top1_hard', 'top1_identity'))} "
+                f"| {int(f['params']):,} | {float(f['macs']) / 1e6:.1f} "
                 f"| {_fmt(throughput, 1.0, 0)} |"
             )
         lines.append("")

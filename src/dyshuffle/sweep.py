@@ -355,6 +355,7 @@ def run_sweep(
             "epochs": cfg.epochs,
             "top1_hard": result["top1"],
             "top1_soft": result.get("top1_soft"),
+            "top1_identity": result.get("top1_identity"),
             "top5": result["top5"],
             "params": result["params"],
             "macs": result["macs"],

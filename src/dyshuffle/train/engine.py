@@ -1023,11 +1023,20 @@ class _Run:
                     model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
                     progress=cfg.progress, desc="validate (soft permutations)",
                 )  # fmt: skip
+            # the same weights with every layer's identity factors forced: what the permutations
+            # the layers chose are worth to the trained network
+            with permutation_mode(model, "identity"):
+                identity = evaluate(
+                    model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
+                    progress=cfg.progress, desc="validate (identity factors)",
+                )  # fmt: skip
             results.update(
                 top1_hard=final["top1"],
                 top5_hard=final["top5"],
                 top1_soft=soft["top1"],
                 top5_soft=soft["top5"],
+                top1_identity=identity["top1"],
+                top5_identity=identity["top5"],
             )
         model.eval()
         c, h, w = self.input_size
@@ -1059,7 +1068,10 @@ class _Run:
             write_json(self.run_dir / "results.json", results)
             soft = ""
             if self.dynamic:
-                soft = f" (hard permutations; soft {results['top1_soft']:.2f}%)"
+                soft = (
+                    f" (hard permutations; soft {results['top1_soft']:.2f}%, identity factors "
+                    f"{results['top1_identity']:.2f}%)"
+                )
             print(
                 f"test top-1 {results['top1']:.2f}%{soft}, top-5 {results['top5']:.2f}% on "
                 f"{results['num_val']} images | {results['params'] / 1e6:.3f}M params, "
