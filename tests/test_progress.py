@@ -138,5 +138,6 @@ def test_a_training_run_shows_its_epochs_and_validations(tmp_path, bars):
     assert epochs == [("epoch 1/2", 2, 2), ("epoch 2/2", 2, 2)]
     assert [b["desc"] for b in bars.named("validate")] == [
         "validate epoch 1", "validate epoch 2", "validate (soft permutations)",
+        "validate (identity factors)",
     ]  # fmt: skip
     assert all(b["closed"] and b["n"] == b["total"] == 1 for b in bars.named("validate"))
