@@ -1018,26 +1018,16 @@ class _Run:
             "local": final["local"],
         }
         if self.dynamic:
-            with permutation_mode(model, "soft"):
-                soft = evaluate(
-                    model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
-                    progress=cfg.progress, desc="validate (soft permutations)",
-                )  # fmt: skip
-            # the same weights with every layer's identity factors forced: what the permutations
-            # the layers chose are worth to the trained network
-            with permutation_mode(model, "identity"):
-                identity = evaluate(
-                    model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
-                    progress=cfg.progress, desc="validate (identity factors)",
-                )  # fmt: skip
-            results.update(
-                top1_hard=final["top1"],
-                top5_hard=final["top5"],
-                top1_soft=soft["top1"],
-                top5_soft=soft["top5"],
-                top1_identity=identity["top1"],
-                top5_identity=identity["top5"],
-            )
+            results.update(top1_hard=final["top1"], top5_hard=final["top5"])
+            # the soft matrices (the binarization gap), and the same weights with every layer's
+            # identity factors forced (what the permutations the layers chose are worth)
+            for mode, what in (("soft", "soft permutations"), ("identity", "identity factors")):
+                with permutation_mode(model, mode):
+                    m = evaluate(
+                        model, self.val_loader, self.device, amp=cfg.amp, dist_info=info,
+                        progress=cfg.progress, desc=f"validate ({what})",
+                    )  # fmt: skip
+                results.update({f"top1_{mode}": m["top1"], f"top5_{mode}": m["top5"]})
         model.eval()
         c, h, w = self.input_size
         results.update(
