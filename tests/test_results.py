@@ -421,10 +421,14 @@ def test_records_and_reports_do_not_make_the_commit_dirty(tmp_path, monkeypatch)
         git("checkout", "-q", "--", rel)
 
 
+def _row(text: str, mixer: str) -> str:
+    """The first table row of ``mixer``."""
+    return next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
+
+
 def _identity_cell(text: str, mixer: str) -> str:
     """The `hard - identity` cell of the first table row of ``mixer``."""
-    row = next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
-    return row.split("|")[12].strip()
+    return _row(text, mixer).split("|")[12].strip()
 
 
 def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
@@ -446,7 +450,3 @@ def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
     header = next(line for line in text.splitlines() if line.startswith("| model |"))
     rule = text.splitlines()[text.splitlines().index(header) + 1]
     assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")
-
-
-def _row(text: str, mixer: str) -> str:
-    return next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
