@@ -923,6 +923,92 @@ def test_detached_descriptor_leaves_the_input_only_the_permutations_gradient():
 
 
 @pytest.mark.parametrize("shared", [True, False])
+def test_context_with_the_input_itself_is_the_layer_that_pools_its_input(shared):
+    """A layer built with ``context_channels = C`` and given its own input as the context is the
+    ordinary layer: the same output, and the same gradients for the input (through both of its
+    uses) and every parameter, in STE training; the same permutations in eval, parts included."""
+    torch.manual_seed(0)
+    kwargs = dict(groups=2, factors=(3, 4), shared=shared, init="random")
+    layer = DynamicShuffle(24, **kwargs, context_channels=24).train()
+    randomize_generator(layer)
+    own = DynamicShuffle(24, **kwargs).train()
+    own.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 24, 3, 2, requires_grad=True)
+    g = torch.randn(6, 24, 3, 2)
+    y = layer(x, context=x)
+    assert torch.equal(y, own(x))
+    got = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    want = torch.autograd.grad(own(x), [x, *own.parameters()], g)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    layer.eval(), own.eval()
+    xe = x.detach().to(memory_format=torch.channels_last)
+    assert len({tuple(r) for r in own.permutation(xe).tolist()}) > 1  # inputs choose apart
+    with torch.no_grad():
+        assert torch.equal(layer(xe, context=xe), own(xe))
+        # the parts of a concatenation, kept apart (eager CPU), read the same context
+        assert torch.equal(layer(xe[:, :10], xe[:, 10:], context=xe), own(xe))
+    assert torch.equal(layer.permutation(xe[:, :10], xe[:, 10:], context=xe), own.permutation(xe))
+    assert "context_channels=24" in repr(layer)
+
+
+@pytest.mark.parametrize("descriptor_grad", [True, False])
+def test_context_chooses_the_permutation_of_the_input(descriptor_grad):
+    """With a context of another width, the permutation of each sample is a function of its
+    context alone (the generator of the pooled context), applied to the input as one exact
+    permutation; in STE training the input gets the permutation's gradient alone, the context
+    the generator's (none with ``descriptor_grad=False``), every parameter a gradient."""
+    torch.manual_seed(0)
+    layer = DynamicShuffle(
+        24,
+        groups=6,
+        factors=(2, 2),
+        init="random",
+        context_channels=10,
+        descriptor_grad=descriptor_grad,
+    ).eval()
+    randomize_generator(layer)
+    x, other = torch.randn(8, 24, 3, 3), torch.randn(8, 24, 3, 3)
+    context = torch.randn(8, 10, 5, 5) * 3
+    with torch.no_grad():
+        assert torch.equal(layer.logits(x, context=context), layer.generator(context.mean((2, 3))))
+    idx = layer.permutation(x, context=context)
+    assert is_permutation(idx) and len(torch.unique(idx, dim=0)) > 1
+    assert torch.equal(layer.permutation(other, context=context), idx)  # x does not choose
+    assert torch.equal(layer.decide(x, context=context).permutation, idx)
+    with torch.no_grad():
+        assert torch.equal(layer(x, context=context), permute_channels(x, idx))
+    layer.train()
+    xg, cg = x.clone().requires_grad_(True), context.clone().requires_grad_(True)
+    y = layer(xg, context=cg)
+    assert torch.equal(y, permute_channels(x, idx))  # the STE forward is the hard permutation
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(xg.grad, permute_channels(g, invert_permutation(idx)))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    assert (cg.grad is not None and cg.grad.abs().sum() > 0) == descriptor_grad
+
+
+def test_context_is_checked():
+    x = torch.randn(4, 24, 3, 3)
+    layer = DynamicShuffle(24, groups=6, factors=(2, 2), context_channels=10)
+    with pytest.raises(ValueError, match=r"context_channels=10.*got none"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"\(N, 10, H, W\).*N = 4, got shape \(4, 12, 3, 3\)"):
+        layer(x, context=torch.randn(4, 12, 3, 3))
+    with pytest.raises(ValueError, match=r"N = 4, got shape \(3, 10, 3, 3\)"):
+        layer.eval().permutation(x, context=torch.randn(3, 10, 3, 3))
+    plain = DynamicShuffle(24, groups=6, factors=(2, 2)).eval()  # the fused path checks too
+    with pytest.raises(ValueError, match=r"without context_channels.*\(4, 10, 3, 3\)"):
+        plain(x.to(memory_format=torch.channels_last), context=torch.randn(4, 10, 3, 3))
+    with pytest.raises(ValueError, match=r"context_channels must be a positive integer, got 0"):
+        DynamicShuffle(24, context_channels=0)
+    with pytest.raises(ValueError, match=r"context_channels=10.*LearnedShuffle does not read"):
+        LearnedShuffle(24, context_channels=10)
+    with pytest.raises(ValueError, match=r"reads its own input; got context_channels=10"):
+        StaticDynamicShuffle(24, context_channels=10)
+
+
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("groups,factors", [(2, (3, 4)), (6, (2, 2))])  # a != b, a == b
 def test_hard_identity_is_the_cross_group_shuffle_with_the_ste_gradient(shared, groups, factors):
     """``hard_identity``: the forward is the fixed G-group shuffle for every input, the gradient

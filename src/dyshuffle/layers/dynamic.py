@@ -496,6 +496,14 @@ class DynamicShuffle(nn.Module):
             gradients within float32 rounding. ``False`` (the default) until a GPU benchmark
             shows that it pays; ``DYSHUFFLE_FUSED=0`` switches it off as well.
 
+        context_channels: the generator reads the pooled ``context`` that every call passes
+            (``layer(x, context=t)``, ``t`` of shape ``(N, context_channels, H', W')``) instead
+            of the layer's input: a descriptor from elsewhere in the network, such as the input
+            of the unit whose output the layer permutes (METHOD.md's open choice "the pooled
+            input of the unit or its output"; ``ShuffleNetV2(mixer_descriptor="unit_input")``).
+            The permutation still applies to ``x``. ``None`` (the default): the layer pools its
+            own input. Such a layer takes the PyTorch path (not the fused kernels).
+
     An input of another floating dtype than the layer's (say bfloat16 features in a float32
     layer, without autocast) is taken on every path: the generator runs in the layer's dtype and
     the output, a permutation of the input's values, keeps the input's dtype and memory format.
@@ -527,6 +535,7 @@ class DynamicShuffle(nn.Module):
         descriptor_norm: bool = False,
         fused: bool = True,
         fused_training: bool = False,
+        context_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -555,6 +564,9 @@ class DynamicShuffle(nn.Module):
         self.fused = check_flag(fused, "fused")
         self.fused_training = check_flag(fused_training, "fused_training")
         self.reduction = check_positive_int(reduction, "reduction")
+        if context_channels is not None:
+            context_channels = check_positive_int(context_channels, "context_channels")
+        self.context_channels = context_channels
         self.hidden = max(channels // self.reduction, check_positive_int(min_hidden, "min_hidden"))
         self.factor_groups = 1 if self.shared else self.groups
         self.num_logits = self.factor_groups * (self.a**2 + self.b**2)
@@ -661,14 +673,19 @@ class DynamicShuffle(nn.Module):
     # -- the generator ---------------------------------------------------------------------
     def _build_logits(self) -> None:
         #: standardizes the descriptor over the batch (``descriptor_norm``), or ``None``
-        self.descriptor_bn = (
-            nn.BatchNorm1d(self.channels, affine=False) if self.descriptor_norm else None
-        )
+        width = self.descriptor_channels
+        self.descriptor_bn = nn.BatchNorm1d(width, affine=False) if self.descriptor_norm else None
         self.generator = nn.Sequential(
-            nn.Linear(self.channels, self.hidden),
+            nn.Linear(width, self.hidden),
             nn.ReLU(inplace=True),
             nn.Linear(self.hidden, self.num_logits),
         )
+
+    @property
+    def descriptor_channels(self) -> int:
+        """Width of the descriptor the generator reads: ``context_channels`` when the layer
+        reads a context, else its own channels."""
+        return self.channels if self.context_channels is None else self.context_channels
 
     def _identity_bias(self) -> Tensor:
         eye = [torch.eye(self.a).flatten(), torch.eye(self.b).flatten()]
@@ -683,12 +700,16 @@ class DynamicShuffle(nn.Module):
                 last.weight.mul_(0.1)
                 last.bias.copy_(self._identity_bias())
 
-    def logits(self, x: Tensor, *parts: Tensor) -> Tensor:
+    def logits(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Tensor:
         """``(N, num_logits)`` logits from the pooled descriptor ``mean_{H,W}(x)``.
 
         With ``parts``, the input is the channel concatenation of ``x`` and ``parts``, and its
         descriptor the concatenation of theirs (the same means; the additions in another order).
+        A layer built with ``context_channels`` pools ``context`` instead (:meth:`forward`).
         """
+        self._check_context(x, context)
+        if context is not None:
+            x, parts = context, ()
         inputs = (x, *parts) if self.descriptor_grad else tuple(p.detach() for p in (x, *parts))
         pooled = _pooled_parts(inputs, self.training)
         if not torch.is_autocast_enabled(pooled.device.type):
@@ -698,7 +719,44 @@ class DynamicShuffle(nn.Module):
             pooled = self.descriptor_bn(pooled)
         return self.generator(pooled)
 
-    def _inspected_logits(self, x: Tensor, parts: tuple[Tensor, ...]) -> Tensor:
+    def _logits_of(self, inputs: tuple[Tensor, ...], context: Tensor | None) -> Tensor:
+        """:meth:`logits` of the checked inputs (a subclass's :meth:`logits` without a ``context``
+        keyword is called as before when there is none)."""
+        if context is None:
+            return self.logits(*inputs)
+        return self.logits(*inputs, context=context)
+
+    def _check_context(self, x: Tensor, context: Tensor | None) -> None:
+        """``context`` is what the layer reads: none without ``context_channels``, else a 4-D
+        ``(N, context_channels, H', W')`` tensor with the input's ``N``."""
+        name = type(self).__name__
+        if self.context_channels is None:
+            if context is not None:
+                raise ValueError(
+                    f"{name} was built without context_channels (its generator reads its own "
+                    f"input), got a context of shape {tuple(context.shape)}"
+                )
+            return
+        if context is None:
+            raise ValueError(
+                f"{name} was built with context_channels={self.context_channels}: its generator "
+                f"reads the pooled context=..., got none"
+            )
+        if torch.jit.is_tracing():  # shapes are traced values here; eager calls check them
+            return
+        if (
+            context.dim() != 4
+            or context.shape[1] != self.context_channels
+            or context.shape[0] != x.shape[0]
+        ):
+            raise ValueError(
+                f"{name} expects a context (N, {self.context_channels}, H, W) with the input's "
+                f"N = {x.shape[0]}, got shape {tuple(context.shape)}"
+            )
+
+    def _inspected_logits(
+        self, x: Tensor, parts: tuple[Tensor, ...], context: Tensor | None = None
+    ) -> Tensor:
         """:meth:`logits` of the checked inputs for the inspection methods (:meth:`permutation`,
         :meth:`factor_matrices`, :meth:`decision_margin`, :meth:`decide`), which leave the layer
         as they found it: in training the descriptor normalization (``descriptor_norm``) uses the
@@ -706,20 +764,23 @@ class DynamicShuffle(nn.Module):
         inputs = self._inputs(x, parts)
         bn = getattr(self, "descriptor_bn", None)  # (a subclass's generator may have none)
         if bn is None or not (bn.training and bn.track_running_stats):
-            return self.logits(*inputs)
+            return self._logits_of(inputs, context)
         bn.track_running_stats = False  # BatchNorm: batch statistics, no running update
         try:
-            return self.logits(*inputs)
+            return self._logits_of(inputs, context)
         finally:
             bn.track_running_stats = True
 
-    def factor_matrices(self, x: Tensor, *parts: Tensor) -> tuple[Tensor, Tensor]:
+    def factor_matrices(
+        self, x: Tensor, *parts: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Softmax factor matrices ``A`` ``(N, Gf, a, a)`` and ``B`` ``(N, Gf, b, b)``.
 
         ``Gf`` is 1 for shared factors and ``G`` otherwise; the batch dimension is 1 for layers
-        whose permutation does not depend on the input. ``parts``: as in :meth:`forward`.
+        whose permutation does not depend on the input. ``parts`` and ``context``: as in
+        :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts))
+        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts, context))
         return a_mat, b_mat
 
     def _softmax_factors(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -861,17 +922,17 @@ class DynamicShuffle(nn.Module):
         return None if perms is None else (perms, getattr(self, f"_onehot_{name}"))
 
     @torch.no_grad()
-    def permutation(self, x: Tensor, *parts: Tensor) -> Tensor:
+    def permutation(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Tensor:
         """The hard permutation of each sample: ``(N, C)``, ``y[n, c] = x[n, idx[n, c]]``.
 
         This is the permutation that ``eval()`` applies (and ``"ste"`` training's forward).
-        ``parts``: as in :meth:`forward`.
+        ``parts`` and ``context``: as in :meth:`forward`.
         """
-        a_mat, b_mat, both = self._softmax_factors(self._inspected_logits(x, parts))
+        a_mat, b_mat, both = self._softmax_factors(self._inspected_logits(x, parts, context))
         return self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
 
     @torch.no_grad()
-    def decision_margin(self, x: Tensor, *parts: Tensor) -> Tensor:
+    def decision_margin(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Tensor:
         """How firmly the hard permutation of each sample is chosen: ``(N,)``, at most 2.
 
         For each factor matrix ``M`` of a sample (``A`` and ``B`` of every factor group), the gap
@@ -883,19 +944,19 @@ class DynamicShuffle(nn.Module):
         and no gap (``inf`` when all factors are of size 1); a factor without a permutation table
         (``assignment`` other than exact enumeration) gives ``nan``. With ``hard_identity`` the
         margin is that of the softmax factors, not of the identities the layer applies.
-        ``parts``: as in :meth:`forward`.
+        ``parts`` and ``context``: as in :meth:`forward`.
         """
-        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts))
+        a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts, context))
         return self._margin(a_mat, b_mat, x.shape[0])
 
     @torch.no_grad()
-    def decide(self, x: Tensor, *parts: Tensor) -> Decision:
+    def decide(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Decision:
         """The hard permutation, the softmax factors, the decision margin and the logits of each
         sample, from one evaluation of the generator: what :meth:`permutation`,
         :meth:`factor_matrices` and :meth:`decision_margin` give one by one (for an inspection
         of what the layer chooses).
-        ``parts``: as in :meth:`forward`."""
-        logits = self._softmax_logits(self._inspected_logits(x, parts))
+        ``parts`` and ``context``: as in :meth:`forward`."""
+        logits = self._softmax_logits(self._inspected_logits(x, parts, context))
         a_mat, b_mat, both = self._softmax_of(logits)
         idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
         return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]), logits)
@@ -958,7 +1019,7 @@ class DynamicShuffle(nn.Module):
                 f"(shapes {[tuple(q.shape) for q in parts]})"
             )
 
-    def forward(self, x: Tensor, *parts: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Tensor:
         """Permute the channels of ``x``, or of the channel concatenation of ``x`` and ``parts``.
 
         ``layer(x1, x2)`` is ``layer(torch.cat((x1, x2), 1))``. In eager inference on the CPU
@@ -967,14 +1028,20 @@ class DynamicShuffle(nn.Module):
         part is written once to its permuted channels, without the concatenation's copy
         (:func:`mix_concat`). Elsewhere the layer concatenates first. Where the fused kernel
         applies (``fused``, :meth:`_fusable`), it does all of that in one call.
+
+        A layer built with ``context_channels`` takes the tensor its generator reads as
+        ``context`` (``(N, context_channels, H', W')``, e.g. the input of the network unit the layer
+        ends) and pools it instead of its input, on the PyTorch path.
         """
+        if context is not None or self.context_channels is not None:
+            self._check_context(x, context)
         if self._fusable(x, parts):
             return self._fused_forward((x, *parts))
         if self._fusable_training(x, parts):
             return self._fused_training_forward((x, *parts))
         inputs = self._inputs(x, parts)
         grad = torch.is_grad_enabled()
-        a_mat, b_mat, both = self._softmax_factors(self.logits(*inputs))
+        a_mat, b_mat, both = self._softmax_factors(self._logits_of(inputs, context))
         if len(inputs) > 1 and self._scatters(inputs, grad):
             # parts kept apart (eager CPU inference) go straight to their permuted channels
             return _scatter_channels(inputs, self._inverse_index(*self._chosen(a_mat, b_mat, both)))
@@ -1051,6 +1118,7 @@ class DynamicShuffle(nn.Module):
         input, the nearest permutations, no cap or standardization of the logits."""
         return (
             self._fused_generator
+            and self.context_channels is None
             and not self.hard_identity
             and self.descriptor_bn is None
             and self.logit_cap is None
@@ -1163,6 +1231,11 @@ class DynamicShuffle(nn.Module):
             + (", hard_identity=True" if self.hard_identity else "")
             + (f", logit_cap={self.logit_cap:g}" if self.logit_cap is not None else "")
             + (", descriptor_norm=True" if self.descriptor_norm else "")
+            + (
+                f", context_channels={self.context_channels}"
+                if self.context_channels is not None
+                else ""
+            )
         )
 
 
@@ -1187,6 +1260,11 @@ class LearnedShuffle(DynamicShuffle):
                 f"balance={self.balance!r} asks for input-dependent choices, which "
                 f"{type(self).__name__} cannot make; use DynamicShuffle or balance=0"
             )
+        if self.context_channels is not None:
+            raise ValueError(
+                f"context_channels={self.context_channels!r} names a descriptor that "
+                f"{type(self).__name__} does not read; use DynamicShuffle or context_channels=None"
+            )
         self.logit_param = nn.Parameter(torch.zeros(1, self.num_logits))
 
     def reset_logits(self) -> None:
@@ -1196,7 +1274,7 @@ class LearnedShuffle(DynamicShuffle):
             else:
                 self.logit_param.normal_(0.0, 1.0)
 
-    def logits(self, x: Tensor, *parts: Tensor) -> Tensor:
+    def logits(self, x: Tensor, *parts: Tensor, context: Tensor | None = None) -> Tensor:
         return _as_dtype(self.logit_param, x.dtype)
 
     def extra_repr(self) -> str:

@@ -81,6 +81,11 @@ class StaticDynamicShuffle(nn.Module):
                 f"within the groups of its static part); got cross_shuffle="
                 f"{dynamic_kwargs['cross_shuffle']!r}"
             )
+        if dynamic_kwargs.get("context_channels") is not None:
+            raise ValueError(
+                "StaticDynamicShuffle's permutation reads its own input; got context_channels="
+                f"{dynamic_kwargs['context_channels']!r}"
+            )
         self.static = check_choice(static, STATIC_FORMS, "static form")
         out_channels = in_channels if out_channels is None else out_channels
         if not isinstance(out_channels, int) or out_channels < 1:
