@@ -21,6 +21,7 @@ from dyshuffle.layers import (
     StaticDynamicShuffle,
     list_mixers,
     orthogonal_loss,
+    permute_channels,
 )
 from dyshuffle.models import (
     MobileNetV2,
@@ -115,6 +116,18 @@ def test_duplicate_registration_raises():
             r"among \[2, 3, 4\], got \[1, 4\]",
         ),
         ({"name": "shufflenet_v1_g3_x0_5", "mixer_stages": []}, r"mixer_stages.*got \[\]"),
+        (
+            {"name": "shufflenet_v2_x0_5", "mixer": "dynamic", "mixer_descriptor": "unit"},
+            r"unknown mixer_descriptor 'unit'.*'unit_input'",
+        ),
+        (
+            {"name": "shufflenet_v2_x0_5", "mixer_descriptor": "unit_input"},
+            r"mixer='shuffle' has none",
+        ),
+        (
+            {"name": "shufflenet_v2_x0_5", "mixer": "learned", "mixer_descriptor": "unit_input"},
+            r"mixer='learned' has none",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -192,6 +205,58 @@ def test_shufflenet_v2_mixer_after_every_unit_with_kwargs():
         for u in fixed.modules()
         if isinstance(u, InvertedResidual)
     )
+
+
+@pytest.mark.parametrize("stages", [None, [3, 4]])
+def test_unit_input_descriptor_gives_each_mixer_its_units_input(stages):
+    """``mixer_descriptor="unit_input"``: every dynamic mixer's generator reads the input of its
+    unit (``context_channels`` its width, the very tensor passed as the context) and applies the
+    permutation that input chooses; the other stages keep the fixed shuffle; the model trains
+    (every parameter a gradient), rebuilds from its ``model_args`` and compiles."""
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=10, stem="cifar", mixer="dynamic", init="random")
+    model = create_model(
+        "shufflenet_v2_x0_5", **kwargs, mixer_stages=stages, mixer_descriptor="unit_input"
+    )
+    units = [u for u in model.modules() if isinstance(u, InvertedResidual)]
+    chosen = [u for u in units if isinstance(u.mixer, DynamicShuffle)]
+    assert len(chosen) == (16 if stages is None else 12)
+    assert all(isinstance(u.mixer, ChannelShuffle) for u in units if u not in chosen)
+    for u in chosen:  # the unit's input width (a stage's first unit is narrower)
+        first = u.branch2[0]
+        width = first.in_channels if u.stride > 1 else 2 * first.in_channels
+        assert u.mixer.context_channels == width
+    for u in chosen:  # large generator weights: the inputs choose different permutations
+        for p in u.mixer.generator.parameters():
+            nn.init.normal_(p, 0.0, 10.0 / p.shape[-1] ** 0.5)
+    unit_inputs, checks, distinct = {}, [], []
+
+    def record(unit, args):
+        unit_inputs[unit.mixer] = args[0]
+
+    def check(mixer, args, kw, out):
+        context = unit_inputs[mixer]
+        idx = mixer.permutation(*args, context=context)
+        distinct.append(len(torch.unique(idx, dim=0)))
+        checks.append(
+            kw["context"] is context and torch.equal(out, permute_channels(torch.cat(args, 1), idx))
+        )
+
+    hooks = [u.register_forward_pre_hook(record) for u in chosen]
+    hooks += [u.mixer.register_forward_hook(check, with_kwargs=True) for u in chosen]
+    x = torch.randn(8, 3, 32, 32)
+    model.train()(x).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert len(checks) == len(chosen) and all(checks), checks
+    assert sum(d > 1 for d in distinct) >= len(chosen) / 2, distinct
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    rebuilt = create_model(**model.model_args)
+    assert rebuilt.model_args["mixer_descriptor"] == "unit_input"
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+    assert_compiled_equals_eager(model)
 
 
 @pytest.mark.parametrize("name", ["shufflenet_v2_x1_0", "shufflenet_v1_g3_x0_5"])

@@ -63,13 +63,17 @@ def create_mixer(
     return builder(channels, **kwargs)
 
 
-def mix_concat(mixer: nn.Module, parts: Sequence[Tensor]) -> Tensor:
+def mix_concat(mixer: nn.Module, parts: Sequence[Tensor], context: Tensor | None = None) -> Tensor:
     """``mixer(torch.cat(parts, 1))``, the parts passed as they are to a mixer that takes them.
 
     A mixer with ``accepts_parts = True`` (:class:`~dyshuffle.layers.DynamicShuffle`) is called
     as ``mixer(*parts)`` and may skip the concatenation's copy; any other gets the
-    concatenation. Either way the module is called, so its hooks run.
+    concatenation. Either way the module is called, so its hooks run. ``context`` (say the
+    input of the unit the mixer ends) reaches a mixer built to read one (``context_channels``
+    set) as ``mixer(..., context=context)``; the others never see it.
     """
+    if getattr(mixer, "context_channels", None) is not None:
+        return mixer(*parts, context=context)
     if getattr(mixer, "accepts_parts", False):
         return mixer(*parts)
     return mixer(parts[0] if len(parts) == 1 else torch.cat(tuple(parts), dim=1))

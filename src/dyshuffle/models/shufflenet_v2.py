@@ -15,10 +15,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..layers import create_mixer, mix_concat
+from ..layers._checks import check_choice
 from ._blocks import ClassifierModel, pointwise_conv
 from ._registry import check_model_args, finalize, register_model, stage_mixers
 
-__all__ = ["SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
+__all__ = ["MIXER_DESCRIPTORS", "SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
 
 #: width multiplier -> output channels of (stem, stage2, stage3, stage4, conv5) (paper, Table 5)
 SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int, int]] = {
@@ -29,6 +30,9 @@ SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int, int]] = {
 }
 #: units per stage (the first of each has stride 2)
 SHUFFLENET_V2_REPEATS = (4, 8, 4)
+#: what a dynamic mixer's generator reads (``mixer_descriptor``): the mixer's own input (the
+#: concatenation of the unit's branches, its output before the mixing) or the unit's input
+MIXER_DESCRIPTORS = ("mixer_input", "unit_input")
 
 
 def _depthwise(channels: int, stride: int) -> nn.Conv2d:
@@ -101,8 +105,9 @@ class InvertedResidual(nn.Module):
             parts = (x1, self.branch2(x2))
         else:
             parts = (self.branch1(x), self.branch2(x))
-        # the mixer of the concatenation (a dynamic shuffle takes the halves: no copy for it)
-        return mix_concat(self.mixer, parts)
+        # the mixer of the concatenation (a dynamic shuffle takes the halves: no copy for it);
+        # a mixer built with context_channels reads the unit's input
+        return mix_concat(self.mixer, parts, context=x)
 
 
 class ShuffleNetV2(ClassifierModel):
@@ -120,6 +125,10 @@ class ShuffleNetV2(ClassifierModel):
         pointwise_kwargs: keywords of the static-dynamic shuffles.
         mixer_stages: the stages (of 2, 3, 4) whose units get ``mixer``; the others keep the fixed
             shuffle. ``None``: all.
+        mixer_descriptor: what the generator of a dynamic mixer reads (METHOD.md's open choice):
+            ``"mixer_input"`` (the default), the pooled concatenation it permutes, or
+            ``"unit_input"``, the pooled input of its unit (each mixer is then built with
+            ``context_channels`` equal to its unit's input channels).
         **mixer_kwargs: keywords of the mixer.
     """
 
@@ -134,10 +143,18 @@ class ShuffleNetV2(ClassifierModel):
         in_chans: int = 3,
         pointwise_kwargs: dict[str, Any] | None = None,
         mixer_stages: Sequence[int] | None = None,
+        mixer_descriptor: str = "mixer_input",
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
+        check_choice(mixer_descriptor, MIXER_DESCRIPTORS, "mixer_descriptor")
+        unit_input = mixer_descriptor == "unit_input"
+        if unit_input and isinstance(mixer, str) and mixer != "dynamic":
+            raise ValueError(
+                f"mixer_descriptor='unit_input' gives the unit's input to the generator of a "
+                f"dynamic mixer; mixer={mixer!r} has none (use mixer='dynamic')"
+            )
         mixers = stage_mixers(mixer, mixer_kwargs, mixer_stages)
         if len(stage_repeats) != 3 or len(stage_channels) != 5:
             raise ValueError(
@@ -158,14 +175,20 @@ class ShuffleNetV2(ClassifierModel):
         reduction *= 2 if stem == "imagenet" else 1  # the max-pool
         cin = stem_channels
         for i, (repeats, cout) in enumerate(zip(stage_repeats, stage_channels[1:4]), start=2):
+            stage_mixer, kwargs = mixers[i]
+            reads_unit = unit_input and stage_mixer is mixer  # (not the other stages' shuffle)
             units = [
                 InvertedResidual(
                     cin if j == 0 else cout,
                     cout,
                     2 if j == 0 else 1,
-                    mixer=mixers[i][0],
+                    mixer=stage_mixer,
                     pointwise=pointwise,
-                    mixer_kwargs=mixers[i][1],
+                    mixer_kwargs=(
+                        dict(kwargs, context_channels=cin if j == 0 else cout)
+                        if reads_unit
+                        else kwargs
+                    ),
                     pointwise_kwargs=pointwise_kwargs,
                 )
                 for j in range(repeats)
