@@ -67,10 +67,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """
     gen = torch.Generator().manual_seed(seed)
 
-    def calibrate(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
+    def calibrate(layer: DynamicShuffle, args: tuple[torch.Tensor, ...], kwargs: dict) -> None:
         first, last = layer.generator[0], layer.generator[-1]
-        # (N, C) descriptors; the parts of a concatenation come as several inputs
-        z = torch.cat([a.mean(dim=(2, 3)) for a in args], dim=1)
+        # (N, C) descriptors; the parts of a concatenation come as several inputs, the tensor
+        # that a layer with context_channels reads as its context
+        read = (kwargs["context"],) if "context" in kwargs else args
+        z = torch.cat([a.mean(dim=(2, 3)) for a in read], dim=1)
         pre = (z - z.mean(0)) @ first.weight.T  # centered pre-activations
         first.weight.div_(pre.std(0, keepdim=True).T + 1e-6)
         first.bias.copy_(-(z.mean(0) @ first.weight.T))
@@ -85,7 +87,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if isinstance(m, LearnedShuffle):
                 m.logit_param.copy_(torch.randn(m.logit_param.shape, generator=gen) * 3)
             elif isinstance(m, DynamicShuffle):
-                hooks.append(m.register_forward_pre_hook(calibrate))
+                hooks.append(m.register_forward_pre_hook(calibrate, with_kwargs=True))
             elif isinstance(m, torch.nn.BatchNorm2d):  # running stats := this batch's
                 m.reset_running_stats()
                 m.momentum = None
@@ -99,9 +101,14 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def build(name: str, mixer: str, pointwise: str, seed: int = 0) -> torch.nn.Module:
+def build(
+    name: str, mixer: str, pointwise: str, seed: int = 0, descriptor: str = "mixer_input"
+) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, stem="cifar", mixer=mixer, pointwise=pointwise)
+    kwargs = {} if descriptor == "mixer_input" else {"mixer_descriptor": descriptor}
+    model = create_model(
+        name, num_classes=10, stem="cifar", mixer=mixer, pointwise=pointwise, **kwargs
+    )
     return randomize(model, seed).eval()
 
 
@@ -116,9 +123,9 @@ def choices(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[int], float]:
     counts: list[int] = []
     gaps: list[float] = [math.inf]
 
-    def hook(layer: DynamicShuffle, args: tuple[torch.Tensor, ...]) -> None:
-        counts.append(len(set(map(tuple, layer.permutation(*args).tolist()))))
-        for m in layer.factor_matrices(*args):
+    def hook(layer: DynamicShuffle, args: tuple[torch.Tensor, ...], kwargs: dict) -> None:
+        counts.append(len(set(map(tuple, layer.permutation(*args, **kwargs).tolist()))))
+        for m in layer.factor_matrices(*args, **kwargs):
             a = m.shape[-1]
             if 1 < a <= 6:  # exact assignment: scores of all a! permutations
                 scores = m.flatten(-2) @ permutation_table(a)[1].T
@@ -126,7 +133,7 @@ def choices(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[int], float]:
                 gaps.append((top[..., 0] - top[..., 1]).min().item())
 
     hooks = [
-        m.register_forward_pre_hook(hook)
+        m.register_forward_pre_hook(hook, with_kwargs=True)
         for m in model.modules()
         if isinstance(m, DynamicShuffle) and not isinstance(m, LearnedShuffle)
     ]
@@ -147,17 +154,24 @@ FRESH = ("shufflenet_v2_x0_5", "static_dynamic", "conv")
 
 
 @pytest.mark.parametrize(
-    ("name", "mixer", "pointwise"),
+    ("name", "mixer", "pointwise", "descriptor"),
     [  # the ONNX conversion of the models with dynamic layers takes 10-40 s each on a CPU core
-        pytest.param(*c, id="-".join(c), marks=[pytest.mark.slow] if is_dynamic(*c) else [])
+        pytest.param(
+            *c, "mixer_input", id="-".join(c), marks=[pytest.mark.slow] if is_dynamic(*c) else []
+        )
         for c in CONFIGS
+    ]
+    + [  # generators that read their unit's input (a second input of each layer)
+        pytest.param(
+            "shufflenet_v2_x0_5", "dynamic", "conv", "unit_input", marks=[pytest.mark.slow]
+        )
     ],
 )
-def test_exported_outputs_equal_eager(name, mixer, pointwise, tmp_path):
+def test_exported_outputs_equal_eager(name, mixer, pointwise, descriptor, tmp_path):
     xs = [inputs(1, 1), inputs(3, 2)]  # two batch sizes, neither the tracing batch (2)
     dynamic = is_dynamic(name, mixer, pointwise)
     for seed in range(5):  # the first random logits without a near-tie on the test inputs
-        model = build(name, mixer, pointwise, seed)
+        model = build(name, mixer, pointwise, seed, descriptor)
         if not dynamic or min(choices(model, x)[1] for x in xs) > 1e-5:
             break
     if dynamic:  # the test inputs choose different permutations in most dynamic layers

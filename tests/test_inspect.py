@@ -367,3 +367,32 @@ def test_cli_names_an_unknown_data_set_before_asking_for_its_folder(tmp_path, ca
     err = capsys.readouterr().err
     assert e.value.code == 2 and "invalid choice: 'mnist'" in err and "'cifar10'" in err
     assert "needs --data-dir" not in err and not (tmp_path / "out").exists()
+
+
+class ContextSignModel(nn.Module):
+    """:class:`SignModel`'s first layer reading its choice from a context: the input itself,
+    while the layer permutes its negation (which would choose the other permutation)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.first = DynamicShuffle(
+            4, groups=1, factors=(2, 2), reduction=1, min_hidden=2, context_channels=4
+        )
+        self.first.load_state_dict(sign_layer().state_dict())
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.first(-x, context=x).mean(dim=(2, 3)))
+
+
+def test_a_layer_reading_a_context_is_inspected_with_it():
+    """The inspection records what the layer applies: the choices of its context."""
+    torch.manual_seed(0)
+    model = ContextSignModel(3)
+    x, y, z = sign_data()
+    expected = torch.tensor([IDENTITY if v > 0 else SWAP for v in z.tolist()])
+    assert torch.equal(model.first.eval().permutation(-x, context=x), expected)
+    stats = collect_statistics(model, batches(x, y), ["zero", "one", "two"])
+    first = stats.layer("first")
+    rows = [first.permutations.index(IDENTITY), first.permutations.index(SWAP)]
+    np.testing.assert_array_equal(first.counts[rows], COUNTS)  # the signs of the context

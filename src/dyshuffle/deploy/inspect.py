@@ -333,11 +333,12 @@ def collect_statistics(
     state: dict[str, Any] = {}
 
     def hook(name: str):
-        def fn(module: DynamicShuffle, args: tuple[Tensor, ...]) -> None:
-            # args: the input, or the parts of a channel concatenation (mix_concat)
+        def fn(module: DynamicShuffle, args: tuple[Tensor, ...], kwargs: dict) -> None:
+            # args: the input, or the parts of a channel concatenation (mix_concat); kwargs:
+            # the context of a layer that reads one (context_channels)
             # one evaluation of the generator: (N, C) permutations, (N or 1, Gf, a, a) and
             # (N or 1, Gf, b, b) softmax factors, (N,) margins, (N or 1, Gf, a*a + b*b) logits
-            perms, a_mat, b_mat, margins, logits = module.decide(*args)
+            perms, a_mat, b_mat, margins, logits = module.decide(*args, **kwargs)
             stats[name].add(
                 perms.cpu().numpy(),
                 state["labels"],
@@ -352,7 +353,7 @@ def collect_statistics(
 
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in layers]
     examples: list[Example] = []
     seen_classes: set[int] = set()
     total, correct = 0, 0
