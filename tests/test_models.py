@@ -128,6 +128,10 @@ def test_duplicate_registration_raises():
             {"name": "shufflenet_v2_x0_5", "mixer": "learned", "mixer_descriptor": "unit_input"},
             r"mixer='learned' has none",
         ),
+        (
+            {"name": "shufflenet_v1_g3_x0_5", "mixer": "none", "mixer_descriptor": "unit_input"},
+            r"mixer='none' has none",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -207,25 +211,21 @@ def test_shufflenet_v2_mixer_after_every_unit_with_kwargs():
     )
 
 
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v1_g3_x0_5"])
 @pytest.mark.parametrize("stages", [None, [3, 4]])
-def test_unit_input_descriptor_gives_each_mixer_its_units_input(stages):
+def test_unit_input_descriptor_gives_each_mixer_its_units_input(name, stages):
     """``mixer_descriptor="unit_input"``: every dynamic mixer's generator reads the input of its
     unit (``context_channels`` its width, the very tensor passed as the context) and applies the
     permutation that input chooses; the other stages keep the fixed shuffle; the model trains
     (every parameter a gradient), rebuilds from its ``model_args`` and compiles."""
     torch.manual_seed(0)
     kwargs = dict(num_classes=10, stem="cifar", mixer="dynamic", init="random")
-    model = create_model(
-        "shufflenet_v2_x0_5", **kwargs, mixer_stages=stages, mixer_descriptor="unit_input"
-    )
-    units = [u for u in model.modules() if isinstance(u, InvertedResidual)]
+    model = create_model(name, **kwargs, mixer_stages=stages, mixer_descriptor="unit_input")
+    unit = InvertedResidual if name.startswith("shufflenet_v2") else ShuffleV1Unit
+    units = [u for u in model.modules() if isinstance(u, unit)]
     chosen = [u for u in units if isinstance(u.mixer, DynamicShuffle)]
     assert len(chosen) == (16 if stages is None else 12)
     assert all(isinstance(u.mixer, ChannelShuffle) for u in units if u not in chosen)
-    for u in chosen:  # the unit's input width (a stage's first unit is narrower)
-        first = u.branch2[0]
-        width = first.in_channels if u.stride > 1 else 2 * first.in_channels
-        assert u.mixer.context_channels == width
     for u in chosen:  # large generator weights: the inputs choose different permutations
         for p in u.mixer.generator.parameters():
             nn.init.normal_(p, 0.0, 10.0 / p.shape[-1] ** 0.5)
@@ -236,6 +236,7 @@ def test_unit_input_descriptor_gives_each_mixer_its_units_input(stages):
 
     def check(mixer, args, kw, out):
         context = unit_inputs[mixer]
+        assert mixer.context_channels == context.shape[1]  # (a stage's first unit: narrower)
         idx = mixer.permutation(*args, context=context)
         distinct.append(len(torch.unique(idx, dim=0)))
         checks.append(

@@ -9,9 +9,11 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ..layers import get_mixer, list_mixers
+from ..layers._checks import check_choice
 from ._features import FeatureListNet, Indices
 
 __all__ = [
+    "MIXER_DESCRIPTORS",
     "STAGES",
     "stage_mixers",
     "POINTWISE",
@@ -99,6 +101,40 @@ def stage_mixers(
                 f"{mixer_stages!r}"
             )
     return {s: (mixer, mixer_kwargs) if s in chosen else ("shuffle", {}) for s in STAGES}
+
+
+#: what a dynamic mixer's generator reads (``mixer_descriptor`` of the ShuffleNets): the mixer's
+#: own input (the default) or the input of the unit the mixer belongs to
+MIXER_DESCRIPTORS = ("mixer_input", "unit_input")
+
+
+def reads_unit_input(mixer: Any, mixer_descriptor: str) -> bool:
+    """Whether the mixers of a ShuffleNet read their unit's input (``mixer_descriptor``).
+
+    Raises:
+        ValueError: an unknown ``mixer_descriptor``, or ``"unit_input"`` with a registered mixer
+            that has no generator, naming it.
+    """
+    check_choice(mixer_descriptor, MIXER_DESCRIPTORS, "mixer_descriptor")
+    unit_input = mixer_descriptor == "unit_input"
+    if unit_input and isinstance(mixer, str) and mixer != "dynamic":
+        raise ValueError(
+            f"mixer_descriptor='unit_input' gives the unit's input to the generator of a "
+            f"dynamic mixer; mixer={mixer!r} has none (use mixer='dynamic')"
+        )
+    return unit_input
+
+
+def unit_mixer_kwargs(
+    stage: tuple[Any, dict[str, Any]], mixer: Any, unit_input: bool, in_channels: int
+) -> dict[str, Any]:
+    """The keywords of one unit's mixer: the stage's (:func:`stage_mixers`), with
+    ``context_channels`` the unit's input width when the mixers read it (:func:`reads_unit_input`)
+    and the stage got ``mixer`` (not the fixed shuffle of the other stages)."""
+    stage_mixer, kwargs = stage
+    if unit_input and stage_mixer is mixer:
+        return dict(kwargs, context_channels=in_channels)
+    return kwargs
 
 
 def check_model_args(

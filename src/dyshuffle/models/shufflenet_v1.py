@@ -18,9 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import create_mixer
+from ..layers import create_mixer, mix_concat
 from ._blocks import ClassifierModel, ConvBNAct, make_divisible
-from ._registry import check_model_args, finalize, register_model, stage_mixers
+from ._registry import (
+    check_model_args,
+    finalize,
+    reads_unit_input,
+    register_model,
+    stage_mixers,
+    unit_mixer_kwargs,
+)
 
 __all__ = [
     "SHUFFLENET_V1_CHANNELS",
@@ -106,7 +113,8 @@ class ShuffleV1Unit(nn.Module):
         self.shortcut = nn.AvgPool2d(3, 2, 1) if stride == 2 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv3(self.conv2(self.mixer(self.conv1(x))))
+        # a mixer built with context_channels reads the unit's input
+        y = self.conv3(self.conv2(mix_concat(self.mixer, (self.conv1(x),), context=x)))
         if self.stride == 1:
             return F.relu(x + y)
         return torch.cat((self.shortcut(x), F.relu(y)), dim=1)
@@ -129,6 +137,10 @@ class ShuffleNetV1(ClassifierModel):
         pointwise_kwargs: must be empty (no static-dynamic shuffles here).
         mixer_stages: the stages (of 2, 3, 4) whose units get ``mixer``; the others keep the fixed
             shuffle. ``None``: all.
+        mixer_descriptor: what the generator of a dynamic mixer reads: ``"mixer_input"`` (the
+            default), the pooled output of the first 1x1 convolution it permutes, or
+            ``"unit_input"``, the pooled input of its unit (each mixer is then built with
+            ``context_channels`` equal to its unit's input channels).
         **mixer_kwargs: keywords of the mixer.
     """
 
@@ -144,10 +156,12 @@ class ShuffleNetV1(ClassifierModel):
         in_chans: int = 3,
         pointwise_kwargs: dict[str, Any] | None = None,
         mixer_stages: Sequence[int] | None = None,
+        mixer_descriptor: str = "mixer_input",
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
+        unit_input = reads_unit_input(mixer, mixer_descriptor)
         mixers = stage_mixers(mixer, mixer_kwargs, mixer_stages)
         if pointwise != "conv" or pointwise_kwargs:
             raise ValueError(
@@ -180,7 +194,9 @@ class ShuffleNetV1(ClassifierModel):
                     conv_groups,
                     grouped_first=not (i == 2 and j == 0),
                     mixer=mixers[i][0],
-                    mixer_kwargs=mixers[i][1],
+                    mixer_kwargs=unit_mixer_kwargs(
+                        mixers[i], mixer, unit_input, cin if j == 0 else cout
+                    ),
                 )
                 for j in range(repeats)
             ]

@@ -15,11 +15,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..layers import create_mixer, mix_concat
-from ..layers._checks import check_choice
 from ._blocks import ClassifierModel, pointwise_conv
-from ._registry import check_model_args, finalize, register_model, stage_mixers
+from ._registry import (
+    check_model_args,
+    finalize,
+    reads_unit_input,
+    register_model,
+    stage_mixers,
+    unit_mixer_kwargs,
+)
 
-__all__ = ["MIXER_DESCRIPTORS", "SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
+__all__ = ["SHUFFLENET_V2_WIDTHS", "InvertedResidual", "ShuffleNetV2"]
 
 #: width multiplier -> output channels of (stem, stage2, stage3, stage4, conv5) (paper, Table 5)
 SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int, int]] = {
@@ -30,9 +36,6 @@ SHUFFLENET_V2_WIDTHS: dict[float, tuple[int, int, int, int, int]] = {
 }
 #: units per stage (the first of each has stride 2)
 SHUFFLENET_V2_REPEATS = (4, 8, 4)
-#: what a dynamic mixer's generator reads (``mixer_descriptor``): the mixer's own input (the
-#: concatenation of the unit's branches, its output before the mixing) or the unit's input
-MIXER_DESCRIPTORS = ("mixer_input", "unit_input")
 
 
 def _depthwise(channels: int, stride: int) -> nn.Conv2d:
@@ -148,13 +151,7 @@ class ShuffleNetV2(ClassifierModel):
     ) -> None:
         super().__init__()
         check_model_args(stem, mixer, pointwise, num_classes, in_chans)
-        check_choice(mixer_descriptor, MIXER_DESCRIPTORS, "mixer_descriptor")
-        unit_input = mixer_descriptor == "unit_input"
-        if unit_input and isinstance(mixer, str) and mixer != "dynamic":
-            raise ValueError(
-                f"mixer_descriptor='unit_input' gives the unit's input to the generator of a "
-                f"dynamic mixer; mixer={mixer!r} has none (use mixer='dynamic')"
-            )
+        unit_input = reads_unit_input(mixer, mixer_descriptor)
         mixers = stage_mixers(mixer, mixer_kwargs, mixer_stages)
         if len(stage_repeats) != 3 or len(stage_channels) != 5:
             raise ValueError(
@@ -175,19 +172,15 @@ class ShuffleNetV2(ClassifierModel):
         reduction *= 2 if stem == "imagenet" else 1  # the max-pool
         cin = stem_channels
         for i, (repeats, cout) in enumerate(zip(stage_repeats, stage_channels[1:4]), start=2):
-            stage_mixer, kwargs = mixers[i]
-            reads_unit = unit_input and stage_mixer is mixer  # (not the other stages' shuffle)
             units = [
                 InvertedResidual(
                     cin if j == 0 else cout,
                     cout,
                     2 if j == 0 else 1,
-                    mixer=stage_mixer,
+                    mixer=mixers[i][0],
                     pointwise=pointwise,
-                    mixer_kwargs=(
-                        dict(kwargs, context_channels=cin if j == 0 else cout)
-                        if reads_unit
-                        else kwargs
+                    mixer_kwargs=unit_mixer_kwargs(
+                        mixers[i], mixer, unit_input, cin if j == 0 else cout
                     ),
                     pointwise_kwargs=pointwise_kwargs,
                 )
