@@ -15,6 +15,7 @@ Also timm's ``set_grad_checkpointing`` (exact: the same training step) and ``pre
 from ._blocks import ClassifierModel
 from ._features import FeatureInfo, FeatureListNet, feature_take_indices
 from ._registry import (
+    MIXER_DESCRIPTORS,
     POINTWISE,
     STEMS,
     create_model,
@@ -32,6 +33,7 @@ from ._timm import install_timm_hook, register_timm_models  # isort: skip (after
 install_timm_hook()
 
 __all__ = [
+    "MIXER_DESCRIPTORS",
     "POINTWISE",
     "STEMS",
     "ClassifierModel",
