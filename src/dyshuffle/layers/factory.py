@@ -72,10 +72,11 @@ def mix_concat(mixer: nn.Module, parts: Sequence[Tensor], context: Tensor | None
     input of the unit the mixer ends) reaches a mixer built to read one (``context_channels``
     set) as ``mixer(..., context=context)``; the others never see it.
     """
-    kwargs = {} if getattr(mixer, "context_channels", None) is None else {"context": context}
-    if getattr(mixer, "accepts_parts", False):
-        return mixer(*parts, **kwargs)
-    return mixer(parts[0] if len(parts) == 1 else torch.cat(tuple(parts), dim=1), **kwargs)
+    if not getattr(mixer, "accepts_parts", False):
+        parts = (parts[0] if len(parts) == 1 else torch.cat(tuple(parts), dim=1),)
+    if getattr(mixer, "context_channels", None) is not None:
+        return mixer(*parts, context=context)
+    return mixer(*parts)
 
 
 def _fixed(
