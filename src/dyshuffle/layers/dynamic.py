@@ -1033,8 +1033,8 @@ class DynamicShuffle(nn.Module):
         ``context`` (``(N, context_channels, H', W')``, e.g. the input of the network unit the layer
         ends) and pools it instead of its input, on the PyTorch path.
         """
-        if context is not None or self.context_channels is not None:
-            self._check_context(x, context)
+        if context is not None and self.context_channels is None:
+            self._check_context(x, context)  # raises (the fused paths would not read it)
         if self._fusable(x, parts):
             return self._fused_forward((x, *parts))
         if self._fusable_training(x, parts):
