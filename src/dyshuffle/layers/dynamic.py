@@ -707,7 +707,8 @@ class DynamicShuffle(nn.Module):
         descriptor the concatenation of theirs (the same means; the additions in another order).
         A layer built with ``context_channels`` pools ``context`` instead (:meth:`forward`).
         """
-        self._check_context(x, context)
+        if context is not None or self.context_channels is not None:  # (no call otherwise)
+            self._check_context(x, context)
         if context is not None:
             x, parts = context, ()
         inputs = (x, *parts) if self.descriptor_grad else tuple(p.detach() for p in (x, *parts))
