@@ -121,6 +121,49 @@ def test_ema_decay_warms_up_then_holds():
 # -- configuration -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("keep", [1, 7, 50, 99])
+def test_per_class_subset_keeps_each_class_share_in_the_fixed_order(keep):
+    from dyshuffle.train.engine import _subset
+
+    labels = torch.tensor([0] * 60 + [1] * 25 + [2] * 10 + [3] * 5)[torch.randperm(100)]
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    assert _subset(labels, keep).tolist() == sorted(order[:keep].tolist())  # the random subset
+    picked = _subset(labels, keep, per_class=True)
+    assert len(picked) == keep == len(set(picked.tolist()))
+    assert picked.tolist() == sorted(picked.tolist())
+    counts = torch.bincount(labels[picked], minlength=4)
+    share = torch.tensor([60, 25, 10, 5]) * keep / 100
+    assert ((counts - share).abs() < 1).all(), (counts, share)  # each class its share, rounded
+    for c in range(4):  # and within a class, its first samples of the same fixed order
+        first = [int(i) for i in order if labels[i] == c][: int(counts[c])]
+        assert sorted(first) == [int(i) for i in picked if labels[i] == c]
+    assert _subset(labels, 0, per_class=True) is None and _subset(labels, 100, True) is None
+
+
+def test_per_class_subsets_reach_both_loaders(tmp_path):
+    from dyshuffle.train.distributed import DistInfo
+    from dyshuffle.train.engine import build_loaders
+    from test_data import make_image_tree
+
+    make_image_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), train=6, val=3, size=8)
+    for data, loader in (("digits", "memory"), ("imagefolder", "workers")):
+        cfg = TrainConfig(
+            data=data, data_dir=str(tmp_path / "tree") if data == "imagefolder" else None,
+            loader=loader, workers=0, cache_dir=str(tmp_path / "cache"), train_subset=8,
+            val_subset=4, subset_per_class=True, image_size=8 if data == "imagefolder" else None,
+        ).validate()  # fmt: skip
+        loaded, _, _ = build_loaders(cfg, DistInfo(), verbose=False)
+        if loader == "memory":
+            train, val = loaded.train_labels.tolist(), loaded.val_labels.tolist()
+        else:
+            train = [y for _, y in loaded.train_samples]
+            val = [y for _, y in loaded.val_samples]
+        n = 10 if data == "digits" else 4  # classes, each with (nearly) the same count
+        assert len(train) == 8 and len(val) == 4
+        assert max(train.count(c) for c in range(n)) - min(train.count(c) for c in range(n)) <= 1
+        assert max(val.count(c) for c in range(n)) - min(val.count(c) for c in range(n)) <= 1
+
+
 def test_yaml_then_command_line_override_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochs: 7\nlr: 0.3\nmixer_kwargs: {mode: soft}\nbetas: [0.8, 0.99]\n")

@@ -53,7 +53,9 @@ class TrainConfig:
         image-folder splits. image_size: decode or crop size (image folders, ImageNet).
         loader: ``memory`` (device-resident, on-device augmentation), ``workers``
         (multi-worker DataLoader) or ``auto``. workers: loader processes / decode threads.
-        train_subset/val_subset: use only the first N samples of a fixed random order (0: all).
+        train_subset/val_subset: use only the first N samples of a fixed random order (0: all);
+        subset_per_class: each class keeps its share of those N (the first of its samples in
+        the same order), so a small subset has every class in its proportion.
         crop_padding/hflip: augmentation (``None``: the data set's default).
         auto_augment: ``randaugment`` (torchvision's RandAugment, 2 operations at magnitude
         bin ``ra_magnitude``, 0-30) or ``trivialaugment`` (TrivialAugmentWide), per image after
@@ -98,6 +100,7 @@ class TrainConfig:
     workers: int = 4
     train_subset: int = 0
     val_subset: int = 0
+    subset_per_class: bool = False
     crop_padding: int | None = None
     hflip: bool | None = None
     auto_augment: str = "none"
@@ -383,6 +386,7 @@ HELP: dict[str, str] = {
     "workers": "DataLoader processes / decoding threads",
     "train_subset": "use N training images of a fixed random order (0: all)",
     "val_subset": "use N validation images of a fixed random order (0: all)",
+    "subset_per_class": "train/val subsets keep each class's share of the images (stratified)",
     "crop_padding": "random-crop zero padding in pixels (default: the data set's)",
     "hflip": "random horizontal flips (default: the data set's; off for digits)",
     "auto_augment": "per-image RandAugment (2 ops) or TrivialAugmentWide after crop and flip "

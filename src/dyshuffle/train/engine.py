@@ -186,10 +186,31 @@ def _batches(loader: Any) -> int | None:
         return None
 
 
-def _subset(n: int, keep: int, seed: int = 0) -> Tensor | None:
+def _labels(samples: list[tuple[str, int]]) -> Tensor:
+    return torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+def _subset(labels: Tensor, keep: int, per_class: bool = False, seed: int = 0) -> Tensor | None:
+    """Sorted indices of ``keep`` samples of a fixed random order (``None``: keep them all).
+
+    With ``per_class`` each class keeps its share of ``keep`` (``keep * n_c / n`` rounded by the
+    largest remainder, ties to the lower class index), its first samples of the same order.
+    """
+    n = len(labels)
     if keep <= 0 or keep >= n:
         return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if not per_class:
+        return order[:keep].sort().values
+    classes, counts = torch.unique(labels, return_counts=True)
+    share = counts.double() * keep / n
+    quota = share.floor().long()
+    left = keep - int(quota.sum())
+    by_remainder = sorted(range(len(classes)), key=lambda i: (-(share[i] - quota[i]).item(), i))
+    quota[by_remainder[:left]] += 1
+    ordered = labels[order]
+    picks = [order[ordered == c][:q] for c, q in zip(classes.tolist(), quota.tolist())]
+    return torch.cat(picks).sort().values
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tuple[Any, Any, Any]:
@@ -233,8 +254,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
     )  # fmt: skip
     if isinstance(data, ArrayData):
         tr, va = (
-            _subset(len(data.train_labels), cfg.train_subset),
-            _subset(len(data.val_labels), cfg.val_subset),
+            _subset(data.train_labels, cfg.train_subset, cfg.subset_per_class),
+            _subset(data.val_labels, cfg.val_subset, cfg.subset_per_class),
         )
         if tr is not None:
             data.train_images, data.train_labels = data.train_images[tr], data.train_labels[tr]
@@ -252,8 +273,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         )  # fmt: skip
         return data, train_loader, val_loader
     tr, va = (
-        _subset(len(data.train_samples), cfg.train_subset),
-        _subset(len(data.val_samples), cfg.val_subset),
+        _subset(_labels(data.train_samples), cfg.train_subset, cfg.subset_per_class),
+        _subset(_labels(data.val_samples), cfg.val_subset, cfg.subset_per_class),
     )
     if tr is not None:
         data.train_samples = [data.train_samples[i] for i in tr.tolist()]
