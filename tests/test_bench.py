@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import html
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +52,8 @@ def test_csv_name_says_device_precision_layout_and_torch(tiny_run):
     assert {r["precision"] for r in rows} == {"fp32"}
     assert {r["layout"] for r in rows} == {"channels_last"}
     assert {r["torch"] for r in rows} == {torch.__version__}
+    (date,) = {r["date"] for r in rows}  # the day it ran, also in the markdown's command line
+    assert datetime.date.fromisoformat(date) >= datetime.date(2026, 1, 1)
 
 
 def test_csv_columns_and_every_configuration(tiny_run):
@@ -149,7 +153,8 @@ def test_from_csv_shows_the_numbers_the_run_showed(tmp_path, monkeypatch, capsys
     def measured(cfg, precision, layout, on_rows=None):
         common = dict(device="cpu", device_name="test cpu", torch=torch.__version__,
                       precision=precision, layout=layout, threads=1, compile=cfg.compile,
-                      cpu_env="", commit=cfg.commit, command=cfg.command, part="model",
+                      cpu_env="", commit=cfg.commit, date="2026-12-06", command=cfg.command,
+                      part="model",
                       target="shufflenet_v2_x0_5 cifar", batch=32, repeats=8, note="")  # fmt: skip
         rows = [
             dict(
@@ -181,10 +186,8 @@ def test_from_csv_shows_the_numbers_the_run_showed(tmp_path, monkeypatch, capsys
     assert bench.main(["--from-csv", str(path)]) == 0
     again = capsys.readouterr().out
 
-    def lines(text: str) -> list[str]:  # but the command's, where the run adds its date
-        return [x for x in text.splitlines() if x.strip() and not x.startswith("Command:")]
-
-    assert lines(again) == lines(live)
+    assert again.strip() and again.strip() == live.strip()  # the command line with its date too
+    assert re.search(r"^Command: `.*` \(commit .*, 2026-12-06\)$", again, re.M)
     assert "| fixed | 102.3 (101.3-103.4) | 1.00 | 1,063,170 |" in again
 
 
@@ -523,3 +526,18 @@ def test_ref_layers_of_a_commit_have_its_cpu_kernel_and_agree(monkeypatch):
             out = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
         assert calls and set(calls) == {tag}, (tag, calls)
         assert torch.equal(out, layer(x))
+
+
+def test_every_table_of_the_benchmarks_page_is_its_csv_rendered(tmp_path):
+    """Each ``bench:NAME`` block of docs/BENCHMARKS.md is what ``--from-csv
+    results/bench/NAME.csv`` writes: no number on the page that its CSV does not hold."""
+    repo = Path(__file__).resolve().parents[1]
+    page = (repo / "docs" / "BENCHMARKS.md").read_text()
+    names = re.findall(r"^<!-- bench:(\S+) -->$", page, re.M)
+    assert len(names) >= 20 and len(set(names)) == len(names)
+    copy = tmp_path / "BENCHMARKS.md"
+    copy.write_text(page)
+    for name in names:
+        rows = bench.read_csv(repo / "results" / "bench" / f"{name}.csv")
+        bench.update_markdown(copy, name, bench.markdown_section(name, rows))
+    assert copy.read_text() == page

@@ -130,6 +130,7 @@ COLUMNS = [
     "load_avg",
     "cpu_env",
     "commit",
+    "date",
     "command",
 ]
 #: value column -> ratio column (value / value of the fixed shuffle)
@@ -741,6 +742,7 @@ def run_benchmark(
         compile=cfg.compile,
         cpu_env=_cpu_env() if device.type == "cpu" else "",
         commit=cfg.commit,
+        date=datetime.date.today().isoformat(),
         command=cfg.command,
     )
     budget = _Budget(cfg.time_budget_s)
@@ -1013,7 +1015,8 @@ def markdown_section(
     r0 = rows[0] if rows else {}
     command = command or r0.get("command") or "?"
     commit = r0.get("commit")
-    extra = ", ".join(x for x in (f"commit {commit}" if commit else "", extra) if x)
+    stamp = (f"commit {commit}" if commit else "", r0.get("date") or "", extra)
+    extra = ", ".join(x for x in stamp if x)
     cond = (
         f"device **{r0.get('device', '?')}** ({r0.get('device_name', '?')}"
         + (
@@ -1651,7 +1654,6 @@ def main(argv: list[str] | None = None) -> int:
         commit=_git_commit(),
     )
     suffix = args.suffix if args.suffix is not None else ("_quick" if args.quick else "")
-    today = datetime.date.today().isoformat()
     sections = []
     sources: list[tuple[str, list[dict[str, str]]]] = []
     failed = False
@@ -1676,7 +1678,7 @@ def main(argv: list[str] | None = None) -> int:
             # that --from-csv regenerates it to the digit
             written = read_csv(path)
             sources.append((path.stem, written))
-            section = markdown_section(path.stem, written, command, today)
+            section = markdown_section(path.stem, written, command)
             sections.append(section)
             if args.markdown:
                 update_markdown(args.markdown, path.stem, section)
