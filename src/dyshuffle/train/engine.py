@@ -202,15 +202,17 @@ def _subset(labels: Tensor, keep: int, per_class: bool = False, seed: int = 0) -
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if not per_class:
         return order[:keep].sort().values
-    classes, counts = torch.unique(labels, return_counts=True)
+    _, cls, counts = torch.unique(labels[order], return_inverse=True, return_counts=True)
     share = counts.double() * keep / n
     quota = share.floor().long()
-    left = keep - int(quota.sum())
-    by_remainder = sorted(range(len(classes)), key=lambda i: (-(share[i] - quota[i]).item(), i))
-    quota[by_remainder[:left]] += 1
-    ordered = labels[order]
-    picks = [order[ordered == c][:q] for c, q in zip(classes.tolist(), quota.tolist())]
-    return torch.cat(picks).sort().values
+    rest = (share - quota).tolist()
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-rest[i], i))
+    quota[by_remainder[: keep - int(quota.sum())]] += 1
+    # rank of each sample among its class's samples in the order; keep the first quota of each
+    grouped = torch.argsort(cls, stable=True)
+    rank = torch.empty_like(grouped)
+    rank[grouped] = torch.arange(n) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    return order[rank < quota[cls]].sort().values
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tuple[Any, Any, Any]:
