@@ -127,8 +127,8 @@ def test_per_class_subset_keeps_each_class_share_in_the_fixed_order(keep):
 
     labels = torch.tensor([0] * 60 + [1] * 25 + [2] * 10 + [3] * 5)[torch.randperm(100)]
     order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
-    assert _subset(labels, keep).tolist() == sorted(order[:keep].tolist())  # the random subset
-    picked = _subset(labels, keep, per_class=True)
+    assert _subset(100, keep).tolist() == sorted(order[:keep].tolist())  # the random subset
+    picked = _subset(100, keep, lambda: labels)
     assert len(picked) == keep == len(set(picked.tolist()))
     assert picked.tolist() == sorted(picked.tolist())
     counts = torch.bincount(labels[picked], minlength=4)
@@ -137,7 +137,7 @@ def test_per_class_subset_keeps_each_class_share_in_the_fixed_order(keep):
     for c in range(4):  # and within a class, its first samples of the same fixed order
         first = [int(i) for i in order if labels[i] == c][: int(counts[c])]
         assert sorted(first) == [int(i) for i in picked if labels[i] == c]
-    assert _subset(labels, 0, per_class=True) is None and _subset(labels, 100, True) is None
+    assert _subset(100, 0, lambda: labels) is None and _subset(100, 100, lambda: labels) is None
 
 
 def test_per_class_subsets_reach_both_loaders(tmp_path):

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -186,23 +187,29 @@ def _batches(loader: Any) -> int | None:
         return None
 
 
-def _labels(samples: list[tuple[str, int]]) -> Tensor:
-    return torch.tensor([label for _, label in samples], dtype=torch.long)
+def _labels_of(data: Tensor | list[tuple[str, int]]) -> Callable[[], Tensor]:
+    """The labels of an array data set's ``(N,)`` tensor or of a file list's ``(path, label)``
+    pairs, read when called."""
+    if isinstance(data, Tensor):
+        return lambda: data
+    return lambda: torch.tensor([label for _, label in data], dtype=torch.long)
 
 
-def _subset(labels: Tensor, keep: int, per_class: bool = False, seed: int = 0) -> Tensor | None:
-    """Sorted indices of ``keep`` samples of a fixed random order (``None``: keep them all).
+def _subset(
+    n: int, keep: int, labels: Callable[[], Tensor] | None = None, seed: int = 0
+) -> Tensor | None:
+    """Sorted indices of ``keep`` of ``n`` samples of a fixed random order (``None``: all).
 
-    With ``per_class`` each class keeps its share of ``keep`` (``keep * n_c / n`` rounded by the
-    largest remainder, ties to the lower class index), its first samples of the same order.
+    With ``labels`` (a function that gives the ``(n,)`` labels, called only when a subset is
+    drawn) each class keeps its share of ``keep`` (``keep * n_c / n`` rounded by the largest
+    remainder, ties to the lower class index): its first samples of the same order.
     """
-    n = len(labels)
     if keep <= 0 or keep >= n:
         return None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    if not per_class:
+    if labels is None:
         return order[:keep].sort().values
-    _, cls, counts = torch.unique(labels[order], return_inverse=True, return_counts=True)
+    _, cls, counts = torch.unique(labels()[order], return_inverse=True, return_counts=True)
     share = counts.double() * keep / n
     quota = share.floor().long()
     rest = (share - quota).tolist()
@@ -224,6 +231,9 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         ``(data, train_loader, val_loader)``.
     """
     from dyshuffle.data import ArrayData, FileLoader, InMemoryLoader, load_data
+
+    def per_class(labels):  # --subset-per-class: a subset keeps each class's share
+        return _labels_of(labels) if cfg.subset_per_class else None
 
     def load():
         return load_data(
@@ -256,8 +266,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
     )  # fmt: skip
     if isinstance(data, ArrayData):
         tr, va = (
-            _subset(data.train_labels, cfg.train_subset, cfg.subset_per_class),
-            _subset(data.val_labels, cfg.val_subset, cfg.subset_per_class),
+            _subset(len(data.train_labels), cfg.train_subset, per_class(data.train_labels)),
+            _subset(len(data.val_labels), cfg.val_subset, per_class(data.val_labels)),
         )
         if tr is not None:
             data.train_images, data.train_labels = data.train_images[tr], data.train_labels[tr]
@@ -275,8 +285,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         )  # fmt: skip
         return data, train_loader, val_loader
     tr, va = (
-        _subset(_labels(data.train_samples), cfg.train_subset, cfg.subset_per_class),
-        _subset(_labels(data.val_samples), cfg.val_subset, cfg.subset_per_class),
+        _subset(len(data.train_samples), cfg.train_subset, per_class(data.train_samples)),
+        _subset(len(data.val_samples), cfg.val_subset, per_class(data.val_samples)),
     )
     if tr is not None:
         data.train_samples = [data.train_samples[i] for i in tr.tolist()]
