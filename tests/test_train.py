@@ -123,7 +123,7 @@ def test_ema_decay_warms_up_then_holds():
 
 @pytest.mark.parametrize("keep", [1, 7, 50, 99])
 def test_per_class_subset_keeps_each_class_share_in_the_fixed_order(keep):
-    from dyshuffle.train.engine import _subset
+    from dyshuffle.data import subset_indices as _subset
 
     labels = torch.tensor([0] * 60 + [1] * 25 + [2] * 10 + [3] * 5)[torch.randperm(100)]
     order = torch.randperm(100, generator=torch.Generator().manual_seed(0))

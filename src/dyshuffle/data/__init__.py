@@ -7,7 +7,7 @@
 training batch (mixup, CutMix).
 """
 
-from .common import ArrayData, DatasetError, FileData, default_cache_dir
+from .common import ArrayData, DatasetError, FileData, default_cache_dir, subset_indices
 from .datasets import DATASETS, LOADERS, channel_stats, list_datasets, load_data, resolve_loader
 from .folder import extract_once, parse_layout
 from .loaders import (
@@ -43,4 +43,5 @@ __all__ = [
     "parse_layout",
     "random_crop",
     "resolve_loader",
+    "subset_indices",
 ]

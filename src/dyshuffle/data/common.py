@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ __all__ = [
     "FileData",
     "default_cache_dir",
     "is_image_file",
+    "subset_indices",
 ]
 
 IMAGE_EXTENSIONS = (
@@ -126,3 +128,32 @@ class FileData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def subset_indices(
+    n: int, keep: int, labels: Callable[[], Tensor] | None = None, seed: int = 0
+) -> Tensor | None:
+    """Sorted indices of ``keep`` of ``n`` samples of a fixed random order (``None``: all), the
+    subsets of ``dyshuffle train --train-subset/--val-subset`` and ``dyshuffle inspect
+    --max-samples`` (the same images for the same N).
+
+    With ``labels`` (a function that gives the ``(n,)`` labels, called only when a subset is
+    drawn) each class keeps its share of ``keep`` (``keep * n_c / n`` rounded by the largest
+    remainder, ties to the lower class index): its first samples of the same order.
+    """
+    if keep <= 0 or keep >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if labels is None:
+        return order[:keep].sort().values
+    _, cls, counts = torch.unique(labels()[order], return_inverse=True, return_counts=True)
+    share = counts.double() * keep / n
+    quota = share.floor().long()
+    rest = (share - quota).tolist()
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-rest[i], i))
+    quota[by_remainder[: keep - int(quota.sum())]] += 1
+    # rank of each sample among its class's samples in the order; keep the first quota of each
+    grouped = torch.argsort(cls, stable=True)
+    rank = torch.empty_like(grouped)
+    rank[grouped] = torch.arange(n) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    return order[rank < quota[cls]].sort().values

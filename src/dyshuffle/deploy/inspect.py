@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
 
 from .._progress import progress_bar
+from ..data.common import subset_indices
 from ..data.datasets import list_datasets
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
@@ -763,10 +764,8 @@ def _subset(total: int, max_samples: int | None) -> Tensor:
 
     Validation splits are often sorted by class, so their first N samples would cover few classes.
     """
-    if max_samples is None or max_samples >= total:
-        return torch.arange(total)
-    g = torch.Generator().manual_seed(0)
-    return torch.randperm(total, generator=g)[:max_samples].sort().values
+    keep = subset_indices(total, max_samples or 0)  # the images of a run's --val-subset N
+    return torch.arange(total) if keep is None else keep
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -195,33 +195,6 @@ def _labels_of(data: Tensor | list[tuple[str, int]]) -> Callable[[], Tensor]:
     return lambda: torch.tensor([label for _, label in data], dtype=torch.long)
 
 
-def _subset(
-    n: int, keep: int, labels: Callable[[], Tensor] | None = None, seed: int = 0
-) -> Tensor | None:
-    """Sorted indices of ``keep`` of ``n`` samples of a fixed random order (``None``: all).
-
-    With ``labels`` (a function that gives the ``(n,)`` labels, called only when a subset is
-    drawn) each class keeps its share of ``keep`` (``keep * n_c / n`` rounded by the largest
-    remainder, ties to the lower class index): its first samples of the same order.
-    """
-    if keep <= 0 or keep >= n:
-        return None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    if labels is None:
-        return order[:keep].sort().values
-    _, cls, counts = torch.unique(labels()[order], return_inverse=True, return_counts=True)
-    share = counts.double() * keep / n
-    quota = share.floor().long()
-    rest = (share - quota).tolist()
-    by_remainder = sorted(range(len(counts)), key=lambda i: (-rest[i], i))
-    quota[by_remainder[: keep - int(quota.sum())]] += 1
-    # rank of each sample among its class's samples in the order; keep the first quota of each
-    grouped = torch.argsort(cls, stable=True)
-    rank = torch.empty_like(grouped)
-    rank[grouped] = torch.arange(n) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    return order[rank < quota[cls]].sort().values
-
-
 def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tuple[Any, Any, Any]:
     """Load the data set of ``cfg`` and its train/validation iterators on ``info.device``.
 
@@ -230,7 +203,7 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
     Returns:
         ``(data, train_loader, val_loader)``.
     """
-    from dyshuffle.data import ArrayData, FileLoader, InMemoryLoader, load_data
+    from dyshuffle.data import ArrayData, FileLoader, InMemoryLoader, load_data, subset_indices
 
     def per_class(labels):  # --subset-per-class: a subset keeps each class's share
         return _labels_of(labels) if cfg.subset_per_class else None
@@ -266,8 +239,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
     )  # fmt: skip
     if isinstance(data, ArrayData):
         tr, va = (
-            _subset(len(data.train_labels), cfg.train_subset, per_class(data.train_labels)),
-            _subset(len(data.val_labels), cfg.val_subset, per_class(data.val_labels)),
+            subset_indices(len(data.train_labels), cfg.train_subset, per_class(data.train_labels)),
+            subset_indices(len(data.val_labels), cfg.val_subset, per_class(data.val_labels)),
         )
         if tr is not None:
             data.train_images, data.train_labels = data.train_images[tr], data.train_labels[tr]
@@ -285,8 +258,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo, verbose: bool = True) -> tup
         )  # fmt: skip
         return data, train_loader, val_loader
     tr, va = (
-        _subset(len(data.train_samples), cfg.train_subset, per_class(data.train_samples)),
-        _subset(len(data.val_samples), cfg.val_subset, per_class(data.val_samples)),
+        subset_indices(len(data.train_samples), cfg.train_subset, per_class(data.train_samples)),
+        subset_indices(len(data.val_samples), cfg.val_subset, per_class(data.val_samples)),
     )
     if tr is not None:
         data.train_samples = [data.train_samples[i] for i in tr.tolist()]
