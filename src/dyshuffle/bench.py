@@ -1008,15 +1008,12 @@ def summary_table(rows: Sequence[dict[str, Any]], variant: str = "dynamic") -> s
     return "\n".join(lines)
 
 
-def markdown_section(
-    name: str, rows: Sequence[dict[str, Any]], command: str | None = None, extra: str = ""
-) -> str:
+def markdown_section(name: str, rows: Sequence[dict[str, Any]], command: str | None = None) -> str:
     """The markdown section of one CSV: conditions, the exact command, a summary, the table."""
     r0 = rows[0] if rows else {}
     command = command or r0.get("command") or "?"
     commit = r0.get("commit")
-    stamp = (f"commit {commit}" if commit else "", r0.get("date") or "", extra)
-    extra = ", ".join(x for x in stamp if x)
+    stamp = ", ".join(x for x in (f"commit {commit}" if commit else "", r0.get("date")) if x)
     cond = (
         f"device **{r0.get('device', '?')}** ({r0.get('device_name', '?')}"
         + (
@@ -1041,7 +1038,7 @@ def markdown_section(
         "",
         cond + ".",
         "",
-        f"Command: `{command}`" + (f" ({extra})" if extra else ""),
+        f"Command: `{command}`" + (f" ({stamp})" if stamp else ""),
         "",
         "Training memory: " + (", ".join(sorted(memo)) or "not measured") + ".",
         "",
