@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from dyshuffle import (
     permutation_mode,
 )
 from dyshuffle.layers import (
+    assignment_gap,
     balance_term,
     choose_groups,
     closest_permutation,
@@ -33,6 +35,7 @@ from dyshuffle.layers import (
     permutation_matrix,
     permute_channels,
 )
+from dyshuffle.layers.permutation import permutation_table
 
 V2_WIDTHS = [48, 96, 116, 176, 192, 232, 244, 464, 488, 976]
 
@@ -221,6 +224,84 @@ def test_binarization_recovers_a_permutation_matrix():
     m = permutation_matrix(perm)
     assert torch.equal(closest_permutation(m), perm)
     assert torch.equal(closest_permutation(m, "greedy"), perm)
+
+
+def brute_force_gap(m: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``<m, P> - max_{Q != P} <m, Q>`` by scoring all ``a!`` permutations ``Q``."""
+    perms, onehot = permutation_table(m.shape[-1])
+    scores = m.double().flatten(-2) @ onehot.double().T  # (..., a!)
+    own = m.double().gather(-1, alpha.unsqueeze(-1)).sum((-2, -1))
+    other = (perms != alpha.unsqueeze(-2)).any(-1)  # (..., a!): Q != P
+    return own - scores.masked_fill(~other, -math.inf).amax(-1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=st.integers(2, 7),
+    batch=st.integers(1, 6),
+    sharp=st.sampled_from([0.5, 3.0, 30.0]),
+    which=st.sampled_from(["exact", "greedy", "random"]),
+    seed=st.integers(0, 2**16),
+)
+def test_assignment_gap_is_the_score_gap_to_the_best_other_permutation(
+    a, batch, sharp, which, seed
+):
+    # the optimum (gap >= 0), the greedy choice and any permutation (the gap to the optimum < 0)
+    torch.manual_seed(seed)
+    m = torch.softmax(sharp * torch.randn(batch, 2, a, a), -1)
+    if which == "random":
+        alpha = torch.stack([torch.randperm(a) for _ in range(batch * 2)]).reshape(batch, 2, a)
+    else:
+        alpha = closest_permutation(m, which)
+    gap = assignment_gap(m, alpha)
+    assert gap.shape == (batch, 2) and gap.dtype == torch.float64
+    assert torch.allclose(gap, brute_force_gap(m, alpha), atol=1e-9)
+    if which == "exact":
+        assert (gap >= 0).all() and (gap <= 2 + 1e-9).all()
+
+
+def test_assignment_gap_beyond_enumeration():
+    torch.manual_seed(0)
+    a = 16  # 16! permutations: no table, the cycle search and the assignment solver only
+    perm = torch.randperm(a)
+    exact = permutation_matrix(perm)
+    assert torch.equal(assignment_gap(exact, perm), torch.tensor(2.0, dtype=torch.float64))
+    # one exchange of two columns costs 2 of the score of a permutation matrix
+    swapped = perm.clone()
+    swapped[[3, 7]] = swapped[[7, 3]]
+    assert assignment_gap(exact, swapped).item() == -2.0
+    # a greedy choice on fuzzy factors: the gap to the optimum of scipy's solver when it missed
+    from scipy.optimize import linear_sum_assignment
+
+    m = torch.softmax(torch.randn(64, a, a), -1)
+    alpha = closest_permutation(m, "greedy")
+    gap = assignment_gap(m, alpha)
+    missed = 0
+    for k in range(64):
+        rows, cols = linear_sum_assignment(m[k].double().numpy(), maximize=True)
+        optimum = m[k].double()[torch.as_tensor(rows), torch.as_tensor(cols)].sum()
+        score = m[k].double()[torch.arange(a), alpha[k]].sum()
+        if score < optimum - 1e-9:
+            missed += 1
+            assert gap[k].item() == pytest.approx((score - optimum).item(), abs=1e-9)
+        else:
+            assert 0 <= gap[k].item() <= 2
+    assert 0 < missed < 64  # both cases were checked
+    # one matrix without a gain in any cycle keeps its gap when another one needs the solver
+    both = torch.stack([exact, exact])
+    assert assignment_gap(both, torch.stack([perm, swapped])).tolist() == [2.0, -2.0]
+
+
+def test_assignment_gap_edge_cases():
+    one = torch.zeros(3, 1, dtype=torch.long)
+    assert torch.isinf(assignment_gap(torch.ones(3, 1, 1), one)).all()  # nothing to choose
+    assert torch.equal(  # uniform: every permutation ties
+        assignment_gap(torch.full((4, 4), 0.25), torch.arange(4)), torch.tensor(0.0).double()
+    )
+    with pytest.raises(ValueError, match=r"square matrices .* \(2, 3\)"):
+        assignment_gap(torch.zeros(2, 3), torch.arange(2))
+    with pytest.raises(ValueError, match=r"matrices \(2, 3, 3\), alpha \(3,\)"):
+        assignment_gap(torch.zeros(2, 3, 3), torch.arange(3))
 
 
 # --- orthogonal regularizer -------------------------------------------------------------------
@@ -1275,6 +1356,21 @@ def test_decision_margin_is_the_score_gap_to_the_next_permutation(shared, groups
     assert torch.allclose(layer.decision_margin(x), torch.full((32,), 2.0), atol=1e-5)
 
 
+def test_decision_margin_of_factors_wider_than_the_tables():
+    # 8 x 8 factors (max_group_size 64): binarized greedily, no candidate table
+    layer = DynamicShuffle(192, max_group_size=64).eval()
+    assert (layer.a, layer.b) == (8, 8) and layer._onehot_t_a is None
+    x = torch.randn(6, 192, 3, 3)
+    # the default initialization, sharp identity logits: a clear choice, the same for every input
+    margin = layer.decision_margin(x)
+    assert torch.isfinite(margin).all() and (margin > 0.5).all() and (margin <= 2).all()
+    # saturated: permutation matrices, the largest gap
+    nn.init.zeros_(layer.generator[-1].weight)
+    layer.generator[-1].bias.data.copy_(20.0 * layer._identity_bias())
+    assert torch.allclose(layer.decision_margin(x), torch.full((6,), 2.0), atol=1e-5)
+    assert torch.allclose(layer.decide(x).margin, torch.full((6,), 2.0), atol=1e-5)
+
+
 def test_decision_margin_edge_cases():
     # uniform softmax factors (zero logits): every permutation ties
     layer = DynamicShuffle(24, groups=2, factors=(3, 4)).eval()
@@ -1288,8 +1384,17 @@ def test_decision_margin_edge_cases():
     assert m.shape == (5,) and (m == m[0]).all() and 0 < m[0] <= 2
     # factors of size 1 only: nothing to decide; without tables (greedy): unknown
     assert torch.isinf(DynamicShuffle(4, groups=4, factors=(1, 1)).decision_margin(x[:, :4])).all()
-    greedy = DynamicShuffle(24, groups=2, factors=(3, 4), assignment="greedy")
-    assert torch.isnan(greedy.decision_margin(x)).all()
+    # greedy binarization: the gap of the permutation the greedy choice applies
+    greedy = DynamicShuffle(24, groups=2, factors=(3, 4), assignment="greedy").eval()
+    randomize_generator(greedy, scale=3.0)
+    a_mat, b_mat = greedy.factor_matrices(x)
+    want = torch.stack(
+        [
+            brute_force_gap(f, closest_permutation(f, "greedy")).amin(-1).float()
+            for f in (a_mat, b_mat)
+        ]
+    ).amin(0)
+    assert torch.allclose(greedy.decision_margin(x), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [DynamicShuffle, LearnedShuffle])

@@ -71,7 +71,8 @@ class LayerStats:
         reference: the permutation of the identity factors (what the layer applies when ``A`` and
             ``B`` are identities: its fixed cross-group shuffle), or ``None`` when unknown.
         margins: the decision margin of every sample, in order (``float64``; ``inf`` for a layer
-            with nothing to choose, ``nan`` where the layer has no permutation tables).
+            with nothing to choose; negative where a greedily binarized factor applied a
+            permutation that is not its nearest one).
         logit_std: standard deviation over the samples of each logit of the softmax factors
             (capped, over ``tau``), averaged over the logits: how much the input moves them
             (0 for a layer that ignores its input).
@@ -497,7 +498,8 @@ def plot_orthogonality(stats: InspectionStats, path: Path) -> Path:
 
 def plot_margins(stats: InspectionStats, path: Path) -> Path:
     """Per layer, the distribution of the samples' decision margins (box: quartiles, whiskers:
-    minimum and maximum), on the margin's whole range 0-2."""
+    minimum and maximum), on the margin's whole range 0-2 (below 0 too when a greedily binarized
+    factor missed its nearest permutation)."""
     layers = stats.layers
     fig = _figure(9.0, 1.4 + 0.35 * len(layers))
     ax = fig.add_subplot()
@@ -515,12 +517,16 @@ def plot_margins(stats: InspectionStats, path: Path) -> Path:
         )
     ax.set_yticks(range(len(layers)), [_short(s.name) for s in layers], fontsize=7)
     ax.set_ylim(len(layers) - 0.5, -0.5)
-    ax.set_xlim(0, 2.05)
+    low = min((float(d.min()) for d in data if d.size), default=0.0)
+    ax.set_xlim(min(0.0, low - 0.05), 2.05)
+    if low < 0:
+        ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":")
     ax.axvline(2.0, color="0.6", linewidth=0.8, linestyle="--")
     ax.set_xlabel(
         f"decision margin over {stats.num_samples} samples: score gap between the chosen "
         "permutation and the next one\n(0: a tie, the choice can flip; 2: every factor is a "
-        "permutation matrix)"
+        "permutation matrix"
+        + ("; below 0: a greedy choice that is not the nearest permutation)" if low < 0 else ")")
     )
     ax.set_title("How far each layer's soft factors are from choosing another permutation")
     fig.savefig(path)
@@ -672,7 +678,9 @@ def write_report(
         "- *decision margin*: for each sample, the smallest gap, over the layer's factor "
         "matrices M, between the score <M, P> of the permutation chosen and of the next best "
         "one: how much the soft factors would have to change before the hard permutation does "
-        "(0: a tie; 2: every factor is a permutation matrix). A layer whose margins are all "
+        "(0: a tie; 2: every factor is a permutation matrix; below 0: a factor binarized "
+        'greedily, wider than 6 x 6 or with `assignment="greedy"`, applied a permutation '
+        "that is not its nearest one, by that much). A layer whose margins are all "
         "large and nearly equal keeps its choice whatever the input; `decision_margins.png` "
         "shows their spread per layer.",
         "- *logits*: the standard deviation over the samples of each logit of the softmax "

@@ -17,6 +17,7 @@ from .dynamic import (
 from .factory import create_mixer, get_mixer, list_mixers, mix_concat, register_mixer
 from .permutation import (
     all_permutations,
+    assignment_gap,
     choose_groups,
     closest_permutation,
     compose_index,
@@ -35,6 +36,7 @@ __all__ = [
     "LearnedShuffle",
     "StaticDynamicShuffle",
     "all_permutations",
+    "assignment_gap",
     "balance_term",
     "channel_shuffle",
     "choose_groups",

@@ -42,6 +42,7 @@ from .permutation import (
     _scatter_channels,
     _traced,
     _transformed,
+    assignment_gap,
     choose_groups,
     closest_permutation,
     compose_index,
@@ -942,9 +943,11 @@ class DynamicShuffle(nn.Module):
         over the sample's factors, i.e. how much the soft factors must change before the hard
         permutation does. For row-stochastic (softmax) factors it lies in ``[0, 2]``: 2 when
         every factor is a permutation matrix, 0 on a tie. Factors of size 1 have one permutation
-        and no gap (``inf`` when all factors are of size 1); a factor without a permutation table
-        (``assignment`` other than exact enumeration) gives ``nan``. With ``hard_identity`` the
-        margin is that of the softmax factors, not of the identities the layer applies.
+        and no gap (``inf`` when all factors are of size 1). A factor binarized greedily (larger
+        than ``EXACT_ASSIGNMENT_MAX`` with ``assignment="auto"``, or ``"greedy"``) has the gap of
+        the permutation the greedy choice applies (:func:`assignment_gap`), negative when that
+        is not the nearest permutation. With ``hard_identity`` the margin is that of the softmax
+        factors, not of the identities the layer applies.
         ``parts`` and ``context``: as in :meth:`forward`.
         """
         a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts, context))
@@ -968,8 +971,9 @@ class DynamicShuffle(nn.Module):
         for m, table in ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b)):
             if m.shape[-1] == 1:
                 continue
-            if table is None:
-                gaps.append(torch.full(m.shape[:1], float("nan"), device=m.device))
+            if table is None:  # greedy: the gap of the permutation it applies, exactly
+                alpha = closest_permutation(m, self.assignment)
+                gaps.append(assignment_gap(m.float(), alpha).float().amin(dim=-1))
                 continue
             top = (m.float().flatten(-2) @ table.float()).topk(2, dim=-1).values  # (N, Gf, 2)
             gaps.append((top[..., 0] - top[..., 1]).amin(dim=-1))
