@@ -22,6 +22,7 @@ from .permutation import (
     closest_permutation,
     compose_index,
     invert_permutation,
+    optimal_assignment,
     permutation_matrix,
     permute_channels,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "kronecker_apply",
     "list_mixers",
     "mix_concat",
+    "optimal_assignment",
     "orthogonal_loss",
     "orthogonality",
     "permutation_matrix",

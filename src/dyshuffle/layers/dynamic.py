@@ -32,6 +32,7 @@ from ._checks import (
     check_positive_int,
 )
 from .permutation import (
+    ASSIGNMENT_METHODS,
     EXACT_ASSIGNMENT_MAX,
     _apply,
     _as_dtype,
@@ -64,7 +65,6 @@ __all__ = [
     "permutation_mode",
 ]
 
-ASSIGNMENTS = ("auto", "exact", "greedy")
 #: largest joint index table (entries) a layer with shared factors keeps (8 MiB of int64; the
 #: table of its rows' inverses, for the STE backward, is as large again)
 JOINT_TABLE_MAX = 2**20
@@ -433,8 +433,12 @@ class DynamicShuffle(nn.Module):
         min_hidden: smallest generator hidden width.
         init: ``"identity"`` (factors start near identity, so the layer starts as the fixed
             cross-group shuffle) or ``"random"`` (default PyTorch initialization).
-        assignment: binarization, ``"auto"``, ``"exact"`` or ``"greedy"``
-            (see :func:`~dyshuffle.layers.permutation.closest_permutation`).
+        assignment: binarization, ``"auto"``, ``"exact"``, ``"greedy"`` or ``"optimal"``
+            (see :func:`~dyshuffle.layers.permutation.closest_permutation`). ``"auto"`` and
+            ``"optimal"`` score factors of up to 6 x 6 against a table of their permutations;
+            a wider factor gets the greedy assignment (``"auto"``: fixed steps, exportable; it
+            can miss the nearest permutation of factors far from permutations) or the nearest
+            permutation (``"optimal"``: eager only).
         cross_shuffle: compose the fixed cross-group shuffle after the group permutations.
         max_group_size: largest group size when ``groups`` and ``factors`` are omitted.
         factor_grad: how ``"ste"`` training contracts the output and its gradient into the
@@ -545,7 +549,7 @@ class DynamicShuffle(nn.Module):
         self.mode = check_choice(mode, MODES, "mode")
         self.tau = float(check_positive(tau, "tau"))
         self.init = check_choice(init, INITS, "init")
-        self.assignment = check_choice(assignment, ASSIGNMENTS, "assignment")
+        self.assignment = check_choice(assignment, ASSIGNMENT_METHODS, "assignment")
         self.cross_shuffle = check_flag(cross_shuffle, "cross_shuffle")
         self.factor_grad = check_choice(factor_grad, FACTOR_GRADS, "factor_grad")
         if not noise >= 0:
@@ -578,7 +582,7 @@ class DynamicShuffle(nn.Module):
         # exact binarization: every candidate permutation of each factor, scored in one lookup
         for name, size in (("a", self.a), ("b", self.b)):
             use_table = assignment == "exact" or (
-                assignment == "auto" and size <= EXACT_ASSIGNMENT_MAX
+                assignment in ("auto", "optimal") and size <= EXACT_ASSIGNMENT_MAX
             )
             perms, onehot = permutation_table(size) if use_table else (None, None)
             self._keep(f"_perms_{name}", perms)

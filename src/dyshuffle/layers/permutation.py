@@ -21,6 +21,7 @@ from torch import Tensor
 from ._checks import check_positive_int, integer
 
 __all__ = [
+    "ASSIGNMENT_METHODS",
     "EXACT_ASSIGNMENT_MAX",
     "all_permutations",
     "assignment_gap",
@@ -30,6 +31,7 @@ __all__ = [
     "factor_index_tables",
     "factor_pair",
     "invert_permutation",
+    "optimal_assignment",
     "permutation_matrix",
     "permutation_table",
     "permute_channels",
@@ -37,6 +39,9 @@ __all__ = [
 
 #: Largest factor size for which binarization enumerates every permutation (6! = 720).
 EXACT_ASSIGNMENT_MAX = 6
+
+#: The binarizations of :func:`closest_permutation`.
+ASSIGNMENT_METHODS = ("auto", "exact", "greedy", "optimal")
 
 
 def _divisors(n: int) -> list[int]:
@@ -142,7 +147,10 @@ def closest_permutation(
         m: ``(..., a, a)`` real matrices.
         method: ``"exact"`` scores all ``a!`` permutations with one matrix product (optimal);
             ``"greedy"`` takes the largest remaining entry ``a`` times (vectorized over the batch);
-            ``"auto"`` is exact up to ``a = 6`` and greedy above.
+            ``"auto"`` is exact up to ``a = 6`` and greedy above; ``"optimal"`` is exact up to
+            ``a = 6`` and above it improves the greedy choice along exchange cycles until none
+            gains (:func:`optimal_assignment`: optimal at any size, a number of steps that
+            depends on the data, so eager only).
         table: optional ``(perms, onehot)`` from :func:`permutation_table` already on the device
             of ``m`` (layers keep it as a buffer so no copy happens per call).
     """
@@ -150,10 +158,20 @@ def closest_permutation(
         raise ValueError(
             f"closest_permutation needs square matrices (..., a, a), got {tuple(m.shape)}"
         )
-    if method not in ("auto", "exact", "greedy"):
-        raise ValueError(f"unknown assignment method {method!r}; valid: 'auto', 'exact', 'greedy'")
+    if method not in ASSIGNMENT_METHODS:
+        raise ValueError(
+            f"unknown assignment method {method!r}; valid: "
+            + ", ".join(repr(v) for v in ASSIGNMENT_METHODS)
+        )
     a = m.shape[-1]
-    if method == "auto":
+    optimal = method == "optimal" and a > EXACT_ASSIGNMENT_MAX
+    if optimal and (_exporting() or torch._C._functorch.is_batchedtensor(m)):
+        raise ValueError(
+            f"assignment 'optimal' of {a} x {a} factors takes a number of steps that depends on "
+            "the data and cannot be traced, exported or vmapped; set the layer's assignment to "
+            "'greedy' (or 'auto') there"
+        )
+    if method in ("auto", "optimal"):
         method = "exact" if a <= EXACT_ASSIGNMENT_MAX else "greedy"
     if a == 1:
         return torch.zeros(m.shape[:-1], dtype=torch.long, device=m.device)
@@ -173,7 +191,112 @@ def closest_permutation(
         alpha[rows, r] = c
         work[rows, r, :] = -math.inf
         work[rows, :, c] = -math.inf
-    return alpha.reshape(m.shape[:-1])
+    alpha = alpha.reshape(m.shape[:-1])
+    return optimal_assignment(m, alpha) if optimal else alpha
+
+
+def _exchange_weights(w: Tensor, idx: Tensor) -> Tensor:
+    """``W[k, i, j] = w[k, i, idx[k, j]] - w[k, i, idx[k, i]]``: the score change when row ``i``
+    takes the column of row ``j`` (``-inf`` on the diagonal: a cycle has two rows at least)."""
+    a = w.shape[-1]
+    taken = w.gather(2, idx.unsqueeze(1).expand(-1, a, a))  # [k, i, j] = w[k, i, idx[k, j]]
+    d = taken - taken.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    d.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+    return d
+
+
+def _score_tolerance(m: Tensor, w: Tensor) -> float:
+    """Score changes this small are ties: the rounding of a sum of ``a`` entries of ``m``'s dtype
+    (a float32 choice and its float64 rescoring may disagree by that much)."""
+    eps = torch.finfo(m.dtype).eps if m.is_floating_point() else 0.0
+    return max(eps, 1e-12) * w.shape[-1] * max(1.0, float(w.abs().amax()))
+
+
+def _gaining_cycles(d: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """One cycle of positive total weight in each ``(a, a)`` weight matrix of ``d`` that has one.
+
+    Bellman-Ford for the longest paths from a source joined to every row at weight 0, one row
+    at a time (each step a relaxation with the current distances, so that every cycle of the
+    predecessor graph gains): when a row still grows after ``a`` rounds, a cycle that gains
+    lies behind it, and ``a + 1`` steps back along the predecessors land on that cycle.
+
+    Returns:
+        ``found`` ``(B,)`` bool and ``pred`` ``(B, a)``: row ``pred[k, v]`` precedes ``v`` on
+        the found cycle of matrix ``k`` (``-1`` elsewhere).
+    """
+    bsz, a, _ = d.shape
+    dist = d.new_zeros(bsz, a)
+    pred = torch.full((bsz, a), -1, dtype=torch.long, device=d.device)
+    last = torch.full((bsz,), -1, dtype=torch.long, device=d.device)  # a row of the last growth
+    for _ in range(a + 1):  # a rounds settle every simple path; a later growth is a cycle's
+        last.fill_(-1)
+        for j in range(a):
+            best, arg = (dist + d[:, :, j]).max(dim=-1)  # (B,): the best row i before row j
+            grew = best > dist[:, j] + tol
+            dist[:, j] = torch.where(grew, best, dist[:, j])
+            pred[:, j] = torch.where(grew, arg, pred[:, j])
+            last = torch.where(grew, j, last)
+        if not bool((last >= 0).any()):  # settled everywhere: no cycle gains
+            break
+    found = last >= 0
+    rows = torch.arange(bsz, device=d.device)
+    v = last.clamp(min=0)
+    for _ in range(a + 1):  # back along the predecessors: on the cycle
+        v = pred[rows, v].clamp(min=0)
+    on_cycle = torch.zeros(bsz, a, dtype=torch.bool, device=d.device)
+    u = v
+    for _ in range(a):  # around the cycle once
+        on_cycle[rows, u] = True
+        u = pred[rows, u].clamp(min=0)
+    return found, torch.where(on_cycle & found.unsqueeze(-1), pred, -1)
+
+
+def optimal_assignment(m: Tensor, alpha: Tensor) -> Tensor:
+    """The permutation that maximizes ``<m, P>``, from a start ``alpha`` (e.g. the greedy one).
+
+    Cycle cancelling: a permutation is optimal exactly when no cycle of column exchanges (row
+    ``i`` takes the column of the next row of the cycle) raises its score; while one does, it is
+    applied. Every step raises the score, so the loop ends at the optimum, for every size and
+    the whole batch at once; the number of steps depends on the data (none when the start is
+    optimal already, the common case for factors near permutations). Ties keep the start.
+
+    Args:
+        m: ``(..., a, a)`` real matrices.
+        alpha: ``(..., a)`` start permutations.
+
+    Returns:
+        ``(..., a)`` optimal permutations.
+    """
+    if m.dim() < 2 or m.shape[-1] != m.shape[-2] or alpha.shape != m.shape[:-1]:
+        raise ValueError(
+            f"optimal_assignment needs square matrices (..., a, a) and one permutation (..., a) "
+            f"each: matrices {tuple(m.shape)}, alpha {tuple(alpha.shape)}"
+        )
+    a = m.shape[-1]
+    w = m.detach().reshape(-1, a, a).double()
+    out = alpha.reshape(-1, a).clone()
+    if a < 2:
+        return out.reshape(alpha.shape)
+    tol = _score_tolerance(m, w)
+    todo = torch.arange(w.shape[0], device=m.device)
+    while todo.numel():
+        idx = out[todo]
+        d = _exchange_weights(w[todo], idx)
+        found, pred = _gaining_cycles(d, tol)
+        on = pred >= 0  # (B, a): row pred[v] takes the column of row v
+        gain = torch.where(on, d.gather(1, pred.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+        # ^ [k, v] = d[k, pred[k, v], v]
+        apply = found & (gain.sum(-1) > tol)
+        if bool((found & ~apply).any()):  # the predecessor graph's cycles gain: not reached
+            raise RuntimeError("optimal_assignment: a cycle found does not gain")
+        if not bool(apply.any()):
+            break
+        new = idx.clone()
+        k, v = (on & apply.unsqueeze(-1)).nonzero(as_tuple=True)
+        new[k, pred[k, v]] = idx[k, v]
+        out[todo] = new
+        todo = todo[apply]
+    return out.reshape(alpha.shape)
 
 
 def assignment_gap(m: Tensor, alpha: Tensor) -> Tensor:
@@ -190,8 +313,8 @@ def assignment_gap(m: Tensor, alpha: Tensor) -> Tensor:
     and a cycle's change is the sum over its edges. When no cycle gains, the best other
     permutation is the best single cycle (more cycles add changes ``<= 0``), found for the whole
     batch at once by a max-plus Floyd-Warshall (``a`` steps of ``O(a^2)``, float64). A cycle
-    that gains means ``P`` is not the optimum; those matrices (rare: the greedy choice of
-    factors far from permutations) are solved exactly by ``scipy.optimize.linear_sum_assignment``.
+    that gains means ``P`` is not the optimum; for those matrices (rare: the greedy choice of
+    factors far from permutations) :func:`optimal_assignment` finds it.
 
     Args:
         m: ``(..., a, a)`` real matrices.
@@ -213,24 +336,20 @@ def assignment_gap(m: Tensor, alpha: Tensor) -> Tensor:
         return torch.full(batch, math.inf, dtype=torch.float64, device=m.device)
     w = m.detach().reshape(-1, a, a).double()
     idx = alpha.reshape(-1, a)
-    taken = w.gather(2, idx.unsqueeze(1).expand(-1, a, a))  # [k, i, j] = m[i, alpha[j]]
-    own = taken.diagonal(dim1=1, dim2=2).unsqueeze(-1)  # (B, a, 1): m[i, alpha[i]]
-    d = (taken - own).clone()  # W: the change when row i takes row j's column
-    d.diagonal(dim1=1, dim2=2).fill_(-math.inf)  # no self loops: a cycle has two rows at least
+    d = _exchange_weights(w, idx)  # W: the change when row i takes row j's column
     for k in range(a):  # best path i -> j through rows 0..k (max-plus Floyd-Warshall)
         d = torch.maximum(d, d[:, :, k : k + 1] + d[:, k : k + 1, :])
     best = d.diagonal(dim1=1, dim2=2).amax(-1)  # (B,) the best cycle's change
     gap = (-best).clamp(min=0.0)
-    gains = (best > 1e-9).nonzero().flatten().tolist()
-    if gains:  # P is not the optimum: the gap to the optimum, exactly
-        from scipy.optimize import linear_sum_assignment
+    gains = best > _score_tolerance(m, w)
+    if bool(gains.any()):  # P is not the optimum: the gap to the optimum, exactly
+        sub = w[gains]
+        optimum = optimal_assignment(sub, idx[gains])
 
-        ar = torch.arange(a)
-        for k in gains:
-            mk = w[k].cpu()
-            rows, cols = linear_sum_assignment(mk.numpy(), maximize=True)
-            optimum = mk[torch.as_tensor(rows), torch.as_tensor(cols)].sum()
-            gap[k] = (mk[ar, idx[k].cpu()].sum() - optimum).item()
+        def score(perm: Tensor) -> Tensor:
+            return sub.gather(2, perm.unsqueeze(-1)).sum((-2, -1))
+
+        gap[gains] = score(idx[gains]) - score(optimum)
     return gap.reshape(batch)
 
 
