@@ -950,8 +950,9 @@ class DynamicShuffle(nn.Module):
         and no gap (``inf`` when all factors are of size 1). A factor binarized greedily (larger
         than ``EXACT_ASSIGNMENT_MAX`` with ``assignment="auto"``, or ``"greedy"``) has the gap of
         the permutation the greedy choice applies (:func:`assignment_gap`), negative when that
-        is not the nearest permutation. With ``hard_identity`` the margin is that of the softmax
-        factors, not of the identities the layer applies.
+        is not the nearest permutation (never with ``assignment="optimal"``, which applies the
+        nearest one). With ``hard_identity`` the margin is that of the softmax factors, not of
+        the identities the layer applies.
         ``parts`` and ``context``: as in :meth:`forward`.
         """
         a_mat, b_mat, _ = self._softmax_factors(self._inspected_logits(x, parts, context))
@@ -975,7 +976,7 @@ class DynamicShuffle(nn.Module):
         for m, table in ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b)):
             if m.shape[-1] == 1:
                 continue
-            if table is None:  # greedy: the gap of the permutation it applies, exactly
+            if table is None:  # greedy or optimal: the gap of the permutation applied, exactly
                 alpha = closest_permutation(m, self.assignment)
                 gaps.append(assignment_gap(m.float(), alpha).float().amin(dim=-1))
                 continue
