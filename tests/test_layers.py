@@ -36,6 +36,8 @@ from dyshuffle.layers import (
     permutation_matrix,
     permute_channels,
 )
+from dyshuffle.layers import dynamic as dynamic_module
+from dyshuffle.layers.dynamic import _factor_gram, _factor_gram_channels
 from dyshuffle.layers.permutation import permutation_table
 
 V2_WIDTHS = [48, 96, 116, 176, 192, 232, 244, 464, 488, 976]
@@ -571,6 +573,30 @@ def test_ste_fast_path_equals_reference(cls, shared, layout, cross, factor_grad,
         grads2 = torch.autograd.grad(y2, [x, *params], g)
     assert torch.equal(y2, y)
     assert all(torch.equal(a, b) for a, b in zip(grads2, grads))
+
+
+@pytest.mark.parametrize("groups,m", [(3, 16), (1, 48), (2, 12)])
+def test_factor_gram_one_product_per_sample_equals_one_per_pixel(monkeypatch, groups, m):
+    """Above ``PIXEL_GRAM_MAX`` the CPU contraction copies each sample's ``(m, H*W*G)`` slots
+    into one product instead of one product per pixel: the same Gram matrices."""
+    torch.manual_seed(0)
+    gy = torch.randn(4, groups * m, 5, 3).to(memory_format=torch.channels_last)
+    y = torch.randn(4, groups * m, 5, 3).to(memory_format=torch.channels_last)
+    want = _factor_gram_channels(gy, y, groups, m, True, True)  # the C x C reference
+    got = {}
+    for limit in (0, 2**62):
+        monkeypatch.setattr(dynamic_module, "PIXEL_GRAM_MAX", limit)
+        got[limit] = _factor_gram(gy, y, groups, m, True, True)
+    assert torch.allclose(got[0], want, atol=1e-4) and torch.allclose(got[2**62], want, atol=1e-4)
+    # ... and the STE backward through it equals the dense straight-through product
+    monkeypatch.setattr(dynamic_module, "PIXEL_GRAM_MAX", 0)
+    layer = DynamicShuffle(24, groups=2, factors=(3, 4), init="random").train()
+    randomize_generator(layer, scale=1.0)
+    x = torch.randn(3, 24, 3, 2).to(memory_format=torch.channels_last).requires_grad_(True)
+    y_out = layer(x)
+    alpha, beta = layer._hard_factors(*layer.factor_matrices(x))
+    one_hot = torch.nn.functional.one_hot
+    check_ste_reference(layer, x, y_out, one_hot(alpha, 3), one_hot(beta, 4))
 
 
 @pytest.mark.parametrize("mode", ["soft", "ste"])

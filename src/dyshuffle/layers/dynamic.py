@@ -216,6 +216,13 @@ class _SpatialMean(torch.autograd.Function):
         return (g / (h * w))[:, :, None, None].expand(n, c, h, w)
 
 
+#: on the CPU, the channels_last contraction of :func:`_factor_gram` forms one ``m x m`` product
+#: per pixel only while they hold at most this many entries (``N * H * W * m * m``); above, the
+#: products outgrow the caches and one copied product per sample is faster (docs/BENCHMARKS.md,
+#: session 28)
+PIXEL_GRAM_MAX = 2**22
+
+
 def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared: bool) -> Tensor:
     """``H[n, g, u, v] = sum_{pixels} gy[n, slot u of group g] * y[n, slot v of group g]``.
 
@@ -234,6 +241,11 @@ def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared
     if same and channels_last and shared:
         gr = gy.permute(0, 2, 3, 1).reshape(n * p, c)  # views: (N*P, C) rows of pixels
         yr = y.permute(0, 2, 3, 1).reshape(n * p, c)
+        if cross and gy.device.type == "cpu" and n * p * m * m > PIXEL_GRAM_MAX:
+            # one (m, P * G) matrix per sample, copied: no (N*P, m, m) products to sum
+            gs = gr.view(n, p, m, groups).transpose(1, 2).reshape(n, m, p * groups)
+            ys = yr.view(n, p, m, groups).transpose(1, 2).reshape(n, m, p * groups)
+            return torch.bmm(gs, ys.transpose(1, 2)).unsqueeze(1)
         if cross:  # channel u * G + g: per pixel an (m, G) matrix
             gram = torch.bmm(gr.view(n * p, m, groups), yr.view(n * p, m, groups).transpose(1, 2))
             return gram.view(n, p, m, m).sum(1).unsqueeze(1)
