@@ -229,7 +229,8 @@ def _factor_gram(gy: Tensor, y: Tensor, groups: int, m: int, cross: bool, shared
     Slot ``u`` of group ``g`` is channel ``u * G + g`` with the cross-group shuffle and
     ``g * m + u`` without. With shared factors the groups are summed too (``g`` has size 1).
     The contraction is arranged so that both operands are views of the feature maps (no copies)
-    in the common cases: NCHW, and channels_last with shared factors.
+    in the common cases: NCHW, and channels_last with shared factors (on the CPU, above
+    ``PIXEL_GRAM_MAX`` per-pixel products, each sample's slots are copied into one product).
 
     Returns:
         ``(N, G or 1, m, m)``.
@@ -454,8 +455,9 @@ class DynamicShuffle(nn.Module):
         cross_shuffle: compose the fixed cross-group shuffle after the group permutations.
         max_group_size: largest group size when ``groups`` and ``factors`` are omitted.
         factor_grad: how ``"ste"`` training contracts the output and its gradient into the
-            factor gradients: ``"pixels"`` (one tiny ``m x m`` product per pixel, fewest
-            multiplications), ``"channels"`` (one ``C x C`` Gram matrix per sample, ``G`` times the
+            factor gradients: ``"pixels"`` (the slot-wise contraction, fewest multiplications:
+            one tiny ``m x m`` product per pixel, or one per sample when those would be many on
+            the CPU), ``"channels"`` (one ``C x C`` Gram matrix per sample, ``G`` times the
             multiplications as one large product) or ``"auto"`` (``"pixels"`` everywhere until a
             device is measured to prefer the other). The result is the same.
         noise: scale of the Gumbel noise added to the logits in training (straight-through
