@@ -195,6 +195,15 @@ def closest_permutation(
     return optimal_assignment(m, alpha) if optimal else alpha
 
 
+def _check_matrices_and_choice(name: str, m: Tensor, alpha: Tensor) -> None:
+    """``m`` holds square ``(..., a, a)`` matrices, ``alpha`` one ``(..., a)`` permutation each."""
+    if m.dim() < 2 or m.shape[-1] != m.shape[-2] or alpha.shape != m.shape[:-1]:
+        raise ValueError(
+            f"{name} needs square matrices (..., a, a) and one permutation (..., a) each: "
+            f"matrices {tuple(m.shape)}, alpha {tuple(alpha.shape)}"
+        )
+
+
 def _exchange_weights(w: Tensor, idx: Tensor) -> Tensor:
     """``W[k, i, j] = w[k, i, idx[k, j]] - w[k, i, idx[k, i]]``: the score change when row ``i``
     takes the column of row ``j`` (``-inf`` on the diagonal: a cycle has two rows at least)."""
@@ -267,11 +276,7 @@ def optimal_assignment(m: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         ``(..., a)`` optimal permutations.
     """
-    if m.dim() < 2 or m.shape[-1] != m.shape[-2] or alpha.shape != m.shape[:-1]:
-        raise ValueError(
-            f"optimal_assignment needs square matrices (..., a, a) and one permutation (..., a) "
-            f"each: matrices {tuple(m.shape)}, alpha {tuple(alpha.shape)}"
-        )
+    _check_matrices_and_choice("optimal_assignment", m, alpha)
     a = m.shape[-1]
     w = m.detach().reshape(-1, a, a).double()
     out = alpha.reshape(-1, a).clone()
@@ -323,13 +328,7 @@ def assignment_gap(m: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         ``(...)`` float64 gaps (``inf`` for ``a = 1``: one permutation, nothing to choose).
     """
-    if m.dim() < 2 or m.shape[-1] != m.shape[-2]:
-        raise ValueError(f"assignment_gap needs square matrices (..., a, a), got {tuple(m.shape)}")
-    if alpha.shape != m.shape[:-1]:
-        raise ValueError(
-            f"assignment_gap needs one permutation (..., a) per matrix: matrices "
-            f"{tuple(m.shape)}, alpha {tuple(alpha.shape)}"
-        )
+    _check_matrices_and_choice("assignment_gap", m, alpha)
     a = m.shape[-1]
     batch = m.shape[:-2]
     if a == 1:
