@@ -235,6 +235,30 @@ def test_shards_split_the_jobs_disjointly_in_sweep_order(tmp_path, monkeypatch, 
     assert _dry_run_commands([*argv, "--shard", "6/7"], capsys) == []
 
 
+def test_runs_keeps_the_rows_named_by_position_and_shards_count_among_them(
+    tmp_path, monkeypatch, capsys
+):
+    """``--runs I ...``: only those rows of the file, at their own seeds or ``--seeds``; a position
+    outside the file is an error that names it and the valid range."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(dict(data="digits", epochs=1)))
+    runs = [{"mixer": "shuffle"}, {"mixer": "dynamic", "seeds": [2, 3]}, {"mixer": "none"}]
+    spec = dict(name="rows", base="base.yaml", records="r/w_runs.jsonl", seeds=[0], runs=runs)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_spec("s.yaml")
+    assert [(s, r["mixer"]) for s, r in loaded.jobs(only=[1])] == [(2, "dynamic"), (3, "dynamic")]
+    assert [(s, r["mixer"]) for s, r in loaded.jobs(only=[2, 0])] == [(0, "shuffle"), (0, "none")]
+    assert [(s, r["mixer"]) for s, r in loaded.jobs([7], only=[1])] == [(7, "dynamic")]
+    full = _dry_run_commands(["s.yaml"], capsys)
+    picked = _dry_run_commands(["s.yaml", "--runs", "1"], capsys)
+    assert picked == [c for c in full if "--mixer dynamic" in c] and len(picked) == 2
+    assert _dry_run_commands(["s.yaml", "--runs", "1", "--shard", "1/2"], capsys) == picked[1:]
+    for bad in ("3", "-1"):
+        assert main(["s.yaml", "--dry-run", "--runs", "0", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--runs {bad}: s.yaml has 3 runs, positions 0 .. 2" in err
+
+
 def test_a_runs_own_seeds_replace_the_files_and_keep_its_label(tmp_path, monkeypatch, capsys):
     """A run with ``seeds`` runs at those only; its label (what the records match) is the same as
     without them; ``--seeds`` on the command line applies to every run."""

@@ -31,12 +31,15 @@ one seed when the file is run again); ``--seeds`` on the command line replaces b
 
 The jobs of a sweep are its (seed, run) pairs, seeds outer, runs inner; ``--shard K/W`` runs only
 the jobs at positions ``i`` with ``i % W == K``, so ``W`` processes (``--shard 0/W`` ...
-``--shard W-1/W``) share one sweep without running a job twice.
+``--shard W-1/W``) share one sweep without running a job twice. ``--runs I ...`` keeps only the
+file's runs at those positions in its ``runs`` list (from 0); with ``--force`` it trains one row
+again (its new records count in the report, the earlier ones stay in the file).
 
 Examples::
 
     dyshuffle sweep sweeps/cifar10_cpu.yaml --set data_dir=../shared/data/cifar10-jpeg.tgz
     dyshuffle sweep sweeps/cifar10_gpu.yaml --shard 1/6 --records runs/w1/cifar10_runs.jsonl
+    dyshuffle sweep sweeps/cifar10_cpu_full.yaml --runs 33 --force   # train row 33 again
     dyshuffle sweep --report                       # only rebuild RESULTS.md from results/*.jsonl
 
 Each report write also draws its figures (``dyshuffle.results.write_figures``) into
@@ -116,19 +119,35 @@ class SweepSpec:
             for i, (raw_run, run) in enumerate(zip(runs, self.runs))
         ]
 
-    def jobs(self, seeds: list[int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    def jobs(
+        self, seeds: list[int] | None = None, only: list[int] | None = None
+    ) -> list[tuple[int, dict[str, Any]]]:
         """The (seed, run) pairs of the sweep, seeds outer and runs inner: each run at its own
         seeds or else the file's, or every run at ``seeds`` when given. The seeds are taken in
-        the file's order, then those that only some runs have, in increasing order."""
+        the file's order, then those that only some runs have, in increasing order. ``only``:
+        the positions (from 0) in the file's ``runs`` of the runs to keep, the others left out.
+        """
+        keep = range(len(self.runs)) if only is None else self.check_positions(only)
+        runs = [
+            (run, rs) for i, (run, rs) in enumerate(zip(self.runs, self.run_seeds)) if i in keep
+        ]
         if seeds is not None:
-            return [(seed, run) for seed in seeds for run in self.runs]
-        own = sorted({s for rs in self.run_seeds if rs for s in rs} - set(self.seeds))
+            return [(seed, run) for seed in seeds for run, _ in runs]
+        own = sorted({s for _, rs in runs if rs for s in rs} - set(self.seeds))
         return [
             (seed, run)
             for seed in [*self.seeds, *own]
-            for run, rs in zip(self.runs, self.run_seeds)
+            for run, rs in runs
             if seed in (self.seeds if rs is None else rs)
         ]
+
+    def check_positions(self, positions: list[int]) -> set[int]:
+        """``positions`` as a set, each checked to be a run of the file (ValueError naming it)."""
+        n = len(self.runs)
+        for i in positions:
+            if not 0 <= i < n:
+                raise ValueError(f"--runs {i}: {self.path} has {n} runs, positions 0 .. {n - 1}")
+        return set(positions)
 
 
 def _run_seeds(seeds: Any, run: dict[str, Any], i: int, path: Path) -> list[int]:
@@ -271,6 +290,7 @@ def run_sweep(
     expect: float = 0.0,
     note: str | None = None,
     shard: tuple[int, int] | None = None,
+    only: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every run x seed of ``spec`` not yet recorded; return the new records.
 
@@ -278,8 +298,10 @@ def run_sweep(
     seeds. ``time_budget`` (seconds, 0: none) stops before a run that would likely overrun it,
     judging by the longest run so far (``expect`` seconds before any has finished). ``note``
     (e.g. "4 runs shared the GPU") is recorded with every run and listed under its table in the
-    report. ``shard=(K, W)`` runs only the jobs (seed, run), counted seeds outer and runs inner
-    from 0, whose position ``i`` has ``i % W == K``; the other jobs belong to the other shards.
+    report. ``only``: the positions (from 0) in the file's ``runs`` of the runs to train, the
+    others left out (with ``force``: rerun one row of a file). ``shard=(K, W)`` runs only the
+    jobs (seed, run), counted seeds outer and runs inner from 0 among those of ``only``, whose
+    position ``i`` has ``i % W == K``; the other jobs belong to the other shards.
     """
     from .train.checkpoint import load_checkpoint
     from .train.config import resolve_config
@@ -293,7 +315,7 @@ def run_sweep(
     new: list[dict[str, Any]] = []
     start, longest = time.monotonic(), float(expect)
     # the jobs in sweep order: seeds outer, runs inner
-    jobs = spec.jobs(seeds)
+    jobs = spec.jobs(seeds, only)
     if shard is not None:
         k, w = shard
         jobs = jobs[k::w]  # positions i with i % w == k
@@ -445,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         "listed in the report (e.g. 'three runs shared the GPU at a time')",
     )
     parser.add_argument(
+        "--runs",
+        type=int,
+        nargs="+",
+        metavar="I",
+        help="only these runs of the file: their positions in its 'runs' list, from 0 "
+        "(e.g. with --force, rerun one row)",
+    )
+    parser.add_argument(
         "--shard",
         metavar="K/W",
         help="run only job i (seeds outer, runs inner, from 0) with i %% W == K, e.g. 2/6; "
@@ -475,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             expect=args.expect,
             note=args.note,
             shard=shard,
+            only=args.runs,
         )
     except ValueError as e:
         print(f"dyshuffle sweep: error: {e}", file=sys.stderr)
