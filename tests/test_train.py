@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from dyshuffle.layers import DynamicShuffle, StaticDynamicShuffle
 from dyshuffle.models import create_model
 from dyshuffle.train import cli
 from dyshuffle.train import evaluate as evaluate_cli
@@ -521,6 +522,97 @@ def test_evaluate_identity_is_the_model_with_the_identity_factors_forced(tmp_pat
     assert (forced["top1"], forced["top5"]) == (identity["top1"], identity["top5"])
     assert identity["loss"] != pytest.approx(hard["loss"], rel=1e-4)
     assert every["top1_identity"] == identity["top1"] and every["top1_hard"] == hard["top1"]
+
+
+def test_evaluate_assignment_replaces_the_trained_binarization(tmp_path, capsys):
+    """``--assignment optimal`` evaluates a network trained with greedy 8 x 8 factors with the
+    nearest permutations: every layer rebuilt so (the same weights), no negative decision margin
+    where the greedy choice had some, the numbers of a checkpoint that says ``optimal``."""
+    out = tmp_path / "run"
+    argv = ["--train-subset", "64", "--val-subset", "100", "--batch-size", "32", "--epochs", "1",
+            "--mixer-kwargs", '{"init": "random", "max_group_size": 64}', "--output", str(out),
+            "--no-tensorboard", *FAST]  # fmt: skip
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0, stdout
+    ev_json = tmp_path / "ev.json"
+
+    def evaluate(checkpoint, *more):
+        argv = [str(checkpoint), "--json", str(ev_json), "--device", "cpu", "--no-progress"]
+        code = evaluate_cli.main([*argv, *more])
+        return code, json.loads(ev_json.read_text()) if code == 0 else None, capsys.readouterr()
+
+    _, trained, _ = evaluate(out / "last.pt")
+    _, optimal, printed = evaluate(out / "last.pt", "--assignment", "optimal")
+    assert trained["assignment"] == "auto" and optimal["assignment"] == "optimal"
+    assert "permutations (optimal)" in printed.out
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    state["model_args"]["assignment"] = "optimal"
+    torch.save(state, tmp_path / "optimal.pt")
+    _, saved, _ = evaluate(tmp_path / "optimal.pt")
+    assert (saved["loss"], saved["top1"]) == (optimal["loss"], optimal["top1"])
+    assert optimal["loss"] != pytest.approx(trained["loss"], rel=1e-7, abs=0)
+
+    x = torch.randn(64, *state["input_size"], generator=torch.Generator().manual_seed(0))
+    weights = None
+    for options, negative in ((None, True), ({"assignment": "optimal"}, False)):
+        model, loaded = model_from_checkpoint(out / "last.pt", layer_options=options)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, DynamicShuffle)}
+        assert {(m.a, m.b) for m in layers.values()} == {(6, 8), (8, 8)}  # greedy above 6 x 6
+        want = "auto" if options is None else "optimal"
+        assert {m.assignment for m in layers.values()} == {want}
+        assert loaded["model_args"].get("assignment") == (options or {}).get("assignment")
+        state_dict = model.state_dict()
+        weights = weights or state_dict
+        assert all(torch.equal(v, weights[k]) for k, v in state_dict.items())
+        calls = {}
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda _m, args, kw, n=n, c=calls: c.__setitem__(n, (args, kw)), with_kwargs=True
+            )
+            for n, m in layers.items()
+        ]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        margins = torch.cat(
+            [layers[n].decision_margin(*a, **k).flatten() for n, (a, k) in calls.items()]
+        )
+        assert bool((margins < 0).any()) == negative
+
+    # a model without dynamic layers: an error that names the checkpoint and the option
+    plain = tmp_path / "plain"
+    code, stdout, _ = run_cli(["--train-subset", "64", "--val-subset", "40", "--batch-size", "32",
+                               "--epochs", "1", "--mixer", "shuffle", "--output", str(plain),
+                               "--no-tensorboard", *FAST], capsys)  # fmt: skip
+    assert code == 0, stdout
+    code, _, printed = evaluate(plain, "--assignment", "optimal")
+    assert code == 2 and "has no dynamic-shuffle layers (mixer 'shuffle'" in printed.err
+    assert "{'assignment': 'optimal'}" in printed.err
+    code, ev, _ = evaluate(plain)
+    assert code == 0 and ev["assignment"] is None
+
+
+def test_layer_options_reach_the_sds_layers_and_keep_the_other_keywords(tmp_path):
+    """``model_from_checkpoint(layer_options=...)``: with ``pointwise="sds"`` the SDS layers'
+    keywords are set too, beside the ones the checkpoint gave them."""
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
+                         pointwise="sds", pointwise_kwargs={"reduction": 4})  # fmt: skip
+    state = {"model": model.state_dict(), "model_args": model.model_args,
+             "class_names": [str(i) for i in range(10)], "input_size": [3, 32, 32],
+             "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "config": {}}  # fmt: skip
+    path = save_checkpoint(tmp_path / "last.pt", state)
+    rebuilt, loaded = model_from_checkpoint(path, layer_options={"assignment": "greedy"})
+    assert loaded["model_args"]["pointwise_kwargs"] == {"reduction": 4, "assignment": "greedy"}
+    assert loaded["model_args"]["assignment"] == "greedy"
+    layers = [m for m in rebuilt.modules() if isinstance(m, DynamicShuffle)]
+    assert (
+        len(layers) > len([m for m in model.modules() if isinstance(m, StaticDynamicShuffle)]) > 0
+    )
+    assert {m.assignment for m in layers} == {"greedy"}
+    assert {m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)} == {"auto"}
+    rebuilt_weights = rebuilt.state_dict()
+    assert all(torch.equal(v, rebuilt_weights[k]) for k, v in model.state_dict().items())
 
 
 def test_bf16_channels_last_run_keeps_float32_weights(tmp_path, capsys):

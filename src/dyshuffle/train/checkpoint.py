@@ -164,8 +164,32 @@ def resolve_weights(state: dict[str, Any], weights: str = "auto") -> str:
     return weights
 
 
+def _with_layer_options(
+    model_args: dict[str, Any], options: dict[str, Any], path: str | os.PathLike
+) -> dict[str, Any]:
+    """``model_args`` with the dynamic layers' keywords ``options`` set (replacing the trained
+    ones), for the mixer's layers and, with ``pointwise="sds"``, the SDS layers'."""
+    args = dict(model_args)
+    if not options:
+        return args
+    mixer, pointwise = args.get("mixer"), args.get("pointwise", "conv")
+    if mixer not in _DYNAMIC_MIXERS and pointwise != "sds":
+        raise ValueError(
+            f"checkpoint {path} has no dynamic-shuffle layers (mixer {mixer!r}, pointwise "
+            f"{pointwise!r}) for the layer options {options}"
+        )
+    if mixer in _DYNAMIC_MIXERS:
+        args.update(options)
+    if pointwise == "sds":
+        args["pointwise_kwargs"] = {**(args.get("pointwise_kwargs") or {}), **options}
+    return args
+
+
 def model_from_checkpoint(
-    path: str | os.PathLike, map_location: Any = "cpu", weights: str = "auto"
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    weights: str = "auto",
+    layer_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights.
 
@@ -174,13 +198,18 @@ def model_from_checkpoint(
         map_location: passed to :func:`torch.load`.
         weights: ``"auto"`` (the weights the run evaluated, see :func:`resolve_weights`),
             ``"model"`` or ``"ema"``.
+        layer_options: keywords of :class:`~dyshuffle.layers.DynamicShuffle` that replace the
+            trained ones in every dynamic layer (the mixer's, and the SDS layers'), e.g.
+            ``{"assignment": "optimal"}`` to apply the nearest permutations to a network
+            trained with the greedy ones; the weights must still fit the layers.
 
     Returns:
-        ``(model in eval mode, checkpoint dict)``.
+        ``(model in eval mode, checkpoint dict)``; its ``model_args`` are those of the model
+        built (with ``layer_options``).
 
     Raises:
-        ValueError: an unknown ``weights``, or ``"ema"`` for a checkpoint without EMA weights
-            (:func:`resolve_weights`).
+        ValueError: an unknown ``weights``, ``"ema"`` for a checkpoint without EMA weights
+            (:func:`resolve_weights`), or ``layer_options`` for a model without dynamic layers.
     """
     from dyshuffle.models import create_model
 
@@ -198,6 +227,7 @@ def model_from_checkpoint(
             args = _with_layer_defaults(candidates[0], earlier)
             if args not in candidates:
                 candidates.append(args)
+    candidates = [_with_layer_options(c, layer_options or {}, path) for c in candidates]
     weights_ = state["ema"] if use_ema else state["model"]
     loaded, first_error = None, None
     for args in candidates:

@@ -5,11 +5,15 @@ Examples::
     dyshuffle evaluate runs/NAME/best.pt                 # the run's own validation split
     dyshuffle evaluate runs/NAME --data imagefolder --data-dir ../shared/data/cifar10-jpeg.tgz
     dyshuffle evaluate runs/NAME/last.pt --json eval.json --permutation both
+    dyshuffle evaluate runs/NAME --assignment optimal   # the nearest permutations, not greedy
 
 For models with dynamic-shuffle layers it reports the accuracy with hard permutations (the
 deployed layer) and with the soft matrices; ``--permutation identity`` (or ``all``) adds the
 accuracy with every layer's identity factors forced for every input (its fixed cross-group
 shuffle): what the permutations the layers chose are worth to the trained network.
+``--assignment`` binarizes the dynamic layers' factors another way than in training (e.g. the
+nearest permutations, ``optimal``, of a network trained with the greedy ones): what the
+binarization costs the trained network.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def evaluate_checkpoint(
     amp: str = "none",
     weights: str = "auto",
     permutation: str = "both",
+    assignment: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -52,6 +57,10 @@ def evaluate_checkpoint(
         permutation: ``"hard"``, ``"soft"``, ``"identity"`` (the identity factors forced in
             every dynamic layer, :func:`~dyshuffle.layers.permutation_mode`), ``"both"`` (hard
             and soft) or ``"all"`` (the three); for dynamic models.
+        assignment: the binarization of every dynamic layer (``"auto"``, ``"exact"``,
+            ``"greedy"`` or ``"optimal"``, see :class:`~dyshuffle.layers.DynamicShuffle`) in
+            place of the trained one; ``None``: the trained one. A ValueError for a model
+            without dynamic layers.
         overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
             (``cache_dir``, ``loader``, ``val_subset``, ...).
         progress: a bar of the batches on a terminal (stderr).
@@ -59,9 +68,11 @@ def evaluate_checkpoint(
     Returns:
         ``top1``, ``top5``, ``count`` (and ``top1_hard``, ``top1_soft``, ``top1_identity``...
         of the modes evaluated, for dynamic models),
-        ``checkpoint``, ``data``, ``weights``.
+        ``checkpoint``, ``data``, ``weights``, ``assignment`` (of the dynamic layers evaluated,
+        ``None`` without them).
     """
-    from dyshuffle.layers import permutation_mode
+    from dyshuffle.layers import DynamicShuffle, permutation_mode
+    from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
 
     from .checkpoint import model_from_checkpoint, resolve_weights
     from .config import TrainConfig
@@ -74,7 +85,12 @@ def evaluate_checkpoint(
         raise ValueError(
             f"unknown permutation {permutation!r}; valid: {', '.join(PERMUTATION_CHOICES)}"
         )
-    model, state = model_from_checkpoint(checkpoint, weights=weights)
+    if assignment is not None and assignment not in ASSIGNMENT_METHODS:
+        raise ValueError(
+            f"unknown assignment {assignment!r}; valid: {', '.join(ASSIGNMENT_METHODS)}"
+        )
+    options = None if assignment is None else {"assignment": assignment}
+    model, state = model_from_checkpoint(checkpoint, weights=weights, layer_options=options)
     base = dict(state.get("config") or {})
     values = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
     if data is not None:
@@ -128,6 +144,10 @@ def evaluate_checkpoint(
             "split": split,
             "weights": resolve_weights(state, weights),
             "epoch": state.get("epoch"),
+            "assignment": ",".join(
+                sorted({m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)})
+            )
+            or None,
         }
         dynamic = has_dynamic_layers(model)
         modes = _GROUPS.get(permutation, [permutation])
@@ -157,6 +177,8 @@ def evaluate_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dyshuffle evaluate``; returns the exit status (2 on bad input)."""
+    from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
         prog="dyshuffle evaluate",
@@ -191,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="both: hard and soft (default); identity: every dynamic layer's identity factors "
         "forced (its fixed cross-group shuffle); all: the three",
+    )
+    p.add_argument(
+        "--assignment",
+        choices=ASSIGNMENT_METHODS,
+        help="binarize the dynamic layers' factors so instead of as trained (optimal: the "
+        "nearest permutations at any size; greedy: the largest entries first)",
     )
     p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
     p.add_argument(
@@ -235,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate_checkpoint(
             args.checkpoint, data=args.data, data_dir=args.data_dir, split=args.split,
             batch_size=args.batch_size, device=args.device, amp=args.amp, weights=args.weights,
-            permutation=args.permutation, overrides=overrides, progress=args.progress,
+            permutation=args.permutation, assignment=args.assignment, overrides=overrides,
+            progress=args.progress,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, DatasetError) as e:
         print(f"dyshuffle evaluate: error: {e}", file=sys.stderr)
@@ -251,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in ("hard", "soft", "identity")
             if f"top1_{m}" in out
         ]
-        print("dynamic shuffle permutations | " + " | ".join(parts))
+        print(f"dynamic shuffle permutations ({out['assignment']}) | " + " | ".join(parts))
     if args.json:
         from .report import write_json
 
