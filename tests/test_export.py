@@ -297,6 +297,49 @@ def test_cli_export_torchscript_to_output(tmp_path, capsys):
         assert (loaded(x) - eager(model, x)).abs().max() <= TOL
 
 
+def test_cli_export_of_nearest_permutations_asks_for_another_assignment(tmp_path, capsys):
+    """A model with ``assignment="optimal"`` on 8 x 8 factors cannot be exported: the command says
+    so and names ``--assignment greedy``; with it the file is the greedy-binarized network (the
+    same as eager with ``"greedy"``), and its metadata says so."""
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
+                         max_group_size=64, assignment="optimal", init="random")  # fmt: skip
+    state = {"model": model.state_dict(), "model_args": model.model_args,
+             "class_names": [str(i) for i in range(10)], "input_size": list(INPUT),
+             "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "config": {}}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "run" / "last.pt", state)
+    target = tmp_path / "model.ts"
+    assert main([str(ckpt), "--format", "torchscript", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "assignment 'optimal'" in err and "--assignment greedy" in err
+    assert "wider than 6 x 6" in err and not target.exists()
+    argv = [str(ckpt), "--format", "torchscript", "--output", str(target), "--assignment", "greedy"]
+    assert main(argv) == 0
+    files = {"dyshuffle.json": ""}
+    loaded = torch.jit.load(str(target), _extra_files=files)
+    assert json.loads(files["dyshuffle.json"])["model_args"]["assignment"] == "greedy"
+    greedy = create_model(**{**model.model_args, "assignment": "greedy"})
+    greedy.load_state_dict(model.state_dict())
+    x = inputs(8, 3)
+    with torch.no_grad():
+        exported = loaded(x)
+    assert (exported - eager(greedy.eval(), x)).abs().max() <= TOL
+    # the greedy choice is not the nearest permutation for some of these inputs: the option
+    # changed the permutations the exported network applies
+    seen = {}
+    layers = [(n, m) for n, m in greedy.named_modules() if isinstance(m, DynamicShuffle)]
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a))
+             for n, m in layers]  # fmt: skip
+    eager(greedy, x)
+    for h in hooks:
+        h.remove()
+    nearest = dict(model.named_modules())
+    assert any(
+        not torch.equal(m.permutation(*seen[n]), nearest[n].permutation(*seen[n]))
+        for n, m in layers
+    )
+
+
 def test_bad_input_names_value_and_choices(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     assert main([str(missing), "--format", "onnx"]) == 2

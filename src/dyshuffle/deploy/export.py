@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dyshuffle.layers import compact_index, permutation_mode
+from dyshuffle.layers import DynamicShuffle, compact_index, permutation_mode
+from dyshuffle.layers.permutation import ASSIGNMENT_METHODS, EXACT_ASSIGNMENT_MAX
 
 from ._common import CheckpointError, input_size_of, load_model, metadata
 
@@ -315,6 +316,18 @@ def run_exported(path: str | Path, fmt: str, x: Tensor) -> Tensor:
     return load_exported(path, fmt)(x)
 
 
+def _searching_layers(model: nn.Module) -> list[str]:
+    """Names of the dynamic layers whose binarization cannot be exported: ``"optimal"`` on
+    factors wider than ``EXACT_ASSIGNMENT_MAX`` (cycle cancelling)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, DynamicShuffle)
+        and m.assignment == "optimal"
+        and max(m.a, m.b) > EXACT_ASSIGNMENT_MAX
+    ]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dyshuffle export",
@@ -331,6 +344,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument(
+        "--assignment",
+        choices=ASSIGNMENT_METHODS,
+        default=None,
+        help="binarize the dynamic layers' factors so instead of as trained (e.g. greedy for a "
+        "model trained with 'optimal', which cannot be exported)",
+    )
+    p.add_argument(
         "--no-check",
         action="store_true",
         help="skip running the exported file against the eager model (batch sizes 1 and 3)",
@@ -341,11 +361,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle export``; returns the exit status."""
     args = _parser().parse_args(argv)
+    options = None if args.assignment is None else {"assignment": args.assignment}
     try:
-        model, state = load_model(args.checkpoint)
+        model, state = load_model(args.checkpoint, layer_options=options)
         input_size = input_size_of(state)
     except CheckpointError as e:
         print(f"dyshuffle export: {e}", file=sys.stderr)
+        return 2
+    searching = _searching_layers(model)
+    if searching:
+        print(
+            f"dyshuffle export: {len(searching)} dynamic layer(s) of {args.checkpoint!r} "
+            f"({searching[0]}, ...) apply the nearest permutation of factors wider than "
+            f"{EXACT_ASSIGNMENT_MAX} x {EXACT_ASSIGNMENT_MAX} (assignment 'optimal'), found in a "
+            "number of steps that depends on the data, which no exported graph has; "
+            "--assignment greedy exports the greedy choice ('dyshuffle evaluate CHECKPOINT "
+            "--assignment greedy' measures its accuracy)",
+            file=sys.stderr,
+        )
         return 2
     ckpt = Path(args.checkpoint)
     ckpt = ckpt / "last.pt" if ckpt.is_dir() else ckpt

@@ -263,13 +263,17 @@ class CheckpointError(ValueError):
     (what the deploy commands, ``torch.hub`` and ``--init-checkpoint`` report)."""
 
 
-def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(
+    path: str | Path, weights: str = "auto", layer_options: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a training checkpoint, in ``eval()`` mode.
 
     Args:
         path: a checkpoint written by :func:`save_checkpoint`, or a
             run folder (its ``last.pt``).
         weights: ``"auto"`` (the weights the run evaluated), ``"model"`` or ``"ema"``.
+        layer_options: dynamic-layer keywords that replace the trained ones
+            (:func:`model_from_checkpoint`).
 
     Returns:
         ``(model, state)``; ``state`` is the checkpoint dictionary.
@@ -286,7 +290,9 @@ def load_model(path: str | Path, weights: str = "auto") -> tuple[nn.Module, dict
             "(e.g. runs/NAME/last.pt) or its run folder"
         )
     try:
-        model, state = model_from_checkpoint(file, map_location="cpu", weights=weights)
+        model, state = model_from_checkpoint(
+            file, map_location="cpu", weights=weights, layer_options=layer_options
+        )
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a loadable dyshuffle checkpoint: {e}") from e
     return model.eval(), state
