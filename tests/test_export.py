@@ -338,6 +338,11 @@ def test_cli_export_of_nearest_permutations_asks_for_another_assignment(tmp_path
         not torch.equal(m.permutation(*seen[n]), nearest[n].permutation(*seen[n]))
         for n, m in layers
     )
+    # a model without dynamic layers has nothing to binarize: said so, not "not loadable"
+    plain, _ = _checkpoint(tmp_path / "plain", mixer="shuffle")
+    assert main([str(plain), "--format", "torchscript", "--assignment", "greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "has no dynamic-shuffle layers (mixer 'shuffle'" in err and "loadable" not in err
 
 
 def test_bad_input_names_value_and_choices(tmp_path, capsys):

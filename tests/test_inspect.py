@@ -8,6 +8,7 @@ orthogonality errors are then known in closed form.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -324,6 +325,39 @@ def test_cli_on_the_embedded_digits(tmp_path, capsys):
         assert variance > 0 and colors > 2
     printed = capsys.readouterr().out
     assert f"stage2.0.mixer: {seen[0]} distinct permutations" in printed
+
+
+def test_cli_assignment_rebinarizes_the_layers(tmp_path, capsys):
+    """``--assignment optimal``: the same weights with the nearest permutations, whose margins
+    are never negative, where the greedy choice of 8 x 8 factors had negative ones; the report
+    names the assignment."""
+    from dyshuffle.data import load_data
+    from dyshuffle.deploy.inspect import main
+    from dyshuffle.models import create_model
+    from dyshuffle.train.checkpoint import save_checkpoint
+
+    data = load_data("digits")
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
+                         max_group_size=64, init="random")  # fmt: skip
+    state = {"model": model.state_dict(), "model_args": model.model_args,
+             "class_names": data.class_names, "input_size": list(data.input_size),
+             "mean": list(data.mean), "std": list(data.std), "epoch": 0, "config": {}}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "last.pt", state)
+
+    def smallest_margins(*more):
+        out = tmp_path / ("inspect" + "".join(more))
+        argv = [str(ckpt), "--data", "digits", "--output", str(out), "--max-samples", "64"]
+        assert main([*argv, "--examples", "0", "--no-progress", *more]) == 0
+        printed = capsys.readouterr().out
+        found = re.findall(r"margin min / median ([^,]+),", printed)
+        assert len(found) == 16
+        return [float(m.split(" / ")[0]) for m in found], (out / "report.md").read_text()
+
+    greedy, text = smallest_margins()
+    assert "assignment `auto`" in text and min(greedy) < 0
+    nearest, text = smallest_margins("--assignment", "optimal")
+    assert "assignment `optimal`" in text and min(nearest) >= 0
 
 
 def test_cli_bad_input(tmp_path, capsys):

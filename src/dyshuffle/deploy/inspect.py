@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
+from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
 
 from .._progress import progress_bar
 from ..data.common import subset_indices
@@ -797,6 +798,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--examples", type=int, default=4, help="images drawn with their matrices")
     p.add_argument(
+        "--assignment",
+        choices=ASSIGNMENT_METHODS,
+        default=None,
+        help="binarize the dynamic layers' factors so instead of as trained (e.g. optimal: "
+        "the nearest permutations)",
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -808,8 +816,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle inspect``; returns the exit status."""
     args = _parser().parse_args(argv)
+    options = None if args.assignment is None else {"assignment": args.assignment}
     try:
-        model, state = load_model(args.checkpoint)
+        model, state = load_model(args.checkpoint, layer_options=options)
         input_size = input_size_of(state)
         mean, std = fields_of(state, args.checkpoint, "mean", "std")
     except CheckpointError as e:
@@ -863,7 +872,13 @@ def main(argv: list[str] | None = None) -> int:
     context = [
         f"checkpoint `{args.checkpoint}` (epoch {state.get('epoch', '?')}): model "
         f"`{margs.get('name', '?')}`, mixer `{margs.get('mixer', '?')}`, pointwise "
-        f"`{margs.get('pointwise', '?')}`",
+        f"`{margs.get('pointwise', '?')}`, assignment "
+        + ", ".join(
+            f"`{a}`"
+            for a in sorted(
+                {m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)}
+            )
+        ),
         f"data: `{args.data}` validation split"
         + (f" from `{args.data_dir}`" if args.data_dir else ""),
         "command: `dyshuffle inspect " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",

@@ -174,7 +174,7 @@ def _with_layer_options(
         return args
     mixer, pointwise = args.get("mixer"), args.get("pointwise", "conv")
     if mixer not in _DYNAMIC_MIXERS and pointwise != "sds":
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} has no dynamic-shuffle layers (mixer {mixer!r}, pointwise "
             f"{pointwise!r}) for the layer options {options}"
         )
@@ -208,8 +208,9 @@ def model_from_checkpoint(
         built (with ``layer_options``).
 
     Raises:
-        ValueError: an unknown ``weights``, ``"ema"`` for a checkpoint without EMA weights
-            (:func:`resolve_weights`), or ``layer_options`` for a model without dynamic layers.
+        ValueError: an unknown ``weights``, or ``"ema"`` for a checkpoint without EMA weights
+            (:func:`resolve_weights`); :class:`CheckpointError` (a ValueError) for
+            ``layer_options`` and a model without dynamic layers.
     """
     from dyshuffle.models import create_model
 
@@ -293,6 +294,8 @@ def load_model(
         model, state = model_from_checkpoint(
             file, map_location="cpu", weights=weights, layer_options=layer_options
         )
+    except CheckpointError:  # loadable, but not with what was asked of it (layer_options)
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a loadable dyshuffle checkpoint: {e}") from e
     return model.eval(), state
