@@ -36,6 +36,7 @@ from dyshuffle.layers import DynamicShuffle, LearnedShuffle, list_mixers
 from dyshuffle.layers.permutation import permutation_table
 from dyshuffle.models import create_model
 from dyshuffle.train.checkpoint import save_checkpoint
+from layer_calls import dynamic_layer_calls
 
 DEPLOY_DOC = Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md"
 INPUT = (3, 32, 32)
@@ -326,17 +327,10 @@ def test_cli_export_of_nearest_permutations_asks_for_another_assignment(tmp_path
     assert (exported - eager(greedy.eval(), x)).abs().max() <= TOL
     # the greedy choice is not the nearest permutation for some of these inputs: the option
     # changed the permutations the exported network applies
-    seen = {}
-    layers = [(n, m) for n, m in greedy.named_modules() if isinstance(m, DynamicShuffle)]
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a))
-             for n, m in layers]  # fmt: skip
-    eager(greedy, x)
-    for h in hooks:
-        h.remove()
     nearest = dict(model.named_modules())
     assert any(
-        not torch.equal(m.permutation(*seen[n]), nearest[n].permutation(*seen[n]))
-        for n, m in layers
+        not torch.equal(m.permutation(*a, **k), nearest[n].permutation(*a, **k))
+        for n, (m, a, k) in dynamic_layer_calls(greedy, x).items()
     )
     # a model without dynamic layers has nothing to binarize: said so, not "not loadable"
     plain, _ = _checkpoint(tmp_path / "plain", mixer="shuffle")

@@ -32,6 +32,7 @@ from dyshuffle.train.checkpoint import (
 )
 from dyshuffle.train.config import ConfigError, TrainConfig, load_yaml, resolve_config
 from dyshuffle.train.optim import create_optimizer, lr_factor, param_groups, tau_at
+from layer_calls import dynamic_layer_calls
 from test_data import CIFAR10_NAMES, make_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -564,20 +565,8 @@ def test_evaluate_assignment_replaces_the_trained_binarization(tmp_path, capsys)
         state_dict = model.state_dict()
         weights = weights or state_dict
         assert all(torch.equal(v, weights[k]) for k, v in state_dict.items())
-        calls = {}
-        hooks = [
-            m.register_forward_pre_hook(
-                lambda _m, args, kw, n=n, c=calls: c.__setitem__(n, (args, kw)), with_kwargs=True
-            )
-            for n, m in layers.items()
-        ]
-        with torch.no_grad():
-            model(x)
-        for h in hooks:
-            h.remove()
-        margins = torch.cat(
-            [layers[n].decision_margin(*a, **k).flatten() for n, (a, k) in calls.items()]
-        )
+        calls = dynamic_layer_calls(model, x).values()
+        margins = torch.cat([m.decision_margin(*a, **k).flatten() for m, a, k in calls])
         assert bool((margins < 0).any()) == negative
 
     # a model without dynamic layers: an error that names the checkpoint and the option
