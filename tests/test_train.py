@@ -552,6 +552,8 @@ def test_evaluate_assignment_replaces_the_trained_binarization(tmp_path, capsys)
     _, saved, _ = evaluate(tmp_path / "optimal.pt")
     assert (saved["loss"], saved["top1"]) == (optimal["loss"], optimal["top1"])
     assert optimal["loss"] != pytest.approx(trained["loss"], rel=1e-7, abs=0)
+    with pytest.raises(ValueError, match="unknown assignment 'nearest'; valid: 'auto'"):
+        evaluate_cli.evaluate_checkpoint(str(out), assignment="nearest", device="cpu")
 
     x = torch.randn(64, *state["input_size"], generator=torch.Generator().manual_seed(0))
     weights = None

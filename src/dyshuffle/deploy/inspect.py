@@ -40,6 +40,7 @@ from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
 from .._progress import progress_bar
 from ..data.common import subset_indices
 from ..data.datasets import list_datasets
+from ..train.checkpoint import layer_assignments
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
 __all__ = [
@@ -873,12 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint `{args.checkpoint}` (epoch {state.get('epoch', '?')}): model "
         f"`{margs.get('name', '?')}`, mixer `{margs.get('mixer', '?')}`, pointwise "
         f"`{margs.get('pointwise', '?')}`, assignment "
-        + ", ".join(
-            f"`{a}`"
-            for a in sorted(
-                {m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)}
-            )
-        ),
+        + ", ".join(f"`{a}`" for a in layer_assignments(model)),
         f"data: `{args.data}` validation split"
         + (f" from `{args.data_dir}`" if args.data_dir else ""),
         "command: `dyshuffle inspect " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",

@@ -32,6 +32,7 @@ __all__ = [
     "EARLIER_LAYER_DEFAULTS",
     "REQUIRED_KEYS",
     "CheckpointError",
+    "layer_assignments",
     "layer_defaults",
     "load_checkpoint",
     "load_model",
@@ -183,6 +184,14 @@ def _with_layer_options(
     if pointwise == "sds":
         args["pointwise_kwargs"] = {**(args.get("pointwise_kwargs") or {}), **options}
     return args
+
+
+def layer_assignments(model: nn.Module) -> list[str]:
+    """The ``assignment`` (binarization) of the dynamic layers of ``model``, each once, sorted
+    (empty without dynamic layers): what ``layer_options={"assignment": ...}`` set."""
+    from dyshuffle.layers import DynamicShuffle
+
+    return sorted({m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)})
 
 
 def model_from_checkpoint(

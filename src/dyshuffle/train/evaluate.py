@@ -59,8 +59,8 @@ def evaluate_checkpoint(
             and soft) or ``"all"`` (the three); for dynamic models.
         assignment: the binarization of every dynamic layer (``"auto"``, ``"exact"``,
             ``"greedy"`` or ``"optimal"``, see :class:`~dyshuffle.layers.DynamicShuffle`) in
-            place of the trained one; ``None``: the trained one. A ValueError for a model
-            without dynamic layers.
+            place of the trained one; ``None``: the trained one. A ValueError for another
+            value (the layers' check) or a model without dynamic layers.
         overrides: other data options of :class:`~dyshuffle.train.config.TrainConfig`
             (``cache_dir``, ``loader``, ``val_subset``, ...).
         progress: a bar of the batches on a terminal (stderr).
@@ -71,10 +71,9 @@ def evaluate_checkpoint(
         ``checkpoint``, ``data``, ``weights``, ``assignment`` (of the dynamic layers evaluated,
         ``None`` without them).
     """
-    from dyshuffle.layers import DynamicShuffle, permutation_mode
-    from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
+    from dyshuffle.layers import permutation_mode
 
-    from .checkpoint import model_from_checkpoint, resolve_weights
+    from .checkpoint import layer_assignments, model_from_checkpoint, resolve_weights
     from .config import TrainConfig
     from .distributed import cleanup, setup
     from .engine import build_loaders, evaluate, has_dynamic_layers
@@ -84,10 +83,6 @@ def evaluate_checkpoint(
     if permutation not in PERMUTATION_CHOICES:
         raise ValueError(
             f"unknown permutation {permutation!r}; valid: {', '.join(PERMUTATION_CHOICES)}"
-        )
-    if assignment is not None and assignment not in ASSIGNMENT_METHODS:
-        raise ValueError(
-            f"unknown assignment {assignment!r}; valid: {', '.join(ASSIGNMENT_METHODS)}"
         )
     options = None if assignment is None else {"assignment": assignment}
     model, state = model_from_checkpoint(checkpoint, weights=weights, layer_options=options)
@@ -144,10 +139,7 @@ def evaluate_checkpoint(
             "split": split,
             "weights": resolve_weights(state, weights),
             "epoch": state.get("epoch"),
-            "assignment": ",".join(
-                sorted({m.assignment for m in model.modules() if isinstance(m, DynamicShuffle)})
-            )
-            or None,
+            "assignment": ",".join(layer_assignments(model)) or None,
         }
         dynamic = has_dynamic_layers(model)
         modes = _GROUPS.get(permutation, [permutation])
