@@ -71,17 +71,24 @@ def layer_defaults() -> dict[str, Any]:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-def _with_layer_defaults(model_args: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``model_args`` with ``defaults`` added to the dynamic layers' keywords wherever the
-    arguments do not set them (the mixer's, and ``pointwise_kwargs`` for ``pointwise="sds"``)."""
+def _with_layer_keywords(
+    model_args: dict[str, Any], keywords: dict[str, Any], replace: bool = False
+) -> dict[str, Any]:
+    """``model_args`` with ``keywords`` given to the dynamic layers (the mixer's, and
+    ``pointwise_kwargs`` for ``pointwise="sds"``): wherever the arguments do not set them, or in
+    place of what they set with ``replace``."""
     args = dict(model_args)
-    if not defaults:
+    if not keywords:
         return args
+
+    def added(kw: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in keywords.items() if replace or k not in kw}
+
     if args.get("mixer") in _DYNAMIC_MIXERS:
-        args.update({k: v for k, v in defaults.items() if k not in args})
+        args.update(added(args))
     if args.get("pointwise") == "sds":
         kw = dict(args.get("pointwise_kwargs") or {})
-        kw.update({k: v for k, v in defaults.items() if k not in kw})
+        kw.update(added(kw))
         args["pointwise_kwargs"] = kw
     return args
 
@@ -170,20 +177,13 @@ def _with_layer_options(
 ) -> dict[str, Any]:
     """``model_args`` with the dynamic layers' keywords ``options`` set (replacing the trained
     ones), for the mixer's layers and, with ``pointwise="sds"``, the SDS layers'."""
-    args = dict(model_args)
-    if not options:
-        return args
-    mixer, pointwise = args.get("mixer"), args.get("pointwise", "conv")
-    if mixer not in _DYNAMIC_MIXERS and pointwise != "sds":
+    mixer, pointwise = model_args.get("mixer"), model_args.get("pointwise", "conv")
+    if options and mixer not in _DYNAMIC_MIXERS and pointwise != "sds":
         raise CheckpointError(
             f"checkpoint {path} has no dynamic-shuffle layers (mixer {mixer!r}, pointwise "
             f"{pointwise!r}) for the layer options {options}"
         )
-    if mixer in _DYNAMIC_MIXERS:
-        args.update(options)
-    if pointwise == "sds":
-        args["pointwise_kwargs"] = {**(args.get("pointwise_kwargs") or {}), **options}
-    return args
+    return _with_layer_keywords(model_args, options, replace=True)
 
 
 def layer_assignments(model: nn.Module) -> list[str]:
@@ -231,10 +231,10 @@ def model_from_checkpoint(
     saved = state.get("layer_defaults")
     now = layer_defaults()
     changed = {k: v for k, v in (saved or {}).items() if k in now and now[k] != v}
-    candidates = [_with_layer_defaults(state["model_args"], changed)]
+    candidates = [_with_layer_keywords(state["model_args"], changed)]
     if saved is None:  # older checkpoints: the earlier defaults, if the current ones do not fit
         for earlier in EARLIER_LAYER_DEFAULTS:
-            args = _with_layer_defaults(candidates[0], earlier)
+            args = _with_layer_keywords(candidates[0], earlier)
             if args not in candidates:
                 candidates.append(args)
     candidates = [_with_layer_options(c, layer_options or {}, path) for c in candidates]
