@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compact_index, permutation_mode
-from dyshuffle.layers.permutation import ASSIGNMENT_METHODS, EXACT_ASSIGNMENT_MAX
+from dyshuffle.layers.permutation import ASSIGNMENT_METHODS, EXACT_ASSIGNMENT_MAX, searches
 
 from ._common import CheckpointError, input_size_of, load_model, metadata
 
@@ -317,14 +317,11 @@ def run_exported(path: str | Path, fmt: str, x: Tensor) -> Tensor:
 
 
 def _searching_layers(model: nn.Module) -> list[str]:
-    """Names of the dynamic layers whose binarization cannot be exported: ``"optimal"`` on
-    factors wider than ``EXACT_ASSIGNMENT_MAX`` (cycle cancelling)."""
+    """Names of the dynamic layers whose binarization cannot be exported (:func:`searches`)."""
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, DynamicShuffle)
-        and m.assignment == "optimal"
-        and max(m.a, m.b) > EXACT_ASSIGNMENT_MAX
+        if isinstance(m, DynamicShuffle) and searches(m.assignment, max(m.a, m.b))
     ]
 
 

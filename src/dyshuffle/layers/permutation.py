@@ -35,6 +35,7 @@ __all__ = [
     "permutation_matrix",
     "permutation_table",
     "permute_channels",
+    "searches",
 ]
 
 #: Largest factor size for which binarization enumerates every permutation (6! = 720).
@@ -42,6 +43,13 @@ EXACT_ASSIGNMENT_MAX = 6
 
 #: The binarizations of :func:`closest_permutation`.
 ASSIGNMENT_METHODS = ("auto", "exact", "greedy", "optimal")
+
+
+def searches(method: str, a: int) -> bool:
+    """Whether binarizing ``a x a`` factors with ``method`` takes a number of steps that depends
+    on the data (``"optimal"`` above ``EXACT_ASSIGNMENT_MAX``: cycle cancelling), which no
+    traced, exported or vmapped graph can hold."""
+    return method == "optimal" and a > EXACT_ASSIGNMENT_MAX
 
 
 def _divisors(n: int) -> list[int]:
@@ -164,7 +172,7 @@ def closest_permutation(
             + ", ".join(repr(v) for v in ASSIGNMENT_METHODS)
         )
     a = m.shape[-1]
-    optimal = method == "optimal" and a > EXACT_ASSIGNMENT_MAX
+    optimal = searches(method, a)
     if optimal and (_exporting() or torch._C._functorch.is_batchedtensor(m)):
         raise ValueError(
             f"assignment 'optimal' of {a} x {a} factors takes a number of steps that depends on "
