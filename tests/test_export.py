@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints import checkpoint_of
 from dyshuffle.deploy.export import (
     FORMATS,
     export_model,
@@ -35,7 +36,6 @@ from dyshuffle.deploy.export import (
 from dyshuffle.layers import DynamicShuffle, LearnedShuffle, list_mixers
 from dyshuffle.layers.permutation import permutation_table
 from dyshuffle.models import create_model
-from dyshuffle.train.checkpoint import save_checkpoint
 from layer_calls import dynamic_layer_calls
 
 DEPLOY_DOC = Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md"
@@ -244,17 +244,7 @@ def check_in_fresh_process(paths, x, ref, tmp_path) -> None:
 def _checkpoint(tmp_path, name="shufflenet_v2_x0_5", mixer="dynamic", pointwise="conv"):
     model = build(name, mixer, pointwise)
     classes = [f"class{i}" for i in range(10)]
-    state = {
-        "model": model.state_dict(),
-        "model_args": model.model_args,
-        "class_names": classes,
-        "input_size": list(INPUT),
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
-        "epoch": 3,
-        "config": {},
-    }
-    return save_checkpoint(tmp_path / "run" / "last.pt", state), model
+    return checkpoint_of(model, tmp_path / "run" / "last.pt", class_names=classes, epoch=3), model
 
 
 def test_cli_export_onnx_with_metadata_and_the_doc_snippet(tmp_path, capsys, monkeypatch):
@@ -305,10 +295,7 @@ def test_cli_export_of_nearest_permutations_asks_for_another_assignment(tmp_path
     torch.manual_seed(0)
     model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
                          max_group_size=64, assignment="optimal", init="random")  # fmt: skip
-    state = {"model": model.state_dict(), "model_args": model.model_args,
-             "class_names": [str(i) for i in range(10)], "input_size": list(INPUT),
-             "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "config": {}}  # fmt: skip
-    ckpt = save_checkpoint(tmp_path / "run" / "last.pt", state)
+    ckpt = checkpoint_of(model, tmp_path / "run" / "last.pt")
     target = tmp_path / "model.ts"
     assert main([str(ckpt), "--format", "torchscript", "--output", str(target)]) == 2
     err = capsys.readouterr().err

@@ -266,10 +266,10 @@ def test_report_and_figures(collected, tmp_path):
 
 def test_cli_on_the_embedded_digits(tmp_path, capsys):
     """``dyshuffle inspect CHECKPOINT --data digits``: a real model, data and report."""
+    from checkpoints import checkpoint_of
     from dyshuffle.data import load_data
     from dyshuffle.deploy.inspect import _subset, main
     from dyshuffle.models import create_model
-    from dyshuffle.train.checkpoint import save_checkpoint
 
     data = load_data("digits")
     rows40 = _subset(len(data.val_labels), 40)  # --max-samples 40: a fixed random subset
@@ -292,17 +292,9 @@ def test_cli_on_the_embedded_digits(tmp_path, capsys):
     with torch.no_grad():
         model(x)
     hook.remove()
-    state = {
-        "model": model.state_dict(),
-        "model_args": model.model_args,
-        "class_names": data.class_names,
-        "input_size": list(data.input_size),
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "epoch": 0,
-        "config": {},
-    }
-    ckpt = save_checkpoint(tmp_path / "last.pt", state)
+    ckpt = checkpoint_of(model, tmp_path / "last.pt", class_names=data.class_names,
+                         input_size=list(data.input_size), mean=list(data.mean),
+                         std=list(data.std), epoch=0)  # fmt: skip
     out = tmp_path / "inspect"
     argv = [str(ckpt), "--data", "digits", "--output", str(out), "--max-samples", "40"]
     assert main([*argv, "--batch-size", "16", "--examples", "2"]) == 0
@@ -331,19 +323,18 @@ def test_cli_assignment_rebinarizes_the_layers(tmp_path, capsys):
     """``--assignment optimal``: the same weights with the nearest permutations, whose margins
     are never negative, where the greedy choice of 8 x 8 factors had negative ones; the report
     names the assignment."""
+    from checkpoints import checkpoint_of
     from dyshuffle.data import load_data
     from dyshuffle.deploy.inspect import main
     from dyshuffle.models import create_model
-    from dyshuffle.train.checkpoint import save_checkpoint
 
     data = load_data("digits")
     torch.manual_seed(0)
     model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
                          max_group_size=64, init="random")  # fmt: skip
-    state = {"model": model.state_dict(), "model_args": model.model_args,
-             "class_names": data.class_names, "input_size": list(data.input_size),
-             "mean": list(data.mean), "std": list(data.std), "epoch": 0, "config": {}}  # fmt: skip
-    ckpt = save_checkpoint(tmp_path / "last.pt", state)
+    ckpt = checkpoint_of(model, tmp_path / "last.pt", class_names=data.class_names,
+                         input_size=list(data.input_size), mean=list(data.mean),
+                         std=list(data.std), epoch=0)  # fmt: skip
 
     def smallest_margins(*more):
         out = tmp_path / ("inspect" + "".join(more))

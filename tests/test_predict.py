@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoints import checkpoint_of
 from dyshuffle.deploy.predict import main, predict, preprocess
 from dyshuffle.models import create_model
-from dyshuffle.train.checkpoint import save_checkpoint
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 CLASSES = [f"c{i}_{name}" for i, name in enumerate("abcdefghij")]
@@ -57,17 +57,7 @@ def make_checkpoint(folder):
         model.eval()
         fc = model.get_classifier()
         fc.weight.mul_(2.0 / model(torch.randn(8, 3, 32, 32)).std())  # logits of spread ~2
-    state = {
-        "model": model.state_dict(),
-        "model_args": model.model_args,
-        "class_names": CLASSES,
-        "input_size": [3, 32, 32],
-        "mean": MEAN,
-        "std": STD,
-        "epoch": 1,
-        "config": {},
-    }
-    return save_checkpoint(folder / "last.pt", state), model
+    return checkpoint_of(model, folder / "last.pt", class_names=CLASSES, mean=MEAN, std=STD), model
 
 
 @pytest.fixture(scope="module")

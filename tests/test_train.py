@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from checkpoints import checkpoint_of
 from dyshuffle.layers import DynamicShuffle, StaticDynamicShuffle
 from dyshuffle.models import create_model
 from dyshuffle.train import cli
@@ -28,7 +29,6 @@ from dyshuffle.train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     resolve_weights,
-    save_checkpoint,
 )
 from dyshuffle.train.config import ConfigError, TrainConfig, load_yaml, resolve_config
 from dyshuffle.train.optim import create_optimizer, lr_factor, param_groups, tau_at
@@ -589,10 +589,7 @@ def test_layer_options_reach_the_sds_layers_and_keep_the_other_keywords(tmp_path
     keywords are set too, beside the ones the checkpoint gave them."""
     model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic",
                          pointwise="sds", pointwise_kwargs={"reduction": 4})  # fmt: skip
-    state = {"model": model.state_dict(), "model_args": model.model_args,
-             "class_names": [str(i) for i in range(10)], "input_size": [3, 32, 32],
-             "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1, "config": {}}  # fmt: skip
-    path = save_checkpoint(tmp_path / "last.pt", state)
+    path = checkpoint_of(model, tmp_path / "last.pt")
     rebuilt, loaded = model_from_checkpoint(path, layer_options={"assignment": "greedy"})
     assert loaded["model_args"]["pointwise_kwargs"] == {"reduction": 4, "assignment": "greedy"}
     assert loaded["model_args"]["assignment"] == "greedy"
@@ -712,28 +709,13 @@ def test_real_cifar10_jpeg_trains_well_above_chance(tmp_path, capsys):
     assert res["top1"] > 30.0, res  # chance is 10%
 
 
-def _checkpoint_of(model: torch.nn.Module, path, **extra) -> None:
-    state = {
-        "model": model.state_dict(),
-        "model_args": dict(model.model_args),
-        "class_names": [str(i) for i in range(10)],
-        "input_size": [3, 32, 32],
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "epoch": 1,
-        "config": {},
-        **extra,
-    }
-    save_checkpoint(path, state)
-
-
 def test_ema_weights_of_a_checkpoint_without_ema_is_one_error(tmp_path, capsys):
     """``weights="ema"`` without saved EMA weights: the same message from every entry point."""
     message = (
         "the checkpoint holds no EMA weights (its run had no --ema); valid weights: auto, model"
     )
     model = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="shuffle")
-    _checkpoint_of(model, tmp_path / "last.pt")
+    checkpoint_of(model, tmp_path / "last.pt")
     with pytest.raises(ValueError) as direct:
         resolve_weights(load_checkpoint(tmp_path / "last.pt"), "ema")
     with pytest.raises(ValueError) as rebuilt:
@@ -769,7 +751,7 @@ def test_checkpoints_rebuild_their_model_when_layer_defaults_change(tmp_path, po
     x = torch.randn(2, 3, 32, 32)
     want = model(x)
     saved = {**layer_defaults(), "reduction": 4}
-    _checkpoint_of(model, tmp_path / "with.pt", layer_defaults=saved)
+    checkpoint_of(model, tmp_path / "with.pt", layer_defaults=saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the saved defaults need no guess
         got, state = model_from_checkpoint(tmp_path / "with.pt")
@@ -777,12 +759,12 @@ def test_checkpoints_rebuild_their_model_when_layer_defaults_change(tmp_path, po
     # the returned arguments rebuild that model: its weights load, shapes included
     create_model(**state["model_args"]).load_state_dict(got.state_dict())
     # written before layer_defaults existed: the earlier defaults, with a warning
-    _checkpoint_of(model, tmp_path / "old.pt")
+    checkpoint_of(model, tmp_path / "old.pt")
     with pytest.warns(UserWarning, match="earlier defaults"):
         got, _ = model_from_checkpoint(tmp_path / "old.pt")
     assert torch.equal(got(x), want)
     # nothing fits: the error of the current defaults, naming the mismatch
     model.model_args = {**args, "mixer": "dynamic", "max_group_size": 4}
-    _checkpoint_of(model, tmp_path / "bad.pt")
+    checkpoint_of(model, tmp_path / "bad.pt")
     with pytest.raises(RuntimeError, match="size mismatch"):
         model_from_checkpoint(tmp_path / "bad.pt")
