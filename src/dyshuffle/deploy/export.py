@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compact_index, permutation_mode
-from dyshuffle.layers.permutation import ASSIGNMENT_METHODS, EXACT_ASSIGNMENT_MAX, searches
+from dyshuffle.layers.permutation import EXACT_ASSIGNMENT_MAX, searches
 
+from ..train.checkpoint import add_assignment_argument, assignment_options
 from ._common import CheckpointError, input_size_of, load_model, metadata
 
 __all__ = [
@@ -340,12 +341,8 @@ def _parser() -> argparse.ArgumentParser:
         f"suffix: {', '.join(f'{k} -> {v}' for k, v in FORMATS.items())})",
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument(
-        "--assignment",
-        choices=ASSIGNMENT_METHODS,
-        default=None,
-        help="binarize the dynamic layers' factors so instead of as trained (e.g. greedy for a "
-        "model trained with 'optimal', which cannot be exported)",
+    add_assignment_argument(
+        p, "e.g. greedy for a model trained with 'optimal', which cannot be exported"
     )
     p.add_argument(
         "--no-check",
@@ -358,7 +355,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle export``; returns the exit status."""
     args = _parser().parse_args(argv)
-    options = None if args.assignment is None else {"assignment": args.assignment}
+    options = assignment_options(args.assignment)
     try:
         model, state = load_model(args.checkpoint, layer_options=options)
         input_size = input_size_of(state)

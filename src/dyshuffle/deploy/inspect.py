@@ -35,12 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from dyshuffle.layers import DynamicShuffle, compose_index, orthogonality, permutation_matrix
-from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
 
 from .._progress import progress_bar
 from ..data.common import subset_indices
 from ..data.datasets import list_datasets
-from ..train.checkpoint import layer_assignments
+from ..train.checkpoint import add_assignment_argument, assignment_options, layer_assignments
 from ._common import CheckpointError, fields_of, input_size_of, load_model
 
 __all__ = [
@@ -798,13 +797,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--examples", type=int, default=4, help="images drawn with their matrices")
-    p.add_argument(
-        "--assignment",
-        choices=ASSIGNMENT_METHODS,
-        default=None,
-        help="binarize the dynamic layers' factors so instead of as trained (e.g. optimal: "
-        "the nearest permutations)",
-    )
+    add_assignment_argument(p, "e.g. optimal: the nearest permutations")
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -817,7 +810,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``dyshuffle inspect``; returns the exit status."""
     args = _parser().parse_args(argv)
-    options = None if args.assignment is None else {"assignment": args.assignment}
+    options = assignment_options(args.assignment)
     try:
         model, state = load_model(args.checkpoint, layer_options=options)
         input_size = input_size_of(state)

@@ -17,6 +17,7 @@ model a checkpoint rebuilds), ``optimizer``, ``scheduler``, ``scaler``, ``rng``,
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import warnings
@@ -32,6 +33,8 @@ __all__ = [
     "EARLIER_LAYER_DEFAULTS",
     "REQUIRED_KEYS",
     "CheckpointError",
+    "add_assignment_argument",
+    "assignment_options",
     "layer_assignments",
     "layer_defaults",
     "load_checkpoint",
@@ -184,6 +187,25 @@ def _with_layer_options(
             f"{pointwise!r}) for the layer options {options}"
         )
     return _with_layer_keywords(model_args, options, replace=True)
+
+
+def add_assignment_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--assignment`` of the commands that rebuild a checkpoint (evaluate, inspect, export):
+    the binarization in place of the trained one, given to :func:`model_from_checkpoint` by
+    :func:`assignment_options`; ``example`` ends the help text."""
+    from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
+
+    parser.add_argument(
+        "--assignment",
+        choices=ASSIGNMENT_METHODS,
+        default=None,
+        help=f"binarize the dynamic layers' factors so instead of as trained ({example})",
+    )
+
+
+def assignment_options(assignment: str | None) -> dict[str, Any] | None:
+    """The ``layer_options`` of an ``--assignment`` (``None``: as trained)."""
+    return None if assignment is None else {"assignment": assignment}
 
 
 def layer_assignments(model: nn.Module) -> list[str]:

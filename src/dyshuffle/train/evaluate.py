@@ -73,7 +73,12 @@ def evaluate_checkpoint(
     """
     from dyshuffle.layers import permutation_mode
 
-    from .checkpoint import layer_assignments, model_from_checkpoint, resolve_weights
+    from .checkpoint import (
+        assignment_options,
+        layer_assignments,
+        model_from_checkpoint,
+        resolve_weights,
+    )
     from .config import TrainConfig
     from .distributed import cleanup, setup
     from .engine import build_loaders, evaluate, has_dynamic_layers
@@ -84,7 +89,7 @@ def evaluate_checkpoint(
         raise ValueError(
             f"unknown permutation {permutation!r}; valid: {', '.join(PERMUTATION_CHOICES)}"
         )
-    options = None if assignment is None else {"assignment": assignment}
+    options = assignment_options(assignment)
     model, state = model_from_checkpoint(checkpoint, weights=weights, layer_options=options)
     base = dict(state.get("config") or {})
     values = {k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__}
@@ -169,7 +174,7 @@ def evaluate_checkpoint(
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dyshuffle evaluate``; returns the exit status (2 on bad input)."""
-    from dyshuffle.layers.permutation import ASSIGNMENT_METHODS
+    from .checkpoint import add_assignment_argument
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
@@ -206,11 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         help="both: hard and soft (default); identity: every dynamic layer's identity factors "
         "forced (its fixed cross-group shuffle); all: the three",
     )
-    p.add_argument(
-        "--assignment",
-        choices=ASSIGNMENT_METHODS,
-        help="binarize the dynamic layers' factors so instead of as trained (optimal: the "
-        "nearest permutations at any size; greedy: the largest entries first)",
+    add_assignment_argument(
+        p, "optimal: the nearest permutations at any size; greedy: the largest entries first"
     )
     p.add_argument("--cache-dir", help="decoded-data cache (default: the training one)")
     p.add_argument(
