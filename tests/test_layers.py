@@ -1533,3 +1533,28 @@ def test_decide_gives_the_applied_permutation_factors_and_margins_at_once(cls, s
     assert torch.allclose(got.margin, brute_force_margin(a_mat, b_mat).expand(8), atol=1e-6)
     if cls is DynamicShuffle:
         assert len({tuple(r) for r in got.permutation.tolist()}) > 1  # inputs choose apart
+
+
+@pytest.mark.parametrize("assignment", ["greedy", "optimal"])
+@pytest.mark.parametrize("factors", [(8, 8), (3, 8)])
+def test_decide_binarizes_factors_without_a_table_once(assignment, factors, monkeypatch):
+    # 8 x 8 factors have no table: decide gives the permutation and the margin of the one
+    # binarization it made (a 3 x 3 factor's table choice needs none)
+    a, b = factors
+    layer = DynamicShuffle(2 * a * b, groups=2, factors=factors, assignment=assignment).eval()
+    randomize_generator(layer, scale=0.5)
+    x = torch.randn(6, 2 * a * b, 3, 3)
+    want = layer.permutation(x), layer.decision_margin(x)
+    calls = []
+
+    def counted(m, *args, **kwargs):
+        calls.append(m.shape[-1])
+        return closest_permutation(m, *args, **kwargs)
+
+    monkeypatch.setattr(dynamic_module, "closest_permutation", counted)
+    got = layer.decide(x)
+    assert sorted(calls) == sorted(factors)  # one call per factor, none again for the margin
+    assert torch.equal(got.permutation, want[0]) and is_permutation(got.permutation)
+    assert torch.allclose(got.margin, want[1]) and got.margin.shape == (6,)
+    if assignment == "optimal":
+        assert (got.margin >= 0).all()

@@ -981,17 +981,29 @@ class DynamicShuffle(nn.Module):
         ``parts`` and ``context``: as in :meth:`forward`."""
         logits = self._softmax_logits(self._inspected_logits(x, parts, context))
         a_mat, b_mat, both = self._softmax_of(logits)
-        idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0].expand(x.shape[0], -1)
-        return Decision(idx, a_mat, b_mat, self._margin(a_mat, b_mat, x.shape[0]), logits)
+        hard = None
+        tableless = self._onehot_t_a is None or self._onehot_t_b is None
+        if tableless and not self.hard_identity:
+            # a factor without a table: binarized once, for the index and the margin
+            hard = self._hard_factors(a_mat, b_mat)
+            idx = compose_index(*hard, self.groups, self.cross_shuffle)
+        else:
+            idx = self._hard_index(*self._chosen(a_mat, b_mat, both))[0]
+        margin = self._margin(a_mat, b_mat, x.shape[0], hard)
+        return Decision(idx.expand(x.shape[0], -1), a_mat, b_mat, margin, logits)
 
-    def _margin(self, a_mat: Tensor, b_mat: Tensor, n: int) -> Tensor:
-        """:meth:`decision_margin` of ``n`` samples from their softmax factors."""
+    def _margin(
+        self, a_mat: Tensor, b_mat: Tensor, n: int, hard: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """:meth:`decision_margin` of ``n`` samples from their softmax factors; ``hard``: the
+        index vectors of their hard factors when already known (:meth:`_hard_factors`)."""
         gaps = []
-        for m, table in ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b)):
+        pairs = ((a_mat, self._onehot_t_a), (b_mat, self._onehot_t_b))
+        for k, (m, table) in enumerate(pairs):
             if m.shape[-1] == 1:
                 continue
             if table is None:  # greedy or optimal: the gap of the permutation applied, exactly
-                alpha = closest_permutation(m, self.assignment)
+                alpha = closest_permutation(m, self.assignment) if hard is None else hard[k]
                 gaps.append(assignment_gap(m.float(), alpha).float().amin(dim=-1))
                 continue
             top = (m.float().flatten(-2) @ table.float()).topk(2, dim=-1).values  # (N, Gf, 2)
