@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import dyshuffle.train.engine as engine
+from dyshuffle.layers import DynamicShuffle
 from dyshuffle.train import cli
 from dyshuffle.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -128,6 +129,38 @@ def test_options_given_with_resume_override_the_saved_ones(tmp_path, capsys):
     code = cli.main(["--resume", str(out), "--epochs", "3", "--optimizer", "adamw", *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "optimizer 'sgd'" in err and "'adamw'" in err
+
+
+def test_dynamic_lr_scale_reaches_the_generators_and_stays_on_resume(tmp_path, capsys):
+    """--dynamic-lr-scale 0 trains everything but the dynamic layers' parameters, which do not
+    move, also after a resume (the saved options); a resume that would change the optimizer's
+    groups is refused, naming the options."""
+    from dyshuffle.models import create_model
+
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "1", "--dynamic-lr-scale", "0", "--dynamic-weight-decay", "0",
+            "--output", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert cli.main(["--resume", str(out), "--epochs", "2", *TINY]) == 0
+    torch.manual_seed(0)  # the run's seed, before it builds its model: its initial weights
+    init = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="dynamic")
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 2
+    dynamic = {f"{n}.{p}" for n, m in init.named_modules() if isinstance(m, DynamicShuffle)
+               for p, _ in m.named_parameters()}  # fmt: skip
+    assert dynamic
+    for name, p in init.named_parameters():
+        assert torch.equal(state["model"][name], p.detach()) == (name in dynamic), name
+    hyper = [(g["lr_scale"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]]
+    assert hyper == [(1.0, 5e-4), (1.0, 0.0), (0.0, 0.0), (0.0, 0.0)]
+    # a run with the two groups of the defaults cannot take groups of its own on resume
+    plain = tmp_path / "plain"
+    assert cli.main([*TINY, "--epochs", "1", "--output", str(plain)]) == 0
+    capsys.readouterr()
+    code = cli.main(["--resume", str(plain), "--epochs", "2", "--dynamic-lr-scale", "10", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 parameter groups" in err and "configuration's 4" in err
+    assert "dynamic_lr_scale" in err and load_checkpoint(plain / "last.pt")["epoch"] == 1
 
 
 class _Crash(BaseException):

@@ -102,6 +102,39 @@ def test_weight_decay_skips_norm_and_bias():
     assert isinstance(create_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
 
 
+@pytest.mark.parametrize("pointwise", ["conv", "sds"])
+@pytest.mark.parametrize("mixer", ["dynamic", "learned"])
+def test_dynamic_layers_get_a_learning_rate_and_weight_decay_of_their_own(mixer, pointwise):
+    model = create_model(
+        "shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer=mixer, pointwise=pointwise
+    )
+    layers = [m for m in model.modules() if isinstance(m, DynamicShuffle)]
+    dynamic = {id(p) for m in layers for p in m.parameters()}
+    assert dynamic and len(param_groups(model, 5e-4)) == 2  # the defaults: two groups
+    groups = param_groups(model, 5e-4, dynamic_lr_scale=10.0, dynamic_weight_decay=0.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each once
+    assert {id(p) for g in groups[2:] for p in g["params"]} == dynamic
+    hyper = [(g["lr_scale"], g["weight_decay"]) for g in groups]
+    if mixer == "learned" and pointwise == "conv":  # logits only, a (1, K) matrix each
+        assert hyper == [(1.0, 5e-4), (1.0, 0.0), (10.0, 0.0)]
+    else:  # the generators' matrices, then their biases
+        assert hyper == [(1.0, 5e-4), (1.0, 0.0), (10.0, 0.0), (10.0, 0.0)]
+        assert all(p.ndim == 1 for p in groups[3]["params"])
+    assert all(p.ndim == 2 for p in groups[2]["params"])
+    opt = create_optimizer(model, "sgd", 0.2, 5e-4, dynamic_lr_scale=10.0)
+    assert [g["weight_decay"] for g in opt.param_groups][2] == 5e-4  # None: the weight decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, "onecycle"))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[2:] == pytest.approx([10 * lrs[0]] * (len(lrs) - 2)) and lrs[1] == lrs[0]
+    # no dynamic layers: the two groups, whatever the options
+    fixed = create_model("shufflenet_v2_x0_5", num_classes=10, stem="cifar", mixer="shuffle")
+    assert len(param_groups(fixed, 5e-4, dynamic_lr_scale=10.0, dynamic_weight_decay=0.0)) == 2
+
+
 def test_ema_decay_warms_up_then_holds():
     from torch.optim.swa_utils import AveragedModel
 
@@ -210,6 +243,9 @@ def test_unknown_or_bad_config_values_are_named(tmp_path, capsys):
         resolve_config({}, str(recipe))
     code, _, err = run_cli(["--config", str(recipe)], capsys)
     assert code == 2 and "unknown optimizer 'adam'" in err
+    for key in ("dynamic_lr_scale", "dynamic_weight_decay"):
+        with pytest.raises(ConfigError, match=f"{key} must be non-negative.*got -1.0"):
+            resolve_config({key: -1.0})
     code, _, err = run_cli(["--lrr", "0.1"], capsys)
     assert (
         code == 2 and "unknown option '--lrr' (did you mean '--lr'?)" in err and "--epochs" in err

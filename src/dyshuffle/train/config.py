@@ -73,6 +73,9 @@ class TrainConfig:
         (micro-batches a batch is split into, one backward pass each: less memory, BatchNorm
         statistics of the micro-batches), eval_batch_size (per process), optimizer, lr
         (peak), momentum, nesterov, betas, weight_decay (not on norm and bias parameters),
+        dynamic_lr_scale and dynamic_weight_decay (the learning rate of the dynamic layers'
+        parameters, their generators, as a multiple of ``lr``, and their weight decay;
+        ``None``: ``weight_decay``),
         schedule, warmup_epochs, onecycle_pct (rise fraction of ``onecycle``), min_lr_ratio,
         label_smoothing, mixup/cutmix (``alpha`` of their ``Beta(alpha, alpha)``; 0: off) and
         mix_prob (chance that a batch is mixed; see :mod:`dyshuffle.data.mixing`), grad_clip
@@ -124,6 +127,8 @@ class TrainConfig:
     nesterov: bool = True
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 5e-4
+    dynamic_lr_scale: float = 1.0
+    dynamic_weight_decay: float | None = None
     schedule: str = "onecycle"
     warmup_epochs: float = 0.0
     onecycle_pct: float = 0.25
@@ -174,6 +179,7 @@ class TrainConfig:
         nonneg = (
             "lr",
             "weight_decay",
+            "dynamic_lr_scale",
             "warmup_epochs",
             "grad_clip",
             "mixup",
@@ -193,6 +199,11 @@ class TrainConfig:
             raise ConfigError(
                 f"crop_padding must be non-negative (or null: the data set's), "
                 f"got {self.crop_padding!r}"
+            )
+        if self.dynamic_weight_decay is not None and self.dynamic_weight_decay < 0:
+            raise ConfigError(
+                f"dynamic_weight_decay must be non-negative (or null: weight_decay), "
+                f"got {self.dynamic_weight_decay!r}"
             )
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(
@@ -413,6 +424,10 @@ HELP: dict[str, str] = {
     "nesterov": "Nesterov momentum",
     "betas": "AdamW betas",
     "weight_decay": "weight decay (not on norm and bias parameters)",
+    "dynamic_lr_scale": "learning rate of the dynamic layers' parameters (their generators) "
+    "as a multiple of --lr",
+    "dynamic_weight_decay": "weight decay of the dynamic layers' parameters (null: "
+    "--weight-decay; not on biases)",
     "schedule": "learning-rate schedule, stepped every batch",
     "warmup_epochs": "linear warm-up (cosine, linear, constant)",
     "onecycle_pct": "onecycle: fraction of the steps spent rising",

@@ -541,7 +541,7 @@ class _Run:
 
         self.optimizer = create_optimizer(
             self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
-            tuple(cfg.betas),
+            tuple(cfg.betas), cfg.dynamic_lr_scale, cfg.dynamic_weight_decay,
         )  # fmt: skip
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         total = self.total_steps
@@ -618,6 +618,14 @@ class _Run:
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
         base_lrs = list(self.scheduler.base_lrs)
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(configured):
+            raise ConfigError(
+                f"the checkpoint's optimizer has {saved_groups} parameter groups, this "
+                f"configuration's {len(configured)}: the dynamic layers' parameters have groups "
+                f"of their own with dynamic_lr_scale != 1 or a dynamic_weight_decay, and that "
+                f"cannot change on resume"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, hyper in zip(self.optimizer.param_groups, configured):

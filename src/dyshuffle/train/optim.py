@@ -10,21 +10,45 @@ from torch import nn
 __all__ = ["create_optimizer", "lr_factor", "param_groups", "tau_at"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with ``weight_decay``; norm weights, biases and other 1-d params without.
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    dynamic_lr_scale: float = 1.0,
+    dynamic_weight_decay: float | None = None,
+) -> list[dict]:
+    """Weights with ``weight_decay``; norm weights, biases and other 1-d params without.
 
     Like timm's ``param_groups_weight_decay``: every parameter with fewer than two dimensions
     (BatchNorm/LayerNorm scales and shifts, biases) and every ``.bias`` skips weight decay.
+
+    With ``dynamic_lr_scale != 1`` or a ``dynamic_weight_decay``, the parameters of the dynamic
+    layers (:class:`~dyshuffle.layers.DynamicShuffle` and its subclasses: their generators, a
+    learned permutation's logits) come in groups of their own, with ``lr_scale`` (times the
+    optimizer's learning rate) and that weight decay (``None``: ``weight_decay``) on their
+    matrices; otherwise, and for a model without dynamic layers, the two groups above. Each
+    group has an ``lr_scale`` (1 for the rest).
     """
-    decay, no_decay = [], []
+    from dyshuffle.layers import DynamicShuffle
+
+    apart = dynamic_lr_scale != 1.0 or dynamic_weight_decay is not None
+    dynamic = set()
+    if apart:
+        layers = (m for m in model.modules() if isinstance(m, DynamicShuffle))
+        dynamic = {id(p) for m in layers for p in m.parameters()}
+    own = weight_decay if dynamic_weight_decay is None else dynamic_weight_decay
+    groups = {  # (dynamic, decayed) -> group
+        (False, True): {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
+        (False, False): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0},
+        (True, True): {"params": [], "weight_decay": own, "lr_scale": dynamic_lr_scale},
+        (True, False): {"params": [], "weight_decay": 0.0, "lr_scale": dynamic_lr_scale},
+    }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decayed = not (p.ndim <= 1 or name.endswith(".bias"))
+        groups[id(p) in dynamic, decayed]["params"].append(p)
+    rest = [groups[False, True], groups[False, False]]
+    return rest + [g for g in (groups[True, True], groups[True, False]) if g["params"]]
 
 
 def create_optimizer(
@@ -35,9 +59,14 @@ def create_optimizer(
     momentum: float = 0.9,
     nesterov: bool = True,
     betas: tuple[float, float] = (0.9, 0.999),
+    dynamic_lr_scale: float = 1.0,
+    dynamic_weight_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD (Nesterov momentum by default) or AdamW over :func:`param_groups`."""
-    groups = param_groups(model, weight_decay)
+    """SGD (Nesterov momentum by default) or AdamW over :func:`param_groups`, each group's
+    learning rate ``lr`` times its ``lr_scale``."""
+    groups = param_groups(model, weight_decay, dynamic_lr_scale, dynamic_weight_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adamw":
