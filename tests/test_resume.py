@@ -153,6 +153,12 @@ def test_dynamic_lr_scale_reaches_the_generators_and_stays_on_resume(tmp_path, c
         assert torch.equal(state["model"][name], p.detach()) == (name in dynamic), name
     hyper = [(g["lr_scale"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]]
     assert hyper == [(1.0, 5e-4), (1.0, 0.0), (0.0, 0.0), (0.0, 0.0)]
+    # a new scale given with --resume applies from the first resumed step
+    assert cli.main(["--resume", str(out), "--epochs", "3", "--dynamic-lr-scale", "2", *TINY]) == 0
+    after = load_checkpoint(out / "last.pt")
+    base = after["scheduler"]["base_lrs"]
+    assert base[2:] == pytest.approx([2 * base[0]] * 2) and base[1] == base[0] > 0
+    assert after["config"]["dynamic_lr_scale"] == 2.0
     # a run with the two groups of the defaults cannot take groups of its own on resume
     plain = tmp_path / "plain"
     assert cli.main([*TINY, "--epochs", "1", "--output", str(plain)]) == 0
