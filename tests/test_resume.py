@@ -21,6 +21,7 @@ import torch
 
 import dyshuffle.train.engine as engine
 from dyshuffle.layers import DynamicShuffle
+from dyshuffle.models import create_model
 from dyshuffle.train import cli
 from dyshuffle.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -135,8 +136,6 @@ def test_dynamic_lr_scale_reaches_the_generators_and_stays_on_resume(tmp_path, c
     """--dynamic-lr-scale 0 trains everything but the dynamic layers' parameters, which do not
     move, also after a resume (the saved options); a resume that would change the optimizer's
     groups is refused, naming the options."""
-    from dyshuffle.models import create_model
-
     out = tmp_path / "run"
     argv = [*TINY, "--epochs", "1", "--dynamic-lr-scale", "0", "--dynamic-weight-decay", "0",
             "--output", str(out)]  # fmt: skip
