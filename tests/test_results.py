@@ -426,9 +426,17 @@ def _row(text: str, mixer: str) -> str:
     return next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
 
 
+def _cell(text: str, mixer: str, column: str) -> str:
+    """The cell under the header that starts with ``column`` of the first table row of ``mixer``."""
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    (i,) = [i for i, name in enumerate(names) if name.startswith(column)]
+    return _row(text, mixer).strip("|").split("|")[i].strip()
+
+
 def _identity_cell(text: str, mixer: str) -> str:
     """The `hard - identity` cell of the first table row of ``mixer``."""
-    return _row(text, mixer).split("|")[12].strip()
+    return _cell(text, mixer, "hard - identity")
 
 
 def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
@@ -447,6 +455,27 @@ def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
     assert _identity_cell(text, "shuffle") == "-"  # no dynamic layers, nothing forced
     one = render_results(fixed + [dict(dyn[0], top1_identity=81.0)])
     assert _identity_cell(one, "dynamic") == "0.00"  # the identity factors for every image
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    rule = text.splitlines()[text.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")
+
+
+def test_same_seed_column_pairs_each_seed_with_the_fixed_shuffles_run_at_that_seed():
+    """`hard - fixed, same seed`: the mean and sample standard deviation of the per-seed
+    differences over the seeds both configurations ran, with their number; the `hard - fixed`
+    column beside it stays the difference of the two means over all their seeds."""
+    fixed = [record("shuffle", s, v) for s, v in enumerate([80.0, 84.0, 82.0, 90.0])]
+    dyn = [record("dynamic", s, v) for s, v in [(0, 81.0), (1, 84.0), (2, 85.0), (7, 99.0)]]
+    text = render_results(fixed + dyn)
+    # seeds 0-2 pair up: +1, 0, +3 -> mean 4/3, s.d. sqrt(((-1/3)^2 + (4/3)^2 + (5/3)^2) / 2)
+    assert _cell(text, "dynamic", "hard - fixed, same seed") == "+1.33 ± 1.53 (3)"
+    # seed 7 has no partner; the unpaired column still counts it (87.25 - 84.00)
+    assert _cell(text, "dynamic", "hard - fixed (points").startswith("+3.25 ± ")
+    assert _cell(text, "shuffle", "hard - fixed, same seed") == "-"  # the standard model
+    one = render_results(fixed + dyn[:1])
+    assert _cell(one, "dynamic", "hard - fixed, same seed") == "+1.00 (1)"  # no spread
+    apart = render_results(fixed + [record("dynamic", 9, 81.0)])
+    assert _cell(apart, "dynamic", "hard - fixed, same seed") == "-"  # no seed in common
     header = next(line for line in text.splitlines() if line.startswith("| model |"))
     rule = text.splitlines()[text.splitlines().index(header) + 1]
     assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")

@@ -237,6 +237,36 @@ def _hard_minus_fixed(groups: list[Group], g: Group) -> tuple[Group, Delta] | No
     return base, Delta.of(g.values("top1_hard"), base.values("top1_hard"))
 
 
+def _same_seed_minus_fixed(groups: list[Group], g: Group) -> tuple[float, float, int] | None:
+    """The table's ``same seed`` cell of ``g``: over the seeds that ``g`` and its standard model
+    both ran, the mean and sample standard deviation (``nan`` for one seed) of each seed's hard
+    top-1 minus the standard model's at that seed, and the number of those seeds; ``None``
+    where :func:`_hard_minus_fixed` has no cell or the two share no seed."""
+    compared = _hard_minus_fixed(groups, g)
+    if compared is None:
+        return None
+    base = {
+        r["seed"]: float(r["top1_hard"])
+        for r in compared[0].records
+        if r.get("top1_hard") is not None
+    }
+    diffs = [
+        float(r["top1_hard"]) - base[r["seed"]]
+        for r in g.records
+        if r.get("top1_hard") is not None and r["seed"] in base
+    ]
+    ms = _mean_std(diffs)
+    return None if ms is None else (*ms, len(diffs))
+
+
+def _same_seed_cell(paired: tuple[float, float, int] | None) -> str:
+    if paired is None:
+        return "-"
+    mean, std, n = paired
+    spread = "" if math.isnan(std) else f" ± {std:.2f}"
+    return f"{mean:+.2f}{spread} ({n})"
+
+
 #: issue 6's targets: the model and least schedule they are defined for, and their thresholds
 TARGET_MODEL = "shufflenet_v2_x1_0"
 TARGET_EPOCHS = 24
@@ -469,11 +499,14 @@ def render_results(
         "seeds of runs recorded there, each with its command, commit and device. `hard - fixed`:",
         "the hard top-1 minus that of the fixed shuffle with the 1x1 convolutions (the standard",
         "model) of the same model, schedule and device; for SDS rows, the model whose 1x1",
-        "convolutions they replace. `hard - identity`: per run, the hard top-1 minus that of the",
-        "same weights with every dynamic layer's identity factors forced for every image",
-        '(`permutation_mode(model, "identity")`, each layer\'s fixed cross-group shuffle): what',
-        "the permutations the layers chose are worth to the trained network (0 when they chose",
-        "the identity factors for every image; `-` for runs recorded before it was measured).",
+        "convolutions they replace. `same seed`: the mean ± standard deviation of each seed's",
+        "hard top-1 minus the standard model's at the same seed, over the seeds both ran (their",
+        "number in brackets): the paired comparison. `hard - identity`: per run, the hard top-1",
+        "minus that of the same weights with every dynamic layer's identity factors forced for",
+        'every image (`permutation_mode(model, "identity")`, each layer\'s fixed cross-group',
+        "shuffle): what the permutations the layers chose are worth to the trained network (0",
+        "when they chose the identity factors for every image; `-` for runs recorded before it",
+        "was measured).",
         "",
     ]
     if not records:
@@ -486,9 +519,10 @@ def render_results(
         lines.append(
             "| model | mixer | pointwise | options | epochs | recipe | device | seeds "
             "| top-1 hard (%) | top-1 soft (%) | hard - fixed (points ± s.e.) "
+            "| hard - fixed, same seed (points ± s.d., seeds) "
             "| hard - identity (points) | params | MMACs | train img/s |"
         )
-        lines.append("|" + "---|" * 15)
+        lines.append("|" + "---|" * 16)
         rows = sorted((g for g in groups if g.key[0] == dataset), key=lambda g: g.key[1:])
         for g in rows:
             f = g.first
@@ -500,7 +534,8 @@ def render_results(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
                 f"| {f['epochs']} | {f.get('recipe', '') or '-'} | {f['device']} "
                 f"| {len(g.records)} | {_fmt(hard)} | {_fmt(g.mean_std('top1_soft'))} "
-                f"| {delta} | {_fmt(g.paired_mean_std('top1_hard', 'top1_identity'))} "
+                f"| {delta} | {_same_seed_cell(_same_seed_minus_fixed(groups, g))} "
+                f"| {_fmt(g.paired_mean_std('top1_hard', 'top1_identity'))} "
                 f"| {int(f['params']):,} | {float(f['macs']) / 1e6:.1f} "
                 f"| {_fmt(throughput, 1.0, 0)} |"
             )
