@@ -237,6 +237,13 @@ def _hard_minus_fixed(groups: list[Group], g: Group) -> tuple[Group, Delta] | No
     return base, Delta.of(g.values("top1_hard"), base.values("top1_hard"))
 
 
+def _seed_differences(a: Group, b: Group) -> list[float]:
+    """Hard top-1 of ``a`` minus that of ``b`` at each seed both ran, in seed order."""
+    va = {r["seed"]: float(r["top1_hard"]) for r in a.records if r.get("top1_hard") is not None}
+    vb = {r["seed"]: float(r["top1_hard"]) for r in b.records if r.get("top1_hard") is not None}
+    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+
+
 def _same_seed_minus_fixed(groups: list[Group], g: Group) -> tuple[float, float, int] | None:
     """The table's ``same seed`` cell of ``g``: over the seeds that ``g`` and its standard model
     both ran, the mean and sample standard deviation (``nan`` for one seed) of each seed's hard
@@ -245,16 +252,7 @@ def _same_seed_minus_fixed(groups: list[Group], g: Group) -> tuple[float, float,
     compared = _hard_minus_fixed(groups, g)
     if compared is None:
         return None
-    base = {
-        r["seed"]: float(r["top1_hard"])
-        for r in compared[0].records
-        if r.get("top1_hard") is not None
-    }
-    diffs = [
-        float(r["top1_hard"]) - base[r["seed"]]
-        for r in g.records
-        if r.get("top1_hard") is not None and r["seed"] in base
-    ]
+    diffs = _seed_differences(g, compared[0])
     ms = _mean_std(diffs)
     return None if ms is None else (*ms, len(diffs))
 
@@ -323,12 +321,11 @@ def _forced_identity(g: Group) -> bool:
 def _paired_difference(a: Group, b: Group) -> tuple[float, int]:
     """Mean hard top-1 of ``a`` minus ``b`` over the seeds both have (an ablation runs the same
     seeds), and how many; over all their runs when they share no seed."""
-    va = {r["seed"]: float(r["top1_hard"]) for r in a.records if r.get("top1_hard") is not None}
-    vb = {r["seed"]: float(r["top1_hard"]) for r in b.records if r.get("top1_hard") is not None}
-    common = sorted(set(va) & set(vb))
-    if not common:
-        return _mean(a, "top1_hard") - _mean(b, "top1_hard"), min(len(va), len(vb))
-    return statistics.fmean(va[s] - vb[s] for s in common), len(common)
+    diffs = _seed_differences(a, b)
+    if not diffs:
+        n = min(len(a.values("top1_hard")), len(b.values("top1_hard")))
+        return _mean(a, "top1_hard") - _mean(b, "top1_hard"), n
+    return statistics.fmean(diffs), len(diffs)
 
 
 def _target_row(groups: list[Group], base: Group) -> tuple[list[str], bool]:
