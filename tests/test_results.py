@@ -426,10 +426,21 @@ def _row(text: str, mixer: str) -> str:
     return next(line for line in text.splitlines() if f"| shufflenet_v2_x1_0 | {mixer} |" in line)
 
 
+def _header(text: str) -> str:
+    """The header line of the first run table."""
+    return next(line for line in text.splitlines() if line.startswith("| model |"))
+
+
+def _assert_columns_line_up(text: str, mixer: str) -> None:
+    """Header, rule and the first row of ``mixer`` have the same number of cells."""
+    header = _header(text)
+    rule = text.splitlines()[text.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|") == _row(text, mixer).count("|")
+
+
 def _cell(text: str, mixer: str, column: str) -> str:
     """The cell under the header that starts with ``column`` of the first table row of ``mixer``."""
-    header = next(line for line in text.splitlines() if line.startswith("| model |"))
-    names = [c.strip() for c in header.strip("|").split("|")]
+    names = [c.strip() for c in _header(text).strip("|").split("|")]
     (i,) = [i for i, name in enumerate(names) if name.startswith(column)]
     return _row(text, mixer).strip("|").split("|")[i].strip()
 
@@ -455,9 +466,7 @@ def test_hard_minus_identity_is_the_mean_of_each_runs_difference():
     assert _identity_cell(text, "shuffle") == "-"  # no dynamic layers, nothing forced
     one = render_results(fixed + [dict(dyn[0], top1_identity=81.0)])
     assert _identity_cell(one, "dynamic") == "0.00"  # the identity factors for every image
-    header = next(line for line in text.splitlines() if line.startswith("| model |"))
-    rule = text.splitlines()[text.splitlines().index(header) + 1]
-    assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")
+    _assert_columns_line_up(text, "dynamic")
 
 
 def test_same_seed_column_pairs_each_seed_with_the_fixed_shuffles_run_at_that_seed():
@@ -476,6 +485,4 @@ def test_same_seed_column_pairs_each_seed_with_the_fixed_shuffles_run_at_that_se
     assert _cell(one, "dynamic", "hard - fixed, same seed") == "+1.00 (1)"  # no spread
     apart = render_results(fixed + [record("dynamic", 9, 81.0)])
     assert _cell(apart, "dynamic", "hard - fixed, same seed") == "-"  # no seed in common
-    header = next(line for line in text.splitlines() if line.startswith("| model |"))
-    rule = text.splitlines()[text.splitlines().index(header) + 1]
-    assert header.count("|") == rule.count("|") == _row(text, "dynamic").count("|")
+    _assert_columns_line_up(text, "dynamic")

@@ -244,25 +244,17 @@ def _seed_differences(a: Group, b: Group) -> list[float]:
     return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
 
 
-def _same_seed_minus_fixed(groups: list[Group], g: Group) -> tuple[float, float, int] | None:
-    """The table's ``same seed`` cell of ``g``: over the seeds that ``g`` and its standard model
-    both ran, the mean and sample standard deviation (``nan`` for one seed) of each seed's hard
-    top-1 minus the standard model's at that seed, and the number of those seeds; ``None``
-    where :func:`_hard_minus_fixed` has no cell or the two share no seed."""
-    compared = _hard_minus_fixed(groups, g)
-    if compared is None:
-        return None
-    diffs = _seed_differences(g, compared[0])
-    ms = _mean_std(diffs)
-    return None if ms is None else (*ms, len(diffs))
-
-
-def _same_seed_cell(paired: tuple[float, float, int] | None) -> str:
-    if paired is None:
+def _same_seed_cell(g: Group, base: Group) -> str:
+    """The table's ``same seed`` cell of ``g`` against its standard model ``base``: over the
+    seeds both ran, the mean and sample standard deviation (none for one seed) of each seed's
+    hard top-1 minus ``base``'s at that seed, and the number of those seeds; ``-`` when they
+    share no seed."""
+    diffs = _seed_differences(g, base)
+    if not diffs:
         return "-"
-    mean, std, n = paired
+    mean, std = _mean_std(diffs)
     spread = "" if math.isnan(std) else f" ± {std:.2f}"
-    return f"{mean:+.2f}{spread} ({n})"
+    return f"{mean:+.2f}{spread} ({len(diffs)})"
 
 
 #: issue 6's targets: the model and least schedule they are defined for, and their thresholds
@@ -526,12 +518,13 @@ def render_results(
             hard = g.mean_std("top1_hard")
             compared = _hard_minus_fixed(groups, g)
             delta = "-" if compared is None else str(compared[1])
+            same_seed = "-" if compared is None else _same_seed_cell(g, compared[0])
             throughput = g.mean_std("train_images_per_second")
             lines.append(
                 f"| {f['model']} | {f['mixer']} | {f.get('pointwise', 'conv')} | {g.key[4]} "
                 f"| {f['epochs']} | {f.get('recipe', '') or '-'} | {f['device']} "
                 f"| {len(g.records)} | {_fmt(hard)} | {_fmt(g.mean_std('top1_soft'))} "
-                f"| {delta} | {_same_seed_cell(_same_seed_minus_fixed(groups, g))} "
+                f"| {delta} | {same_seed} "
                 f"| {_fmt(g.paired_mean_std('top1_hard', 'top1_identity'))} "
                 f"| {int(f['params']):,} | {float(f['macs']) / 1e6:.1f} "
                 f"| {_fmt(throughput, 1.0, 0)} |"
