@@ -292,13 +292,16 @@ def test_sds_rows_are_compared_with_the_model_whose_convolutions_they_replace():
     assert row.split("|")[11].strip() == "-"
 
 
-def _table_cell(text: str, key: tuple) -> str:
-    """The `hard - fixed` cell of the table row of the configuration with group key ``key``."""
+def _table_cell(text: str, key: tuple, column: str = "hard - fixed (") -> str:
+    """The cell under the header that starts with ``column`` (by default `hard - fixed`) of the
+    table row of the configuration with group key ``key``."""
     _dataset, model, mixer, pointwise, options, epochs, recipe, device, params = key
     start = f"| {model} | {mixer} | {pointwise} | {options} | {epochs} | {recipe or '-'} "
     start += f"| {device} |"
     (row,) = [line for line in text.splitlines() if line.startswith(start)]
-    return row.split("|")[11].strip()
+    names = [c.strip() for c in _header(text).strip("|").split("|")]
+    (i,) = [i for i, name in enumerate(names) if name.startswith(column)]
+    return row.strip("|").split("|")[i].strip()
 
 
 def _figure_records() -> list[dict]:
@@ -306,6 +309,7 @@ def _figure_records() -> list[dict]:
     rows += [record("dynamic", s, v) for s, v in enumerate([81.0, 80.5, 80.9])]
     rows.append(record("dynamic", 0, 79.0, options={"mixer.shared": False}))  # one seed
     rows += [record("learned", s, v) for s, v in enumerate([79.5, 80.1])]
+    rows.append(record("learned", 7, 79.7))  # a seed the standard model did not run
     sds = {"mixer.pointwise_kwargs": {"static": "dense"}}
     rows += [record("shuffle", s, 70.0 + s, pointwise="sds", options=sds) for s in range(2)]
     # another schedule: the standard model alone, and another with no standard model
@@ -327,7 +331,10 @@ def test_figure_series_plots_the_tables_hard_minus_fixed():
     assert len(fig.rows) == 4
     for row in fig.rows:
         assert _table_cell(text, row.key) == str(row.delta)
-        assert row.delta.diff == pytest.approx(sum(row.seeds) / len(row.seeds))
+        # the filled dots: the differences whose mean the `same seed` cell gives
+        paired = _table_cell(text, row.key, "hard - fixed, same seed")
+        assert paired.startswith(f"{sum(row.seeds) / len(row.seeds):+.2f}")
+        assert paired.endswith(f"({len(row.seeds)})")
     by_label = {row.label: row for row in fig.rows}
     # grouped by kind (dynamic first), best first within one
     assert list(by_label) == [
@@ -338,9 +345,15 @@ def test_figure_series_plots_the_tables_hard_minus_fixed():
     ]
     dyn = by_label["dynamic"]
     assert dyn.delta.diff == pytest.approx(0.8) and dyn.delta.se is not None
-    assert dyn.seeds == pytest.approx((1.0, 0.5, 0.9))  # each seed minus the fixed mean (80.0)
+    # each seed minus the fixed shuffle at that seed (80.0, 80.2, 79.8), not minus its mean
+    assert dyn.seeds == pytest.approx((1.0, 0.3, 1.1)) and dyn.unpaired == ()
     assert by_label["dynamic: shared=False"].delta.se is None  # one seed: no error bar
-    assert by_label["shuffle + sds: static=dense"].seeds == pytest.approx((-10.0, -9.0))
+    assert by_label["shuffle + sds: static=dense"].seeds == pytest.approx((-10.0, -9.2))
+    # seed 7, which the standard model did not run, against its mean (80.0), apart
+    learned = by_label["learned"]
+    assert learned.seeds == pytest.approx((-0.5, -0.1))
+    assert learned.unpaired == pytest.approx((-0.3,))
+    assert learned.delta.diff == pytest.approx((79.5 + 80.1 + 79.7) / 3 - 80.0)
 
 
 def test_figures_are_drawn_small_and_written_atomically(tmp_path, monkeypatch):

@@ -571,7 +571,10 @@ class FigureRow:
         label: its name as the table gives it (mixer, pointwise layer, options), shortened.
         kind: mixer, and ``+ sds`` when its 1x1 convolutions are static-dynamic shuffles.
         delta: its hard top-1 minus the standard model's: the table's ``hard - fixed`` cell.
-        seeds: each seed's hard top-1 minus the standard model's mean.
+        seeds: at each seed the standard model also ran, the hard top-1 minus the standard
+            model's at that seed (the differences of the table's ``same seed`` cell), in seed
+            order.
+        unpaired: at each other seed, the hard top-1 minus the standard model's mean.
     """
 
     key: tuple
@@ -579,6 +582,7 @@ class FigureRow:
     kind: str
     delta: Delta
     seeds: tuple[float, ...]
+    unpaired: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -646,12 +650,18 @@ def figure_series(records: Sequence[dict[str, Any]]) -> list[SettingFigure]:
             continue
         base, delta = compared
         mean = _mean(base, "top1_hard")
+        base_seeds = {r["seed"] for r in base.records if r.get("top1_hard") is not None}
         row = FigureRow(
             key=g.key,
             label=_short_label(g),
             kind=_kind(g),
             delta=delta,
-            seeds=tuple(v - mean for v in g.values("top1_hard")),
+            seeds=tuple(_seed_differences(g, base)),
+            unpaired=tuple(
+                float(r["top1_hard"]) - mean
+                for r in sorted(g.records, key=lambda r: r["seed"])
+                if r.get("top1_hard") is not None and r["seed"] not in base_seeds
+            ),
         )
         bases[_setting(g.key)] = base
         figures.setdefault(_setting(g.key), []).append((g, row))
@@ -691,7 +701,9 @@ def _figure_links(groups: list[Group], dataset: str, figures: Mapping[tuple, str
         "",
         "One figure per setting, the target protocol's first: each configuration's hard top-1 "
         "minus that of the standard model (the `hard - fixed` column of the table below), mean "
-        "± its standard error when both have two seeds or more, its seeds as dots; the dashed "
+        "± its standard error when both have two seeds or more; each dot a seed's hard top-1 "
+        "minus the standard model's at that seed (the differences of the `same seed` column), "
+        "an open dot a seed the standard model did not run, against its mean; the dashed "
         f"line is issue 6's +{TARGET_GAIN} target. A figure whose rows span more than "
         f"{LOG_SPAN:g} points has an axis logarithmic beyond ±1 point.",
         "",
@@ -727,6 +739,9 @@ def _draw(fig: SettingFigure, f: IO[bytes]) -> None:
     for y, row in zip(ys, rows):
         colour = _KINDS.get(row.kind, "black")
         ax.scatter(row.seeds, [y] * len(row.seeds), s=12, color=colour, alpha=0.45, lw=0, zorder=2)
+        ax.scatter(
+            row.unpaired, [y] * len(row.unpaired), s=12, fc="none", ec=colour, lw=0.8, zorder=2
+        )
         ax.errorbar(
             row.delta.diff,
             y,
@@ -742,7 +757,7 @@ def _draw(fig: SettingFigure, f: IO[bytes]) -> None:
         )
     ax.axvline(0.0, color="black", lw=1.0, zorder=1.8)
     ax.axvline(TARGET_GAIN, color="purple", lw=1.2, ls="--", zorder=1.8)
-    extent = [v for r in rows for v in (*r.seeds, r.delta.diff)]
+    extent = [v for r in rows for v in (*r.seeds, *r.unpaired, r.delta.diff)]
     extent += [r.delta.diff + s * r.delta.se for r in rows if r.delta.se for s in (-1, 1)]
     lo, hi = min([*extent, 0.0, -1.0]), max([*extent, TARGET_GAIN, 1.0])
     if hi - lo > LOG_SPAN:  # far rows would squeeze the target's scale: logarithmic beyond 1
@@ -761,13 +776,17 @@ def _draw(fig: SettingFigure, f: IO[bytes]) -> None:
     ax.tick_params(axis="x", labelsize=8)
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(ys, [f"{r.delta}  ({len(r.seeds)})" for r in rows], fontsize=8)
+    right.set_yticks(
+        ys, [f"{r.delta}  ({len(r.seeds) + len(r.unpaired)})" for r in rows], fontsize=8
+    )
     base = fig.base
     ax.set_xlabel(
         f"hard top-1 minus the fixed shuffle with 1x1 convolutions "
         f"({_fmt(base.mean_std('top1_hard'))} %, {len(base.records)} seed"
         f"{'s' * (len(base.records) != 1)}), points\n"
-        "right: mean ± standard error when both have two seeds or more (seeds); dots: the seeds",
+        "right: mean ± standard error when both have two seeds or more (seeds)\n"
+        "dots: each seed minus the fixed shuffle at that seed (open: a seed it did not run, "
+        "minus its mean)",
         fontsize=8,
     )
     ax.set_title(fig.title, fontsize=9)
