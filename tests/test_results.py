@@ -299,9 +299,7 @@ def _table_cell(text: str, key: tuple, column: str = "hard - fixed (") -> str:
     start = f"| {model} | {mixer} | {pointwise} | {options} | {epochs} | {recipe or '-'} "
     start += f"| {device} |"
     (row,) = [line for line in text.splitlines() if line.startswith(start)]
-    names = [c.strip() for c in _header(text).strip("|").split("|")]
-    (i,) = [i for i, name in enumerate(names) if name.startswith(column)]
-    return row.strip("|").split("|")[i].strip()
+    return row.strip("|").split("|")[_column(text, column)].strip()
 
 
 def _figure_records() -> list[dict]:
@@ -451,11 +449,16 @@ def _assert_columns_line_up(text: str, mixer: str) -> None:
     assert header.count("|") == rule.count("|") == _row(text, mixer).count("|")
 
 
-def _cell(text: str, mixer: str, column: str) -> str:
-    """The cell under the header that starts with ``column`` of the first table row of ``mixer``."""
+def _column(text: str, column: str) -> int:
+    """The index of the one column whose header starts with ``column``."""
     names = [c.strip() for c in _header(text).strip("|").split("|")]
     (i,) = [i for i, name in enumerate(names) if name.startswith(column)]
-    return _row(text, mixer).strip("|").split("|")[i].strip()
+    return i
+
+
+def _cell(text: str, mixer: str, column: str) -> str:
+    """The cell under the header that starts with ``column`` of the first table row of ``mixer``."""
+    return _row(text, mixer).strip("|").split("|")[_column(text, column)].strip()
 
 
 def _identity_cell(text: str, mixer: str) -> str:

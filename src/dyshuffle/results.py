@@ -237,11 +237,15 @@ def _hard_minus_fixed(groups: list[Group], g: Group) -> tuple[Group, Delta] | No
     return base, Delta.of(g.values("top1_hard"), base.values("top1_hard"))
 
 
+def _hard_by_seed(g: Group) -> dict[Any, float]:
+    """The hard top-1 of each run of ``g`` that has one, by seed."""
+    return {r["seed"]: float(r["top1_hard"]) for r in g.records if r.get("top1_hard") is not None}
+
+
 def _seed_differences(a: Group, b: Group) -> list[float]:
     """Hard top-1 of ``a`` minus that of ``b`` at each seed both ran, in seed order."""
-    va = {r["seed"]: float(r["top1_hard"]) for r in a.records if r.get("top1_hard") is not None}
-    vb = {r["seed"]: float(r["top1_hard"]) for r in b.records if r.get("top1_hard") is not None}
-    return [va[s] - vb[s] for s in sorted(set(va) & set(vb))]
+    va, vb = _hard_by_seed(a), _hard_by_seed(b)
+    return [va[s] - vb[s] for s in sorted(va.keys() & vb.keys())]
 
 
 def _same_seed_cell(g: Group, base: Group) -> str:
@@ -649,8 +653,7 @@ def figure_series(records: Sequence[dict[str, Any]]) -> list[SettingFigure]:
         if compared is None:
             continue
         base, delta = compared
-        mean = _mean(base, "top1_hard")
-        base_seeds = {r["seed"] for r in base.records if r.get("top1_hard") is not None}
+        mean, base_seeds = _mean(base, "top1_hard"), _hard_by_seed(base)
         row = FigureRow(
             key=g.key,
             label=_short_label(g),
@@ -658,9 +661,7 @@ def figure_series(records: Sequence[dict[str, Any]]) -> list[SettingFigure]:
             delta=delta,
             seeds=tuple(_seed_differences(g, base)),
             unpaired=tuple(
-                float(r["top1_hard"]) - mean
-                for r in sorted(g.records, key=lambda r: r["seed"])
-                if r.get("top1_hard") is not None and r["seed"] not in base_seeds
+                v - mean for s, v in sorted(_hard_by_seed(g).items()) if s not in base_seeds
             ),
         )
         bases[_setting(g.key)] = base
