@@ -12,7 +12,8 @@ for p in pyyaml matplotlib contourpy cycler fonttools kiwisolver pyparsing pytho
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/whl "$p"
 done
-# the commit the device runs (no .git travels there); commit before preparing
-git rev-parse HEAD > .gpu/COMMIT
-git diff --quiet HEAD -- src configs sweeps scripts || echo "warning: uncommitted changes in src/configs/sweeps/scripts" >&2
+# the commit the device runs (no .git travels there) and the sums that tell whether the tree
+# there still is that commit; commit before preparing
+. scripts/gpu_commit.sh
+gpu_commit_write
 du -sh .gpu

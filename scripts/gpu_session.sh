@@ -94,11 +94,14 @@ fi
 mkdir -p "$OUT/bench"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DYSHUFFLE_CACHE=${DYSHUFFLE_CACHE:-/tmp/dyshuffle-cache}
-[ -f .gpu/COMMIT ] && export DYSHUFFLE_COMMIT=${DYSHUFFLE_COMMIT:-$(cat .gpu/COMMIT)}
 log() { echo "[session $(($(date +%s) - start))s] $*" | tee -a "$OUT/session.log"; }
 left() { echo $((SESSION_BUDGET - ($(date +%s) - start))); }
 
 touch "$OUT/session.log.start"  # checkpoints newer than this are this call's
+. scripts/gpu_commit.sh
+gpu_commit_export 2>"$OUT/commit.warn"  # -dirty when the tree is not the prepared commit
+[ -s "$OUT/commit.warn" ] && log "$(cat "$OUT/commit.warn")"
+rm -f "$OUT/commit.warn"
 log "commit ${DYSHUFFLE_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
     | tee -a "$OUT/session.log"

@@ -16,8 +16,9 @@ if ! python3 -c "import yaml, matplotlib, tqdm" 2>/dev/null && compgen -G ".gpu/
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-# no .git travels to the device: the commit comes from gpu_prepare.sh
-[ -f .gpu/COMMIT ] && export DYSHUFFLE_COMMIT=${DYSHUFFLE_COMMIT:-$(cat .gpu/COMMIT)}
+# no .git travels to the device: the commit comes from gpu_prepare.sh (-dirty if the tree changed)
+. scripts/gpu_commit.sh
+gpu_commit_export
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 SWEEP=${1:-sweeps/cifar10_gpu.yaml}
 shift || true

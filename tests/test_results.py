@@ -506,3 +506,62 @@ def test_same_seed_column_pairs_each_seed_with_the_fixed_shuffles_run_at_that_se
     apart = render_results(fixed + [record("dynamic", 9, 81.0)])
     assert _cell(apart, "dynamic", "hard - fixed, same seed") == "-"  # no seed in common
     _assert_columns_line_up(text, "dynamic")
+
+
+def test_device_tree_names_its_prepared_commit_and_dirty_once_changed(tmp_path):
+    """scripts/gpu_commit.sh: gpu_prepare.sh writes the commit and the sums of the tracked code;
+    on the device (no .git) the records name that commit while the tree is unchanged, and the
+    commit with ``-dirty`` (once, with a warning) when a file changed or the sums are missing."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or shutil.which("sha256sum") is None:
+        pytest.skip("no git or sha256sum")
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    for rel in ("src/m.py", "configs/c.yaml", "sweeps/s.yaml", "docs/D.md"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("0\n")
+    (repo / "scripts").mkdir()
+    shutil.copy(root / "scripts" / "gpu_commit.sh", repo / "scripts" / "gpu_commit.sh")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ["PATH"]}  # fmt: skip
+
+    def sh(cwd: Path, script: str, **extra: str) -> subprocess.CompletedProcess:
+        script = "set -euo pipefail\n. scripts/gpu_commit.sh\n" + script
+        out = subprocess.run(
+            ["bash", "-c", script], cwd=cwd, env={**env, **extra}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out
+
+    def device(tree: Path) -> tuple[str, str]:
+        out = sh(tree, 'gpu_commit_export\necho "$DYSHUFFLE_COMMIT"')
+        return out.stdout.strip(), out.stderr
+
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert sh(repo, "gpu_commit_write").stderr == ""
+    assert (repo / ".gpu" / "COMMIT").read_text().strip() == head
+    there = tmp_path / "there"
+    shutil.copytree(repo, there, ignore=shutil.ignore_patterns(".git"))
+    (there / "docs" / "D.md").write_text("1\n")  # not code: the tree is still the commit
+    assert device(there) == (head, "")
+    out = sh(there, 'gpu_commit_export\necho "$DYSHUFFLE_COMMIT"', DYSHUFFLE_COMMIT="given")
+    assert out.stdout.strip() == "given"
+    for rel in ("src/m.py", "sweeps/s.yaml"):
+        (there / rel).write_text("1\n")
+        commit, warning = device(there)
+        assert commit == head + "-dirty" and head in warning, rel
+        (there / rel).write_text("0\n")
+    (there / ".gpu" / "SHA256SUMS").unlink()
+    commit, warning = device(there)
+    assert commit == head + "-dirty" and "SHA256SUMS" in warning
+    # prepared from an uncommitted change: dirty from the start, and dirty only once there
+    (repo / "configs" / "c.yaml").write_text("1\n")
+    assert head in sh(repo, "gpu_commit_write").stderr
+    assert (repo / ".gpu" / "COMMIT").read_text().strip() == head + "-dirty"
+    (repo / "src" / "m.py").write_text("1\n")
+    assert device(repo)[0] == head + "-dirty"
