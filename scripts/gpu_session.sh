@@ -37,7 +37,8 @@
 #      BENCH_BUDGET=0 COMPILE_BUDGET=0 FUSED_TESTS=0 SESSION_BUDGET=380 EXPECT=300 \
 #        bash scripts/gpu_session.sh sweeps/cifar10_gpu_first.yaml     (timeout 400)
 #
-#   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy and the commit into .gpu/)
+#   here:  bash scripts/gpu_prepare.sh          (CIFAR-10 copy, the commit and the sums of the
+#          code into .gpu/; records name the commit with -dirty if the tree there differs)
 #   there: bash scripts/gpu_session.sh          (device run, carry [".gpu"], timeout 600)
 #   here:  cat <files_at>/cifar10_runs.jsonl >> results/cifar10_runs.jsonl && dyshuffle sweep --report
 #          cp <files_at>/bench/*.csv results/bench/ && dyshuffle bench --from-csv ... --markdown ...
