@@ -535,8 +535,8 @@ def test_device_tree_names_its_prepared_commit_and_dirty_once_changed(tmp_path):
         assert out.returncode == 0, out.stderr
         return out
 
-    def device(tree: Path) -> tuple[str, str]:
-        out = sh(tree, 'gpu_commit_export\necho "$DYSHUFFLE_COMMIT"')
+    def device(tree: Path, **extra: str) -> tuple[str, str]:
+        out = sh(tree, 'gpu_commit_export\necho "$DYSHUFFLE_COMMIT"', **extra)
         return out.stdout.strip(), out.stderr
 
     for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "start"]):
@@ -549,8 +549,7 @@ def test_device_tree_names_its_prepared_commit_and_dirty_once_changed(tmp_path):
     shutil.copytree(repo, there, ignore=shutil.ignore_patterns(".git"))
     (there / "docs" / "D.md").write_text("1\n")  # not code: the tree is still the commit
     assert device(there) == (head, "")
-    out = sh(there, 'gpu_commit_export\necho "$DYSHUFFLE_COMMIT"', DYSHUFFLE_COMMIT="given")
-    assert out.stdout.strip() == "given"
+    assert device(there, DYSHUFFLE_COMMIT="given")[0] == "given"
     for rel in ("src/m.py", "sweeps/s.yaml"):
         (there / rel).write_text("1\n")
         commit, warning = device(there)
