@@ -1,11 +1,12 @@
 # Sourced by gpu_prepare.sh (here) and by gpu_session.sh and gpu_sweep.sh (on the device, where no
 # .git travels): the commit the run records name, and whether the tree still is that commit.
-#   gpu_commit_write  here, after committing: .gpu/COMMIT (with -dirty when src, configs, sweeps
-#                     or scripts differ from HEAD) and .gpu/SHA256SUMS of those tracked files;
+#   gpu_commit_write  here, after committing: .gpu/COMMIT (with -dirty when src, configs, sweeps,
+#                     scripts or pyproject.toml differ from HEAD) and .gpu/SHA256SUMS of those
+#                     tracked files;
 #   gpu_commit_export there: DYSHUFFLE_COMMIT from .gpu/COMMIT, with -dirty (and a warning on
 #                     stderr) when a summed file changed since gpu_prepare.sh, so a tree edited
 #                     after preparing, or a stale .gpu/, never names a clean commit.
-GPU_COMMIT_PATHS=(src configs sweeps scripts)
+GPU_COMMIT_PATHS=(src configs sweeps scripts pyproject.toml)
 
 gpu_commit_write() {
   local commit

@@ -519,7 +519,7 @@ def test_device_tree_names_its_prepared_commit_and_dirty_once_changed(tmp_path):
         pytest.skip("no git or sha256sum")
     root = Path(__file__).resolve().parents[1]
     repo = tmp_path / "repo"
-    for rel in ("src/m.py", "configs/c.yaml", "sweeps/s.yaml", "docs/D.md"):
+    for rel in ("src/m.py", "configs/c.yaml", "sweeps/s.yaml", "pyproject.toml", "docs/D.md"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("0\n")
     (repo / "scripts").mkdir()
@@ -550,7 +550,7 @@ def test_device_tree_names_its_prepared_commit_and_dirty_once_changed(tmp_path):
     (there / "docs" / "D.md").write_text("1\n")  # not code: the tree is still the commit
     assert device(there) == (head, "")
     assert device(there, DYSHUFFLE_COMMIT="given")[0] == "given"
-    for rel in ("src/m.py", "sweeps/s.yaml"):
+    for rel in ("src/m.py", "sweeps/s.yaml", "pyproject.toml"):
         (there / rel).write_text("1\n")
         commit, warning = device(there)
         assert commit == head + "-dirty" and head in warning, rel

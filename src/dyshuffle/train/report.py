@@ -89,8 +89,8 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
     Changes in :data:`UNTRACKED_BY_COMMIT` do not count: a sweep appends its records and
     rewrites ``RESULTS.md`` after every run, and the runs after the first would otherwise all
     name a dirty tree of the commit they ran. ``DYSHUFFLE_COMMIT``, when set, names it instead:
-    a copy of the tree sent to a device machine may carry a ``.git`` of another commit
-    (scripts/gpu_prepare.sh writes the right one).
+    the copy of the tree sent to a device machine travels without ``.git``, so the GPU scripts
+    set it from the commit scripts/gpu_prepare.sh wrote (scripts/gpu_commit.sh).
     """
     if os.environ.get("DYSHUFFLE_COMMIT"):
         return os.environ["DYSHUFFLE_COMMIT"]
