@@ -737,6 +737,36 @@ def test_sds_gradients_reach_every_parameter(static):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_sds_identity_init_starts_where_the_identity_permutation_sds_starts():
+    """``static_init="identity"`` without the permutation computes ``(S + I) x`` at the start:
+    the square SDS whose factors are the identity, with the same ``S``."""
+    torch.manual_seed(0)
+    plain = StaticDynamicShuffle(96, dynamic=False, static="dense", max_group_size=32)
+    torch.manual_seed(0)
+    eye = StaticDynamicShuffle(
+        96, dynamic=False, static="dense", max_group_size=32, static_init="identity"
+    )
+    sds = StaticDynamicShuffle(96, static="dense", max_group_size=32, hard_identity=True)
+    with torch.no_grad():
+        sds.static_w.copy_(plain.static_w)
+    assert eye.groups == 3 and "static_init='identity'" in repr(eye)
+    x = torch.randn(2, 96, 3, 3)
+    assert torch.allclose(eye(x), plain(x) + channel_shuffle(x, 3), atol=1e-5)
+    assert torch.allclose(eye(x), sds.train()(x), atol=1e-5)
+    assert torch.allclose(eye(x), sds.eval()(x), atol=1e-5)
+    w = eye.equivalent_weight() - plain.equivalent_weight()  # the cross-shuffled identity
+    shuffled_eye = channel_shuffle(torch.eye(96)[None, :, :, None], 3)[0, :, :, 0]
+    assert torch.allclose(w, shuffled_eye, atol=1e-6)
+
+
+def test_sds_identity_init_needs_the_square_dense_form():
+    for kwargs in ({"out_channels": 96}, {"static": "kron"}):
+        with pytest.raises(ValueError, match="static_init='identity' needs the square dense"):
+            StaticDynamicShuffle(48, static_init="identity", **{"static": "dense", **kwargs})
+    with pytest.raises(ValueError, match="'eye'"):
+        StaticDynamicShuffle(48, static="dense", static_init="eye")
+
+
 def test_sds_parameters_are_a_fraction_of_the_conv():
     sds = StaticDynamicShuffle(464, dynamic=False)
     assert sum(p.numel() for p in sds.parameters()) == 29 * (16 + 16)

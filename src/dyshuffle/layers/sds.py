@@ -24,10 +24,12 @@ from .dynamic import DynamicShuffle
 from .permutation import _divisors, choose_groups, factor_pair
 from .shuffle import channel_shuffle
 
-__all__ = ["STATIC_FORMS", "StaticDynamicShuffle", "sds_groups"]
+__all__ = ["STATIC_FORMS", "STATIC_INITS", "StaticDynamicShuffle", "sds_groups"]
 
 #: forms of the static matrix ``S_g``: Kronecker factors ``As_g kron Bs_g`` or any matrix
 STATIC_FORMS = ("kron", "dense")
+#: initializations of ``S_g``: fan-in normal, or that plus the identity (square dense form)
+STATIC_INITS = ("normal", "identity")
 
 
 def sds_groups(in_channels: int, out_channels: int, max_group_size: int = 16) -> int:
@@ -57,6 +59,12 @@ class StaticDynamicShuffle(nn.Module):
         static: ``"kron"`` (``S_g = As_g kron Bs_g``, ``G * (a_out a_in + b_out b_in)``
             parameters) or ``"dense"`` (``S_g`` any ``n_out x n_in`` matrix, ``C_out * n_in``
             parameters).
+        static_init: ``"normal"`` (the default: ``Var(S) = 1 / n_in``) or ``"identity"`` (that
+            plus the identity matrix; the square ``"dense"`` form only). A layer without its
+            permutation (``dynamic=False``) so initialized starts where the square SDS starts
+            when its permutations are the identity factors, ``(S + I) x``, but its weight decay
+            pulls the whole block towards zero rather than towards ``I``: a control that
+            separates the SDS's starting point from its reparameterization.
         **dynamic_kwargs: passed to :class:`DynamicShuffle` (``shared``, ``mode``, ``tau``,
             ``reduction``, ``init``, ...).
     """
@@ -72,6 +80,7 @@ class StaticDynamicShuffle(nn.Module):
         dynamic: bool = True,
         max_group_size: int = 16,
         static: str = "kron",
+        static_init: str = "normal",
         **dynamic_kwargs,
     ) -> None:
         super().__init__()
@@ -87,6 +96,7 @@ class StaticDynamicShuffle(nn.Module):
                 f"{dynamic_kwargs['context_channels']!r}"
             )
         self.static = check_choice(static, STATIC_FORMS, "static form")
+        self.static_init = check_choice(static_init, STATIC_INITS, "static initialization")
         out_channels = in_channels if out_channels is None else out_channels
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
@@ -124,6 +134,12 @@ class StaticDynamicShuffle(nn.Module):
                 f"out_channels={out_channels} with groups={g} need {n_out}"
             )
         self.groups, self.factors, self.out_factors = g, (a_in, b_in), (a_out, b_out)
+        if self.static_init == "identity" and not (self.square and self.static == "dense"):
+            raise ValueError(
+                f"static_init='identity' needs the square dense form (out_channels=None, "
+                f"static='dense'); got in_channels={in_channels}, out_channels={out_channels}, "
+                f"static={static!r}"
+            )
         self.dynamic = check_flag(dynamic, "dynamic")
         self.permute = (
             DynamicShuffle(in_channels, g, (a_in, b_in), cross_shuffle=False, **dynamic_kwargs)
@@ -139,9 +155,14 @@ class StaticDynamicShuffle(nn.Module):
 
     def reset_parameters(self) -> None:
         """``Var(S) = 1 / n_in``, the variance of a fan-in initialization (for Kronecker factors
-        the product of theirs)."""
+        the product of theirs); ``static_init="identity"`` adds ``I`` to each block."""
         if self.static == "dense":
             nn.init.normal_(self.static_w, 0.0, 1.0 / math.sqrt(self.static_w.shape[1]))
+            if self.static_init == "identity":
+                n = self.static_w.shape[1]
+                with torch.no_grad():  # row j of group g reads input j of that group
+                    eye = torch.eye(n, dtype=self.static_w.dtype, device=self.static_w.device)
+                    self.static_w.view(self.groups, n, n).add_(eye)
             return
         nn.init.normal_(self.static_a, 0.0, 1.0 / math.sqrt(self.factors[0]))
         nn.init.normal_(self.static_b, 0.0, 1.0 / math.sqrt(self.factors[1]))
@@ -191,4 +212,5 @@ class StaticDynamicShuffle(nn.Module):
             f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
             f"factors={self.factors}, out_factors={self.out_factors}, dynamic={self.dynamic}, "
             f"static={self.static!r}"
+            + ("" if self.static_init == "normal" else f", static_init={self.static_init!r}")
         )
