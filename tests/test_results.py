@@ -262,7 +262,10 @@ def test_sds_target_takes_the_best_configuration_within_the_parameter_bound():
     wide = sds(80.5, {"static": "dense", "max_group_size": 32})  # 0.68x: above the bound
     # no dynamic part: a grouped 1x1 convolution (a control), never the SDS of the target
     control = sds(81.0, {"static": "dense", "dynamic": False})
-    cell = _target_cells(render_results(rows + default + dense + wide + control), model)[10]
+    # the identity factors forced: (S + I) x, the permutations never applied (a control too)
+    forced = sds(81.0, {"static": "dense", "hard_identity": True})
+    every = rows + default + dense + wide + control + forced
+    cell = _target_cells(render_results(every), model)[10]
     assert cell == (
         "-0.50 at 0.43x the parameters (`mixer.pointwise_kwargs={'static': 'dense'}`): **met**"
     )

@@ -381,11 +381,13 @@ def _sds_cell(groups: list[Group], base: Group) -> str:
 
     def sds_only(g: Group) -> bool:
         """The fixed shuffle, options of the SDS layers at most, and their dynamic part kept
-        (``dynamic=False`` leaves a grouped 1x1 convolution: a control, not a candidate)."""
+        and applied (``dynamic=False`` leaves a grouped 1x1 convolution, ``hard_identity``
+        its sum with the identity: controls, not candidates)."""
         return (
             g.first["mixer"] == "shuffle"
             and set(g.first.get("options") or {}) <= {SDS_OPTIONS}
             and sds_kwargs(g).get("dynamic", True) is not False
+            and not sds_kwargs(g).get("hard_identity", False)
         )
 
     def counts(g: Group) -> tuple[int, int] | None:  # (1x1 convolutions, SDS layers), cached
@@ -438,8 +440,8 @@ def _targets(groups: list[Group], dataset: str) -> list[str]:
         f"and SDS (with the fixed shuffle) within {TARGET_SDS_LOSS:g} point of the 1x1 "
         f"convolutions with at most {TARGET_SDS_PARAMS:g}x their parameters (of the replaced "
         f"layers; the best SDS configuration within that bound, named when not the default, "
-        f"its runs without a dynamic part being controls). Each needs {TARGET_SEEDS} seeds on "
-        f"both sides. The targets are defined for "
+        f"its runs without a dynamic part or with `hard_identity` being controls). "
+        f"Each needs {TARGET_SEEDS} seeds on both sides. The targets are defined for "
         f"`{TARGET_MODEL}` at {TARGET_EPOCHS} epochs or more; other rows are proxies.",
         "",
         "| model | epochs | recipe | device | protocol | best dynamic (options) | dynamic - fixed "
