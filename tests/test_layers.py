@@ -760,9 +760,15 @@ def test_sds_identity_init_starts_where_the_identity_permutation_sds_starts():
 
 
 def test_sds_identity_init_needs_the_square_dense_form():
-    for kwargs in ({"out_channels": 96}, {"static": "kron"}):
+    for kwargs in (
+        {"out_channels": 96},
+        {"static": "kron"},
+        {"out_channels": 48, "out_factors": (6, 8)},
+    ):
         with pytest.raises(ValueError, match="static_init='identity' needs the square dense"):
             StaticDynamicShuffle(48, static_init="identity", **{"static": "dense", **kwargs})
+    # out_channels equal to in_channels is the square form too
+    assert StaticDynamicShuffle(48, 48, static="dense", static_init="identity").square
     with pytest.raises(ValueError, match="'eye'"):
         StaticDynamicShuffle(48, static="dense", static_init="eye")
 

@@ -102,6 +102,12 @@ class StaticDynamicShuffle(nn.Module):
             raise ValueError(f"out_channels must be a positive integer, got {out_channels!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.square = in_channels == out_channels and out_factors is None
+        if self.static_init == "identity" and not (self.square and self.static == "dense"):
+            raise ValueError(
+                f"static_init='identity' needs the square dense form (out_channels equal to "
+                f"in_channels, no out_factors, static='dense'); got in_channels={in_channels}, "
+                f"out_channels={out_channels}, out_factors={out_factors!r}, static={static!r}"
+            )
         if groups is None and factors is None and not self.square:
             groups = sds_groups(in_channels, out_channels, max_group_size)
         if (
@@ -134,12 +140,6 @@ class StaticDynamicShuffle(nn.Module):
                 f"out_channels={out_channels} with groups={g} need {n_out}"
             )
         self.groups, self.factors, self.out_factors = g, (a_in, b_in), (a_out, b_out)
-        if self.static_init == "identity" and not (self.square and self.static == "dense"):
-            raise ValueError(
-                f"static_init='identity' needs the square dense form (out_channels=None, "
-                f"static='dense'); got in_channels={in_channels}, out_channels={out_channels}, "
-                f"static={static!r}"
-            )
         self.dynamic = check_flag(dynamic, "dynamic")
         self.permute = (
             DynamicShuffle(in_channels, g, (a_in, b_in), cross_shuffle=False, **dynamic_kwargs)
